@@ -1,0 +1,50 @@
+"""Shared helpers for the benchmark scripts: peer imports, table printing, result files."""
+
+import importlib
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def optional(module: str):
+    """Import a peer package, or return None (the benchmark reports it as skipped)."""
+    try:
+        return importlib.import_module(module)
+    except Exception:  # a peer may fail to import for reasons beyond ImportError
+        return None
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def save(name: str, text: str) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text + "\n")
+    return path
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9 if seconds > 0 else float("nan")
+
+
+def versions(*distributions: str) -> str:
+    """'numpy 2.4.6, mlx 0.32.4, ...' for the installed distributions among those named."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for name in ("numpy", "numba", *distributions):
+        try:
+            parts.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return ", ".join(parts)

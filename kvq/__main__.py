@@ -1,0 +1,5 @@
+import sys
+
+from kvq.cli import main
+
+sys.exit(main())

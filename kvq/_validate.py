@@ -1,0 +1,92 @@
+"""Input checks shared by the public API. Each raises with the argument's name and value."""
+
+import operator
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+SCALE_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
+
+
+def as_float32(name: str, x) -> tuple[np.ndarray, np.ndarray]:
+    """Return ``(original, flat)``: the input as an ndarray, and its float32[size] C-order form.
+
+    Accepts NumPy arrays and anything ``np.asarray`` takes (lists, objects with ``__array__``,
+    torch CPU tensors) of float16, float32 or float64 in either byte order. Non-contiguous input is
+    copied. Raises TypeError for other dtypes.
+    """
+    original = np.asarray(x)
+    dtype = original.dtype
+    if dtype.newbyteorder("=") not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must hold float16, float32 or float64 values, got dtype {dtype}; "
+            f"convert it first, e.g. {name}.astype(np.float32)"
+        )
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, reported later
+        flat = np.ascontiguousarray(original, dtype=np.float32).reshape(-1)
+    return original, flat
+
+
+def check_block_size(block_size) -> int:
+    """An integer >= 1 (NumPy integers accepted; bools and floats refused)."""
+    if isinstance(block_size, bool | np.bool_):
+        raise TypeError(f"block_size must be an integer, got {block_size!r}")
+    try:
+        value = operator.index(block_size)
+    except TypeError:
+        raise TypeError(
+            f"block_size must be an integer, got {type(block_size).__name__} {block_size!r}"
+        ) from None
+    if value < 1:
+        raise ValueError(f"block_size must be >= 1, got {value}")
+    return value
+
+
+def check_scale_dtype(scale_dtype) -> np.dtype:
+    """'float32' or 'float16' (or the NumPy types) -> np.dtype."""
+    try:
+        dtype = np.dtype(scale_dtype)
+    except TypeError:
+        dtype = None
+    if dtype not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")
+    return dtype
+
+
+def check_range(start, end, size: int) -> tuple[int, int]:
+    """Integers with 0 <= start <= end <= size, else IndexError naming the bounds."""
+    try:
+        start = operator.index(start)
+        end = size if end is None else operator.index(end)
+    except TypeError:
+        raise TypeError(f"start and end must be integers, got {start!r} and {end!r}") from None
+    if not 0 <= start <= end <= size:
+        raise IndexError(
+            f"element range [{start}, {end}) is outside [0, {size}]: "
+            f"need 0 <= start <= end <= {size}"
+        )
+    return start, end
+
+
+def check_out(out, size: int) -> np.ndarray:
+    """A new float32[size] if ``out`` is None, else ``out`` checked to fit, viewed 1-D."""
+    if out is None:
+        return np.empty(size, np.float32)
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.dtype != np.float32:
+        raise TypeError(f"out must have dtype float32, got {out.dtype}")
+    if out.size != size or not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError(
+            f"out must be a writeable C-contiguous float32 array of {size} elements, got "
+            f"shape {out.shape}, contiguous={out.flags.c_contiguous}, "
+            f"writeable={out.flags.writeable}"
+        )
+    return out.reshape(-1)
+
+
+def position(index: int, shape: tuple[int, ...]) -> str:
+    """A flat index and, for N-D shapes, its multi-index: '7' or '7 (position (0, 1, 3))'."""
+    if len(shape) <= 1:
+        return str(index)
+    return f"{index} (position {tuple(int(i) for i in np.unravel_index(index, shape))})"

@@ -1,0 +1,183 @@
+"""One tensor quantized in flat blocks of uint8 codes with a scale and a min per block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvq import kernels
+from kvq._validate import (
+    as_float32,
+    check_block_size,
+    check_out,
+    check_range,
+    check_scale_dtype,
+    position,
+)
+
+FLOAT16_MAX = 65504.0
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedBlocks:
+    """A tensor of ``shape`` quantized in flat row-major blocks of ``block_size`` elements.
+
+    codes: uint8[size]; scales, mins: float32 or float16 [n_blocks]. Block ``b`` covers flat
+    elements ``[b * block_size, (b + 1) * block_size)`` (the last one may be shorter), and
+    element ``i`` of it dequantizes to ``mins[b] + scales[b] * codes[i]``, within
+    ``scales[b] / 2`` of the input plus float32 rounding. Arrays are read-only.
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    mins: np.ndarray
+    shape: tuple[int, ...]
+    block_size: int
+
+    @classmethod
+    def quantize(
+        cls, x, block_size: int = 32, scale_dtype="float32", name: str = "x"
+    ) -> QuantizedBlocks:
+        """Quantize ``x`` (float16/32/64, any shape); ``name`` is used in error messages."""
+        block_size = check_block_size(block_size)
+        scale_dtype = check_scale_dtype(scale_dtype)
+        original, flat = as_float32(name, x)
+        return cls._from_float32(name, original, flat, block_size, scale_dtype)
+
+    @classmethod
+    def _from_float32(
+        cls, name: str, original: np.ndarray, flat: np.ndarray, block_size: int, scale_dtype
+    ) -> QuantizedBlocks:
+        """Quantize checked input; ``flat`` is the C-order float32[size] form of ``original``."""
+        half = scale_dtype == np.float16
+        n_blocks = -(-flat.size // block_size)
+        codes, scales, mins = _allocate(flat.size, n_blocks)
+        bits = flat.view(np.int32)
+        rejected = 0
+        for lo, hi, piece in _pieces(0, flat.size, block_size):
+            blocks = slice(lo // block_size, lo // block_size + (hi - lo) // piece)
+            rejected += kernels.quantize_blocks(
+                flat[lo:hi], bits[lo:hi], piece, half, codes[lo:hi], scales[blocks], mins[blocks]
+            )
+        if rejected:
+            _raise_rejected(name, original, flat, block_size, half)
+        return cls(
+            codes=_read_only(codes),
+            scales=_read_only(scales.astype(scale_dtype, copy=False)),
+            mins=_read_only(mins.astype(scale_dtype, copy=False)),
+            shape=tuple(original.shape),
+            block_size=block_size,
+        )
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return self.codes.size
+
+    @property
+    def n_blocks(self) -> int:
+        return self.scales.size
+
+    @property
+    def scale_dtype(self) -> np.dtype:
+        return self.scales.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: codes, scales and mins."""
+        return self.codes.nbytes + self.scales.nbytes + self.mins.nbytes
+
+    def dequantize(
+        self, start: int = 0, end: int | None = None, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """float32[end - start]: flat elements ``[start, end)``, reading only their blocks.
+
+        ``out``, if given, is a writeable C-contiguous float32 array of ``end - start``
+        elements (any shape) that receives the result, without allocating, and is returned.
+        """
+        start, end = check_range(start, end, self.size)
+        flat_out = check_out(out, end - start)
+        for lo, hi, piece in _pieces(start, end, self.block_size):
+            blocks = slice(lo // self.block_size, lo // self.block_size + (hi - lo) // piece)
+            kernels.dequantize_blocks(
+                self.codes[lo:hi],
+                self.scales[blocks].astype(np.float32, copy=False),
+                self.mins[blocks].astype(np.float32, copy=False),
+                piece,
+                flat_out[lo - start : hi - start],
+            )
+        return flat_out if out is None else out
+
+
+def _allocate(size: int, n_blocks: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """codes uint8[size], scales and mins float32[n_blocks], carved from one allocation.
+
+    One large block of memory is faulted in faster than three (measured: quantize of 2 x 128 MB
+    went from 0.9x to 0.8x of ``x.copy()``), and keeps the tensor's storage together.
+    """
+    params_at = -(-size // 64) * 64  # 64-byte aligned
+    buffer = np.empty(params_at + 8 * n_blocks, np.uint8)
+    params = buffer[params_at:].view(np.float32).reshape(2, n_blocks)
+    return buffer[:size], params[0], params[1]
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    a.flags.writeable = False
+    return a
+
+
+def _pieces(start: int, end: int, block_size: int) -> Iterator[tuple[int, int, int]]:
+    """Split ``[start, end)`` into kernel calls ``(lo, hi, piece_block_size)``.
+
+    At most three: a partial first block, a run of whole blocks, a partial last block. Each
+    partial one is a single block whose block size is its own length.
+    """
+    pos = start
+    if pos % block_size and pos < end:
+        stop = min(end, (pos // block_size + 1) * block_size)
+        yield pos, stop, stop - pos
+        pos = stop
+    whole_end = pos + (end - pos) // block_size * block_size
+    if whole_end > pos:
+        yield pos, whole_end, block_size
+    if end > whole_end:
+        yield whole_end, end, end - whole_end
+
+
+def _raise_rejected(name, original, flat, block_size, half) -> None:
+    """Raise ValueError naming the first element that made the kernel reject a block."""
+    shape = original.shape
+    nonfinite = np.flatnonzero(~np.isfinite(flat))
+    if nonfinite.size:
+        index = int(nonfinite[0])
+        value = float(original.reshape(-1)[index])
+        if np.isfinite(value):
+            raise ValueError(
+                f"{name} has {value!r} at flat index {position(index, shape)}, beyond the "
+                "float32 range kvq computes in (|x| <= 3.4e38)"
+            )
+        raise ValueError(
+            f"{name} has {value!r} at flat index {position(index, shape)}; kvq quantizes "
+            "finite values only (replace or mask NaN/Inf first, e.g. with np.nan_to_num)"
+        )
+    starts = np.arange(0, flat.size, block_size)
+    lows = np.minimum.reduceat(flat, starts)
+    highs = np.maximum.reduceat(flat, starts)
+    if half:
+        bad = (lows < -FLOAT16_MAX) | (highs > FLOAT16_MAX)
+        limit = (
+            "float16 scales and mins need every value within +-65504; use scale_dtype='float32'"
+        )
+    else:
+        bad = ~(highs.astype(np.float64) - lows <= float(kernels.MAX_RANGE_F32))
+        limit = "max - min must be at most 2**127 (1.7e38); rescale the tensor"
+    block = int(np.flatnonzero(bad)[0]) if bad.any() else 0
+    lo, hi = block * block_size, min((block + 1) * block_size, flat.size)
+    index = lo + int(np.argmax(np.abs(flat[lo:hi])))
+    raise ValueError(
+        f"{name}: block {block} (flat elements [{lo}, {hi})) spans "
+        f"[{float(lows[block])!r}, {float(highs[block])!r}], largest magnitude at flat index "
+        f"{position(index, shape)}; {limit}"
+    )
