@@ -3,9 +3,29 @@
 Public names are re-exported here; see the README for a tour.
 """
 
+from kvq.array import Array, devices
 from kvq.blocks import QuantizedBlocks
 from kvq.cache import QuantizedKVCache
+from kvq.config import ModelConfig
+from kvq.errors import ConfigError, DeviceError, KvqError, LoaderError, PoolExhausted
+from kvq.loader import Checkpoint, load_safetensors
+from kvq.pool import MemoryPool
 
 __version__ = "0.1.0"
 
-__all__ = ["QuantizedBlocks", "QuantizedKVCache", "__version__"]
+__all__ = [
+    "Array",
+    "Checkpoint",
+    "ConfigError",
+    "DeviceError",
+    "KvqError",
+    "LoaderError",
+    "MemoryPool",
+    "ModelConfig",
+    "PoolExhausted",
+    "QuantizedBlocks",
+    "QuantizedKVCache",
+    "__version__",
+    "devices",
+    "load_safetensors",
+]

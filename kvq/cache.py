@@ -8,6 +8,7 @@ import numpy as np
 
 from kvq._validate import as_float32, check_block_size, check_scale_dtype
 from kvq.blocks import QuantizedBlocks
+from kvq.pool import MemoryPool
 
 FLOAT32_BYTES = 4
 
@@ -28,8 +29,14 @@ class QuantizedKVCache:
     v: QuantizedBlocks
 
     @classmethod
-    def quantize(cls, k, v, block_size: int = 32, scale_dtype="float32") -> QuantizedKVCache:
-        """Quantize ``k`` and ``v`` (equal shapes; float16, float32 or float64).
+    def quantize(
+        cls, k, v, block_size: int = 32, scale_dtype="float32", pool: MemoryPool | None = None
+    ) -> QuantizedKVCache:
+        """Quantize ``k`` and ``v`` (equal shapes; float16, float32 or float64 NumPy arrays,
+        ``kvq.Array``, or anything ``np.asarray`` takes).
+
+        ``pool``: a ``kvq.MemoryPool`` to store codes, scales and mins in; they return to it
+        when the cache is garbage-collected.
 
         Empty tensors give an empty cache. Raises ValueError for NaN/Inf (naming the tensor and
         the first bad flat index), mismatched shapes or block_size < 1, and TypeError for
@@ -44,10 +51,14 @@ class QuantizedKVCache:
                 f"k and v must have the same shape, got k {k_original.shape} "
                 f"and v {v_original.shape}"
             )
-        return cls(
-            k=QuantizedBlocks._from_float32("k", k_original, k_flat, block_size, scale_dtype),
-            v=QuantizedBlocks._from_float32("v", v_original, v_flat, block_size, scale_dtype),
-        )
+        quantize = QuantizedBlocks._from_float32
+        k_blocks = quantize("k", k_original, k_flat, block_size, scale_dtype, pool)
+        try:
+            v_blocks = quantize("v", v_original, v_flat, block_size, scale_dtype, pool)
+        except BaseException:
+            k_blocks._release_storage()  # leave the pool as it was
+            raise
+        return cls(k=k_blocks, v=v_blocks)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -240,3 +240,54 @@ def test_dequant_read_only_out_is_refused(kv):
     out.flags.writeable = False
     with pytest.raises(ValueError, match="writeable"):
         cache.dequant_k(0, 100, out=out)
+
+
+# --- kvq.Array and MemoryPool --------------------------------------------------------------
+
+
+def test_accepts_kvq_arrays(kv):
+    k, v = kv
+    cache = kvq.QuantizedKVCache.quantize(kvq.Array.from_numpy(k), kvq.Array.from_numpy(v))
+    np.testing.assert_array_equal(cache.k.codes, kvq.QuantizedKVCache.quantize(k, v).k.codes)
+    assert cache.shape == k.shape
+
+
+@pytest.mark.parametrize("scale_dtype", ["float32", "float16"])
+def test_pool_storage_and_release(kv, scale_dtype):
+    import gc
+
+    k, v = kv
+    pool = kvq.MemoryPool(1 << 20)
+    cache = kvq.QuantizedKVCache.quantize(k, v, pool=pool, scale_dtype=scale_dtype)
+    plain = kvq.QuantizedKVCache.quantize(k, v, scale_dtype=scale_dtype)
+    stats = pool.stats()
+    assert stats["live"] == 2
+    assert stats["in_use"] >= plain.nbytes
+    base = pool._buffer
+    for a in (cache.k.codes, cache.k.scales, cache.v.mins):
+        assert np.shares_memory(a, base)
+    np.testing.assert_array_equal(cache.dequant_k(), plain.dequant_k())
+    np.testing.assert_array_equal(cache.v.scales, plain.v.scales)
+    assert cache.nbytes == plain.nbytes
+    del cache
+    gc.collect()
+    assert pool.stats()["live"] == 0 and pool.stats()["in_use"] == 0
+
+
+def test_pool_left_as_it_was_when_quantize_fails(kv):
+    k, v = kv
+    pool = kvq.MemoryPool(1 << 20)
+    before = pool.stats()
+    bad = v.copy()
+    bad[0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="v has nan"):
+        kvq.QuantizedKVCache.quantize(k, bad, pool=pool)
+    after = pool.stats()
+    assert (after["in_use"], after["live"]) == (before["in_use"], before["live"])
+
+
+def test_pool_exhausted(kv):
+    pool = kvq.MemoryPool(4096)
+    with pytest.raises(kvq.PoolExhausted, match="cannot fit"):
+        kvq.QuantizedKVCache.quantize(*kv, pool=pool)
+    assert pool.stats()["live"] == 0

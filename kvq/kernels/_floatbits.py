@@ -32,6 +32,12 @@ def _bitcast_i32_to_f32(typingctx, bits):
 
 
 @njit(inline="always")
+def bits_to_float(bits):
+    """float32 whose bit pattern is the int32 ``bits``."""
+    return _bitcast_i32_to_f32(bits)
+
+
+@njit(inline="always")
 def order_key(bits):
     """int32 bit pattern of a float32 -> int32 that sorts like the float (-0.0 < +0.0)."""
     return np.int32(bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF)))
