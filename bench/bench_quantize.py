@@ -128,18 +128,18 @@ def main() -> None:
         skipped.append("gguf (pip install gguf)")
     else:
         q8 = gguf.GGMLQuantizationType.Q8_0
-        kq = gguf.quants.quantize(k2d, q8)
+        kq, vq = gguf.quants.quantize(k2d, q8), gguf.quants.quantize(v2d, q8)
         times["gguf Q8_0 quantize"] = median_seconds(
             lambda: (gguf.quants.quantize(k2d, q8), gguf.quants.quantize(v2d, q8)),
             args.peer_repeats,
             warmup=0,
         )
         times["gguf Q8_0 dequantize"] = median_seconds(
-            lambda: (gguf.quants.dequantize(kq, q8), gguf.quants.dequantize(kq, q8)),
+            lambda: (gguf.quants.dequantize(kq, q8), gguf.quants.dequantize(vq, q8)),
             args.peer_repeats,
             warmup=0,
         )
-        del kq
+        del kq, vq
 
     with tempfile.TemporaryDirectory() as cold_dir:
         cold = first_call_seconds(cold_dir)

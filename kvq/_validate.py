@@ -23,7 +23,8 @@ def as_float32(name: str, x) -> tuple[np.ndarray, np.ndarray]:
             f"convert it first, e.g. {name}.astype(np.float32)"
         )
     with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, reported later
-        flat = np.ascontiguousarray(original, dtype=np.float32).reshape(-1)
+        # C-contiguous and aligned ("CA"): kernels load whole vectors assuming 4-byte alignment
+        flat = np.require(original, np.float32, requirements="CA").reshape(-1)
     return original, flat
 
 
@@ -56,6 +57,8 @@ def check_scale_dtype(scale_dtype) -> np.dtype:
 def check_range(start, end, size: int) -> tuple[int, int]:
     """Integers with 0 <= start <= end <= size, else IndexError naming the bounds."""
     try:
+        if isinstance(start, bool | np.bool_) or isinstance(end, bool | np.bool_):
+            raise TypeError
         start = operator.index(start)
         end = size if end is None else operator.index(end)
     except TypeError:
@@ -76,13 +79,15 @@ def check_out(out, size: int) -> np.ndarray:
         raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.dtype != np.float32:
         raise TypeError(f"out must have dtype float32, got {out.dtype}")
-    if out.size != size or not out.flags.c_contiguous or not out.flags.writeable:
+    flags = out.flags
+    if out.size != size or not (flags.c_contiguous and flags.writeable and flags.aligned):
         raise ValueError(
-            f"out must be a writeable C-contiguous float32 array of {size} elements, got "
-            f"shape {out.shape}, contiguous={out.flags.c_contiguous}, "
-            f"writeable={out.flags.writeable}"
+            f"out must be a writeable, aligned, C-contiguous float32 array of {size} elements, "
+            f"got shape {out.shape}, contiguous={flags.c_contiguous}, "
+            f"writeable={flags.writeable}, aligned={flags.aligned}"
         )
-    return out.reshape(-1)
+    # a plain 1-D ndarray view: subclasses such as np.matrix stay 2-D under reshape(-1)
+    return out.view(np.ndarray).reshape(-1)
 
 
 def position(index: int, shape: tuple[int, ...]) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import numpy as np
 
 from kvq import kernels
 from kvq._validate import (
+    SCALE_DTYPES,
     as_float32,
     check_block_size,
     check_out,
@@ -37,6 +39,45 @@ class QuantizedBlocks:
     mins: np.ndarray
     shape: tuple[int, ...]
     block_size: int
+
+    def __post_init__(self) -> None:
+        """Check that the parts fit together: the kernels trust them without bounds checks."""
+        block_size = check_block_size(self.block_size)
+        object.__setattr__(self, "block_size", block_size)
+        shape = tuple(int(d) for d in self.shape)
+        object.__setattr__(self, "shape", shape)
+        codes = self.codes
+        if not (
+            isinstance(codes, np.ndarray)
+            and codes.dtype == np.uint8
+            and codes.ndim == 1
+            and codes.flags.c_contiguous
+        ):
+            raise ValueError("codes must be a 1-D C-contiguous uint8 array")
+        if math.prod(shape) != codes.size:
+            raise ValueError(
+                f"shape {shape} holds {math.prod(shape)} elements, codes {codes.size}"
+            )
+        n_blocks = -(-codes.size // block_size)
+        for name in ("scales", "mins"):
+            array = getattr(self, name)
+            if not (
+                isinstance(array, np.ndarray)
+                and array.dtype in SCALE_DTYPES
+                and array.shape == (n_blocks,)
+                and array.flags.c_contiguous
+            ):
+                raise ValueError(
+                    f"{name} must be a C-contiguous float32 or float16 array of {n_blocks} "
+                    f"elements (one per block of {block_size}), got "
+                    f"{getattr(array, 'dtype', type(array).__name__)} "
+                    f"{getattr(array, 'shape', '')}"
+                )
+        if self.scales.dtype != self.mins.dtype:
+            raise ValueError(
+                f"scales and mins must share a dtype, got {self.scales.dtype} and "
+                f"{self.mins.dtype}"
+            )
 
     @classmethod
     def quantize(

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from kvq.demo import run_demo
 
-        for name in ("heads", "tokens", "head_dim", "repeats"):
+        for name in ("heads", "tokens", "head_dim", "block_size", "repeats"):
             if getattr(args, name) < 1:
                 print(f"kvq demo: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
                 return 2

@@ -112,7 +112,7 @@ class Checkpoint(Mapping):
         if info.dtype == "BF16":
             array = np.empty(info.shape, np.float32)
             if raw.size:
-                bits = np.ascontiguousarray(raw).reshape(-1)
+                bits = np.require(raw, requirements="CA").reshape(-1)
                 kernels.bf16_to_f32(bits, array.reshape(-1).view(np.uint32))
         elif info.dtype.startswith("F8_"):
             raise LoaderError(
@@ -131,8 +131,8 @@ class Checkpoint(Mapping):
         out = np.empty(self.info(name).shape, np.float32)
         if out.size:
             kernels.mxfp4_to_f32(
-                np.ascontiguousarray(blocks).reshape(-1),
-                np.ascontiguousarray(scales).reshape(-1),
+                np.require(blocks, requirements="CA").reshape(-1),
+                np.require(scales, requirements="CA").reshape(-1),
                 out.reshape(-1),
             )
         if self._dtype is not None:

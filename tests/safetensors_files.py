@@ -48,7 +48,8 @@ def mxfp4_reference(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
     low = FP4_VALUES[blocks & 0x0F]
     high = FP4_VALUES[blocks >> 4]
     values = np.stack([low, high], axis=-1).reshape(*blocks.shape[:-1], 32)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", invalid="ignore"):
         factor = np.ldexp(np.float32(1.0), scales.astype(np.int32) - 127).astype(np.float32)
-    factor = np.where(scales == 255, np.float32(np.nan), factor)
-    return (values * factor[..., None]).reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)
+        factor = np.where(scales == 255, np.float32(np.nan), factor)
+        scaled = values * factor[..., None]
+    return scaled.reshape(*blocks.shape[:-2], blocks.shape[-2] * 32)

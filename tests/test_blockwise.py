@@ -53,6 +53,40 @@ def test_every_range_equals_slice_of_full(rng, block_size):
             np.testing.assert_array_equal(qb.dequantize(start, end), full[start:end])
 
 
+@pytest.mark.parametrize("block_size", [32, 33, 64])
+def test_every_range_equals_slice_of_full_simd_sizes(rng, block_size):
+    """Block 32 runs the explicit-SIMD path for whole blocks and the generic one for pieces."""
+    x = kv_like(rng, 100)
+    qb = kvq.QuantizedBlocks.quantize(x, block_size)
+    full = qb.dequantize()
+    for start in range(101):
+        for end in range(start, 101, 3 if start % 7 else 1):
+            np.testing.assert_array_equal(qb.dequantize(start, end), full[start:end])
+
+
+def test_constructor_refuses_parts_that_do_not_fit(rng):
+    qb = kvq.QuantizedBlocks.quantize(kv_like(rng, 100), 32)
+    parts = {
+        "codes": qb.codes,
+        "scales": qb.scales,
+        "mins": qb.mins,
+        "shape": qb.shape,
+        "block_size": 32,
+    }
+    bad = [
+        ({"scales": qb.scales[:1]}, "scales must be"),
+        ({"mins": qb.mins.astype(np.float16)}, "share a dtype"),
+        ({"codes": qb.codes.astype(np.int64)}, "codes must be"),
+        ({"codes": np.zeros(200, np.uint8)[::2]}, "codes must be"),
+        ({"shape": (10, 11)}, "holds 110 elements"),
+        ({"block_size": 0}, "block_size must be >= 1"),
+        ({"scales": qb.scales.astype(np.float64)}, "scales must be"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            kvq.QuantizedBlocks(**{**parts, **change})
+
+
 def test_range_reads_only_its_blocks(rng):
     """Blocks outside the range are never read: poison them and the range is unchanged."""
     x = kv_like(rng, 320)

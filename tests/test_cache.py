@@ -93,8 +93,30 @@ def test_read_only_input_and_input_unchanged(rng):
     x = rng.standard_normal(100).astype(np.float32)
     before = x.copy()
     x.flags.writeable = False
-    kvq.QuantizedKVCache.quantize(x, x)
+    cache = kvq.QuantizedKVCache.quantize(x, x)
     np.testing.assert_array_equal(x, before)
+    np.testing.assert_array_equal(cache.k.codes, reference.quantize_blocks(before, 32)[0])
+
+
+def test_memory_mapped_and_unaligned_input(tmp_path, rng):
+    x = rng.standard_normal(1000).astype(np.float32)
+    path = tmp_path / "x.bin"
+    x.tofile(path)
+    mapped = np.memmap(path, np.float32, mode="r")
+    buffer = np.zeros(x.nbytes + 1, np.uint8)
+    buffer[1:] = x.view(np.uint8)
+    unaligned = np.frombuffer(buffer.data, np.float32, offset=1)
+    assert not unaligned.flags.aligned
+    expected = reference.quantize_blocks(x, 32)[0]
+    for source in (mapped, unaligned):
+        np.testing.assert_array_equal(kvq.QuantizedKVCache.quantize(source, x).k.codes, expected)
+
+
+def test_float16_input_near_its_limit_with_float16_scales():
+    x = np.array([65504, -65504, 0, 1, 65000, -3], np.float16)
+    cache = kvq.QuantizedKVCache.quantize(x, x, scale_dtype="float16")
+    error = np.abs(cache.dequant_k() - x.astype(np.float32))
+    assert np.all(error <= reference.error_bound(x, cache.k.scales, 32))
 
 
 def test_empty_input_gives_empty_cache():
@@ -124,6 +146,14 @@ def test_nonfinite_names_tensor_and_first_flat_index(rng, bad, which):
         ValueError, match=rf"^{which} has .* flat index 205 \(position \(1, 2, 5\)\)"
     ):
         kvq.QuantizedKVCache.quantize(k, v)
+
+
+@pytest.mark.parametrize("bits", [0x7FC00001, 0xFFC00000, 0x7F800001, 0xFFBFFFFF])
+def test_any_nan_payload_is_caught(bits):
+    x = np.zeros(40, np.float32)
+    x.view(np.uint32)[33] = bits
+    with pytest.raises(ValueError, match=r"k has nan at flat index 33"):
+        kvq.QuantizedKVCache.quantize(x, np.zeros(40, np.float32))
 
 
 def test_float64_beyond_float32_range_is_named(rng):
@@ -191,11 +221,28 @@ def test_range_outside_bounds(kv, start, end):
         cache.dequant_v(start, end)
 
 
-def test_range_requires_integers(kv):
+@pytest.mark.parametrize(("start", "end"), [(0.5, 3), (False, True), (0, np.True_), ("0", 3)])
+def test_range_requires_integers(kv, start, end):
     k = kv[0][0, 0]
     cache = kvq.QuantizedKVCache.quantize(k, k)
     with pytest.raises(TypeError, match="integers"):
-        cache.dequant_k(0.5, 3)
+        cache.dequant_k(start, end)
+
+
+def test_float16_scales_hold_no_more_memory_than_reported(kv):
+    cache = kvq.QuantizedKVCache.quantize(*kv, scale_dtype="float16")
+    for blocks in (cache.k, cache.v):
+        held = blocks.codes.base.nbytes  # the one allocation behind codes, scales and mins
+        assert blocks.nbytes <= held < blocks.nbytes + 64
+        assert np.shares_memory(blocks.scales, blocks.codes.base)
+
+
+def test_negative_zero_constant_block_compares_equal():
+    """Documented: a block of -0.0 comes back as +0.0 (min + 0 * code), equal under ==."""
+    x = np.full(32, -0.0, np.float32)
+    got = kvq.QuantizedKVCache.quantize(x, x).dequant_k()
+    np.testing.assert_array_equal(got, x)
+    assert not np.signbit(got).any()
 
 
 def test_cache_is_immutable(kv):
@@ -232,6 +279,17 @@ def test_dequant_bad_out_is_refused_and_untouched(kv, out, error):
     with pytest.raises(error, match="out must"):
         cache.dequant_k(0, 100, out=out)
     np.testing.assert_array_equal(np.asarray(out), before)
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix
+@pytest.mark.parametrize("make", [np.asmatrix, lambda a: a.reshape(4, 25)])
+def test_dequant_into_matrix_or_2d_out_stays_inside_it(kv, make):
+    cache = kvq.QuantizedKVCache.quantize(*kv)
+    big = np.zeros(1000, np.float32)
+    out = make(big[:100].reshape(1, 100)) if make is np.asmatrix else make(big[:100])
+    cache.dequant_k(0, 100, out=out)
+    np.testing.assert_array_equal(np.asarray(out).reshape(-1), cache.dequant_k(0, 100))
+    assert not big[100:].any()  # nothing written past out
 
 
 def test_dequant_read_only_out_is_refused(kv):

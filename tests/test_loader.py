@@ -285,3 +285,16 @@ def test_real_gpt_oss_20b_checkpoint():
     assert experts.dtype == "MXFP4" and experts.shape[0] == cfg.num_local_experts
     down = ckpt["model.layers.0.mlp.experts.down_proj"]
     assert down.shape[0] == 32 and np.isfinite(down).all()
+
+
+def test_mxfp4_every_scale_and_byte_bit_exact(tmp_path):
+    """All 256 scale codes x all 256 bytes: the exponent-folding fast path (scales 2..252)
+    and the multiplying path agree with the NumPy reference bit for bit (NaN aside)."""
+    blocks = np.tile(np.arange(256, dtype=np.uint8).reshape(16, 16), (256, 1, 1))
+    scales = np.repeat(np.arange(256, dtype=np.uint8), 16).reshape(256, 16)
+    save_file({"w_blocks": blocks, "w_scales": scales}, tmp_path / "m.safetensors")
+    got = load_safetensors(tmp_path / "m.safetensors")["w"]
+    expected = mxfp4_reference(blocks, scales)
+    nan = np.isnan(expected)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got.view(np.uint32)[~nan], expected.view(np.uint32)[~nan])

@@ -22,7 +22,12 @@ _v_i8, _v_i32, _v_f32 = (ir.VectorType(t, LANES) for t in (_i8, _i32, _f32))
 
 
 def _is_array(value, dtype) -> bool:
-    return isinstance(value, types.Array) and value.dtype == dtype and value.layout == "C"
+    return (
+        isinstance(value, types.Array)
+        and value.dtype == dtype
+        and value.ndim == 1
+        and value.layout == "C"
+    )
 
 
 def _llvm_function(module, name, return_type, arg_types):
