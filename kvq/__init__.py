@@ -10,6 +10,8 @@ from kvq.config import ModelConfig
 from kvq.errors import ConfigError, DeviceError, KvqError, LoaderError, PoolExhausted
 from kvq.loader import Checkpoint, load_safetensors
 from kvq.pool import MemoryPool
+from kvq.scheme import QuantConfig, Scheme
+from kvq.tensor import QuantizedTensor, quantize
 
 __version__ = "0.1.0"
 
@@ -23,9 +25,13 @@ __all__ = [
     "MemoryPool",
     "ModelConfig",
     "PoolExhausted",
+    "QuantConfig",
     "QuantizedBlocks",
     "QuantizedKVCache",
+    "QuantizedTensor",
+    "Scheme",
     "__version__",
     "devices",
     "load_safetensors",
+    "quantize",
 ]

@@ -22,6 +22,7 @@ from kvq._validate import (
 from kvq.pool import MemoryPool
 
 FLOAT16_MAX = 65504.0
+CODE_LEVELS = np.float32(255.0)  # 8-bit codes
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,7 +120,14 @@ class QuantizedBlocks:
         for lo, hi, piece in _pieces(0, flat.size, block_size):
             blocks = slice(lo // block_size, lo // block_size + (hi - lo) // piece)
             rejected += kernels.quantize_blocks(
-                flat[lo:hi], bits[lo:hi], piece, half, codes[lo:hi], scales[blocks], mins[blocks]
+                flat[lo:hi],
+                bits[lo:hi],
+                piece,
+                CODE_LEVELS,
+                half,
+                codes[lo:hi],
+                scales[blocks],
+                mins[blocks],
             )
         if rejected:
             if pool is not None:

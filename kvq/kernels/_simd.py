@@ -84,14 +84,16 @@ def extrema_keys_32(typingctx, bits, offset):
 
 
 @intrinsic
-def encode_32(typingctx, x, offset, lowest, inverse, codes):
-    """codes[offset:offset + 32] = min(rint((x - lowest) * inverse), 255) as uint8."""
+def encode_32(typingctx, x, offset, lowest, inverse, levels, codes):
+    """codes[offset:offset + 32] = min(rint((x - lowest) * inverse), levels) as uint8."""
     if not (_is_array(x, types.float32) and _is_array(codes, types.uint8)):
+        return None
+    if not (lowest == inverse == levels == types.float32):
         return None
 
     def codegen(context, builder, signature, args):
-        x_array, start, lowest_value, inverse_value, codes_array = args
-        x_type, _, _, _, codes_type = signature.args
+        x_array, start, lowest_value, inverse_value, levels_value, codes_array = args
+        x_type, _, _, _, _, codes_type = signature.args
         module = builder.module
         x_pointer = _vector_pointer(context, builder, x_type, x_array, start, _v_f32)
         codes_pointer = _vector_pointer(context, builder, codes_type, codes_array, start, _v_i8)
@@ -99,7 +101,7 @@ def encode_32(typingctx, x, offset, lowest, inverse, codes):
         smaller = _llvm_function(module, "llvm.minnum.v16f32", _v_f32, [_v_f32, _v_f32])
         low = _splat(builder, lowest_value, _v_f32)
         inv = _splat(builder, inverse_value, _v_f32)
-        top = _splat(builder, ir.Constant(_f32, 255.0), _v_f32)
+        top = _splat(builder, levels_value, _v_f32)
         for half in (0, 1):
             value = builder.load(_half(builder, x_pointer, half), align=4)
             level = builder.call(rint, [builder.fmul(builder.fsub(value, low), inv)])
@@ -107,7 +109,7 @@ def encode_32(typingctx, x, offset, lowest, inverse, codes):
             builder.store(code, _half(builder, codes_pointer, half), align=1)
         return context.get_dummy_value()
 
-    return types.void(x, offset, lowest, inverse, codes), codegen
+    return types.void(x, offset, lowest, inverse, levels, codes), codegen
 
 
 @intrinsic

@@ -1,13 +1,14 @@
-"""Block-wise 8-bit affine quantization kernels over flat float32 arrays.
+"""Block-wise affine quantization kernels (any bit width up to 8) over flat float32 arrays.
 
 Each kernel call covers whole blocks: ``x.shape[0] == n_blocks * block_size``. The caller
 handles a shorter last block (or a partial first/last block of a range) with a second call
 whose ``block_size`` is that piece's length, which keeps every inner loop's trip count equal
 to ``block_size`` and lets LLVM vectorize it fully (a clipped count cost ~15% here).
 
-Per block: ``min``, ``scale = (max - min) / 255`` and codes ``round((x - min) / scale)`` in
-``[0, 255]``, so that ``min + scale * code`` lies within ``scale / 2`` of ``x`` (plus float32
-rounding). Kernels take arrays and scalars only; callers validate and allocate.
+Per block: ``min``, ``scale = (max - min) / levels`` (``levels = 2**bits - 1``, 255 for
+8 bits) and codes ``rint((x - min) * (1 / scale))`` in ``[0, levels]``, one uint8 each, so
+that ``min + scale * code`` lies within ``scale / 2`` of ``x`` (plus float32 rounding).
+Kernels take arrays and scalars only; callers validate and allocate.
 """
 
 import numpy as np
@@ -26,15 +27,14 @@ from kvq.kernels._floatbits import (
 from kvq.kernels._simd import SIMD_BLOCK, decode_32, encode_32, extrema_keys_32
 
 #: Largest block range (max - min) accepted with float32 scales: 2**127, so that
-#: ``x - min`` and ``scale * 255`` stay finite in float32.
+#: ``x - min`` and ``scale * levels`` stay finite in float32.
 MAX_RANGE_F32 = np.float32(2.0**127)
 # Below this scale, 1/scale may overflow float32: such blocks divide instead of multiplying.
 _SMALLEST_INVERTIBLE_SCALE = np.float32(F32_MIN_NORMAL * 4)
-_TOP_CODE = np.float32(255.0)
 
 
 @njit(inline="always")
-def _min_and_scale(key_min, key_max, half_scales):
+def _min_and_scale(key_min, key_max, levels, half_scales):
     """(accepted, min, scale) of a block from the order keys of its extremes."""
     if key_min <= KEY_NEG_INF or key_max >= KEY_POS_INF:  # NaN or +-Inf in the block
         return False, np.float32(0.0), np.float32(0.0)
@@ -43,11 +43,11 @@ def _min_and_scale(key_min, key_max, half_scales):
     if not highest - lowest <= MAX_RANGE_F32:
         return False, lowest, np.float32(0.0)
     if not half_scales:
-        return True, lowest, (highest - lowest) / _TOP_CODE
+        return True, lowest, (highest - lowest) / levels
     if lowest < -FLOAT16_MAX or highest > FLOAT16_MAX:
         return False, lowest, np.float32(0.0)
     lowest = float16_round_down(lowest)
-    scale = float16_round_up((highest - lowest) / _TOP_CODE)
+    scale = float16_round_up((highest - lowest) / levels)
     return scale <= FLOAT16_MAX, lowest, scale
 
 
@@ -58,7 +58,7 @@ def _invertible(scale):
 
 
 @njit(inline="always")
-def _encode(x, lo, count, lowest, scale, codes):
+def _encode(x, lo, count, lowest, scale, levels, codes):
     """codes[lo:lo + count] for one block, any scale (generic loop)."""
     block = x[lo : lo + count]
     block_codes = codes[lo : lo + count]
@@ -66,18 +66,19 @@ def _encode(x, lo, count, lowest, scale, codes):
         inverse = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
         for i in range(count):
             level = np.rint((block[i] - lowest) * inverse)
-            block_codes[i] = np.uint8(min(level, _TOP_CODE))
+            block_codes[i] = np.uint8(min(level, levels))
     else:  # subnormal scale (max - min < 2**-116): divide, rare and slower
         for i in range(count):
             level = np.rint((block[i] - lowest) / scale)
-            block_codes[i] = np.uint8(min(level, _TOP_CODE))
+            block_codes[i] = np.uint8(min(level, levels))
 
 
 @njit(parallel=True, cache=True)
-def quantize_blocks(x, bits, block_size, half_scales, codes, scales, mins):
+def quantize_blocks(x, bits, block_size, levels, half_scales, codes, scales, mins):
     """Quantize ``x`` to uint8 codes, block by block; return the number of rejected blocks.
 
     x: float32[n_blocks * block_size]; bits: int32 view of the same memory.
+    levels: float32 top code, 2**bits - 1 (at most 255).
     half_scales: round each min down and scale up to float16-representable values first.
     Out: codes uint8[n]; scales, mins float32[n_blocks].
     A block is rejected (its outputs unspecified) if it holds NaN or +-Inf, if max - min
@@ -90,7 +91,7 @@ def quantize_blocks(x, bits, block_size, half_scales, codes, scales, mins):
         for b in prange(scales.shape[0]):
             lo = b * SIMD_BLOCK
             key_min, key_max = extrema_keys_32(bits, lo)
-            accepted, lowest, scale = _min_and_scale(key_min, key_max, half_scales)
+            accepted, lowest, scale = _min_and_scale(key_min, key_max, levels, half_scales)
             if not accepted:
                 rejected += 1
                 continue
@@ -98,9 +99,9 @@ def quantize_blocks(x, bits, block_size, half_scales, codes, scales, mins):
             mins[b] = lowest
             if _invertible(scale):
                 inverse = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
-                encode_32(x, lo, lowest, inverse, codes)
+                encode_32(x, lo, lowest, inverse, levels, codes)
             else:
-                _encode(x, lo, SIMD_BLOCK, lowest, scale, codes)
+                _encode(x, lo, SIMD_BLOCK, lowest, scale, levels, codes)
     else:
         for b in prange(scales.shape[0]):
             lo = b * block_size
@@ -113,14 +114,67 @@ def quantize_blocks(x, bits, block_size, half_scales, codes, scales, mins):
                 key = order_key(block_bits[i])
                 key_min = np.int32(min(key_min, key))
                 key_max = np.int32(max(key_max, key))
-            accepted, lowest, scale = _min_and_scale(key_min, key_max, half_scales)
+            accepted, lowest, scale = _min_and_scale(key_min, key_max, levels, half_scales)
             if not accepted:
                 rejected += 1
                 continue
             scales[b] = scale
             mins[b] = lowest
-            _encode(x, lo, block_size, lowest, scale, codes)
+            _encode(x, lo, block_size, lowest, scale, levels, codes)
     return rejected
+
+
+@njit(parallel=True, cache=True)
+def extrema_blocks(bits, block_size, lows, highs):
+    """Per-block min and max of float32 values given as int32 ``bits``; returns the number of
+    blocks holding NaN or +-Inf (their extremes are unspecified).
+
+    bits: int32[n_blocks * block_size]. Out: lows, highs float32[n_blocks].
+    """
+    rejected = 0
+    for b in prange(lows.shape[0]):
+        lo = b * block_size
+        if block_size == SIMD_BLOCK:
+            key_min, key_max = extrema_keys_32(bits, lo)
+        else:
+            block_bits = bits[lo : lo + block_size]
+            key_min = np.int32(0x7FFFFFFF)
+            key_max = np.int32(-0x80000000)
+            for i in range(block_size):
+                key = order_key(block_bits[i])
+                key_min = np.int32(min(key_min, key))
+                key_max = np.int32(max(key_max, key))
+        if key_min <= KEY_NEG_INF or key_max >= KEY_POS_INF:
+            rejected += 1
+            continue
+        lows[b] = key_to_float(key_min)
+        highs[b] = key_to_float(key_max)
+    return rejected
+
+
+@njit(parallel=True, cache=True)
+def encode_blocks(x, block_size, levels, scales, mins, codes):
+    """codes = min(rint((x - mins[b]) * (1 / scales[b])), levels), clipped below at 0.
+
+    For scales and mins chosen by the caller (second-level quantized, or range-searched):
+    values outside ``[min, min + levels * scale]`` clip to the end codes.
+    x: float32[n_blocks * block_size]; scales, mins: float32[n_blocks]; codes: uint8[n].
+    """
+    for b in prange(scales.shape[0]):
+        lo = b * block_size
+        scale = scales[b]
+        lowest = mins[b]
+        block = x[lo : lo + block_size]
+        block_codes = codes[lo : lo + block_size]
+        if _invertible(scale):
+            inverse = np.float32(1.0) / scale if scale > 0 else np.float32(0.0)
+            for i in range(block_size):
+                level = np.rint((block[i] - lowest) * inverse)
+                block_codes[i] = np.uint8(min(max(level, np.float32(0.0)), levels))
+        else:
+            for i in range(block_size):
+                level = np.rint((block[i] - lowest) / scale)
+                block_codes[i] = np.uint8(min(max(level, np.float32(0.0)), levels))
 
 
 @njit(parallel=True, cache=True)

@@ -1,0 +1,54 @@
+"""Dense bit packing of codes (1-8 bits each) as a little-endian bit stream.
+
+Code ``i`` occupies bits ``[i * bits, (i + 1) * bits)`` of the stream, low bits first: with
+4 bits, byte j holds codes 2j (low nibble) and 2j + 1; with 2 bits, four codes per byte; with
+3 bits, 8 codes fill 3 bytes. The stream is ``ceil(n * bits / 8)`` bytes long.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+_CODES_PER_CHUNK = 8  # 8 codes of b bits are exactly b bytes
+
+
+@njit(inline="always")
+def _pack_chunk(codes, first, count, bits, packed, out_first, out_count):
+    value = np.uint64(0)
+    for i in range(count):
+        value |= np.uint64(codes[first + i]) << np.uint64(bits * i)
+    for j in range(out_count):
+        packed[out_first + j] = np.uint8((value >> np.uint64(8 * j)) & np.uint64(0xFF))
+
+
+@njit(parallel=True, cache=True)
+def pack_codes(codes, bits, packed):
+    """packed <- codes (uint8[n], each < 2**bits), bits in 1..8; packed: uint8[ceil(n*bits/8)]."""
+    n = codes.shape[0]
+    whole = n // _CODES_PER_CHUNK
+    for chunk in prange(whole):
+        _pack_chunk(codes, chunk * 8, 8, bits, packed, chunk * bits, bits)
+    rest = n - whole * 8
+    if rest:
+        _pack_chunk(codes, whole * 8, rest, bits, packed, whole * bits, (rest * bits + 7) // 8)
+
+
+@njit(inline="always")
+def _unpack_chunk(packed, first, count, bits, codes, out_first, out_count):
+    value = np.uint64(0)
+    for j in range(count):
+        value |= np.uint64(packed[first + j]) << np.uint64(8 * j)
+    mask = np.uint64((1 << bits) - 1)
+    for i in range(out_count):
+        codes[out_first + i] = np.uint8((value >> np.uint64(bits * i)) & mask)
+
+
+@njit(parallel=True, cache=True)
+def unpack_codes(packed, bits, codes):
+    """codes (uint8[n]) <- packed, the inverse of :func:`pack_codes`."""
+    n = codes.shape[0]
+    whole = n // _CODES_PER_CHUNK
+    for chunk in prange(whole):
+        _unpack_chunk(packed, chunk * bits, bits, bits, codes, chunk * 8, 8)
+    rest = n - whole * 8
+    if rest:
+        _unpack_chunk(packed, whole * bits, (rest * bits + 7) // 8, bits, codes, whole * 8, rest)

@@ -1,0 +1,37 @@
+"""Randomized Hadamard rotations: orthogonal maps that spread outlier channels evenly.
+
+``R = diag(signs) @ H / sqrt(d)`` with ``H`` the Sylvester Hadamard matrix of order ``d`` (a
+power of two) and random signs from the seed. ``R`` is orthogonal, so ``(q R) . (k R) = q . k``
+and attention computed on rotated queries and keys is unchanged in exact arithmetic.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+
+
+@functools.lru_cache(maxsize=32)
+def hadamard_rotation(d: int, seed: int) -> np.ndarray:
+    """float32 (d, d) orthogonal matrix for rotating the last axis: ``x @ R``."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"rotate needs the last axis to be a power of two long, got {d}")
+    h = np.ones((1, 1))
+    while h.shape[0] < d:
+        h = np.block([[h, h], [h, -h]])
+    # random_raw is stable across NumPy versions, unlike Generator methods
+    signs = np.where(np.random.PCG64(seed).random_raw(d) & 1, -1.0, 1.0)
+    rotation = (signs[:, None] * h / np.sqrt(d)).astype(np.float32)
+    rotation.flags.writeable = False
+    return rotation
+
+
+def rotate(x: np.ndarray, seed: int) -> np.ndarray:
+    """float32 ``x @ R`` along the last axis."""
+    return np.ascontiguousarray(x @ hadamard_rotation(x.shape[-1], seed), dtype=np.float32)
+
+
+def unrotate(x: np.ndarray, seed: int) -> np.ndarray:
+    """float32 ``x @ R.T``, the inverse of :func:`rotate`."""
+    return np.ascontiguousarray(x @ hadamard_rotation(x.shape[-1], seed).T, dtype=np.float32)

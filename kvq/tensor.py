@@ -1,0 +1,318 @@
+"""kvq.quantize: group-wise affine quantization at 2, 3, 4 or 8 bits -> QuantizedTensor."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvq import kernels
+from kvq._validate import as_float32, position
+from kvq.rotation import rotate as rotate_last_axis
+from kvq.rotation import unrotate
+from kvq.scheme import SUB_BITS, SUPER_GROUPS, Scheme
+
+FLOAT16_MAX = 65504.0
+_SUB_LEVELS = (1 << SUB_BITS) - 1  # 63: largest second-level scale code
+_MIN_OFFSET = 1 << (SUB_BITS - 1)  # 32: min codes are stored as mc + 32, mc in [-32, 31]
+
+
+@dataclass(frozen=True, eq=False)
+class GroupParams:
+    """Per-group scales and mins, stored directly (float32 or float16)."""
+
+    scales: np.ndarray
+    mins: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.scales.nbytes + self.mins.nbytes
+
+    def to_float32(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.scales.astype(np.float32, copy=False), self.mins.astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True, eq=False)
+class DoubleQuantParams:
+    """Scales and mins quantized again: per group 6-bit codes ``sc`` and ``mc`` (packed), per
+    SUPER_GROUPS groups float16 ``d`` and ``dmin``; scale = d * sc, min = dmin * (mc - 32)."""
+
+    scale_codes: np.ndarray  # packed 6-bit
+    min_codes: np.ndarray  # packed 6-bit, offset by 32
+    super_scales: np.ndarray  # float16
+    super_mins: np.ndarray  # float16
+    n_groups: int
+
+    @property
+    def nbytes(self) -> int:
+        return (
+            self.scale_codes.nbytes
+            + self.min_codes.nbytes
+            + self.super_scales.nbytes
+            + self.super_mins.nbytes
+        )
+
+    def to_float32(self) -> tuple[np.ndarray, np.ndarray]:
+        sc = _unpack(self.scale_codes, SUB_BITS, self.n_groups).astype(np.float32)
+        mc = _unpack(self.min_codes, SUB_BITS, self.n_groups).astype(np.float32) - _MIN_OFFSET
+        owner = np.arange(self.n_groups) // SUPER_GROUPS
+        d = self.super_scales.astype(np.float32)[owner]
+        dmin = self.super_mins.astype(np.float32)[owner]
+        return d * sc, dmin * mc
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedTensor:
+    """A tensor quantized group-wise by ``scheme``.
+
+    codes: the codes as a little-endian bit stream (``scheme.bits`` each) in the order of the
+    tensor with ``scheme.axis`` moved last; params: per-group scales and mins. ``dequantize``
+    returns float32 of ``shape``. ``bits_per_element`` counts every stored bit.
+    """
+
+    codes: np.ndarray
+    params: GroupParams | DoubleQuantParams
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    scheme: Scheme
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes stored: codes, scales and mins (and second-level scales)."""
+        return self.codes.nbytes + self.params.nbytes
+
+    @property
+    def bits_per_element(self) -> float:
+        return 8 * self.nbytes / self.size if self.size else float("nan")
+
+    @property
+    def axis(self) -> int:
+        """The grouping axis, non-negative."""
+        return self.scheme.axis % len(self.shape)
+
+    def dequantize(self) -> np.ndarray:
+        """float32 array of ``shape`` (rotated back when the scheme rotates)."""
+        moved_shape = _moved_shape(self.shape, self.axis)
+        length = moved_shape[-1] if moved_shape else 1
+        rows = self.size // length if length else 0
+        group = min(self.scheme.group_size, max(length, 1))
+        padded = -(-length // group) * group
+        codes = _unpack(self.codes, self.scheme.bits, self.size).reshape(rows, length)
+        if padded != length:
+            codes = np.pad(codes, ((0, 0), (0, padded - length)))
+        scales, mins = self.params.to_float32()
+        values = np.empty((rows, padded), np.float32)
+        if values.size:
+            kernels.dequantize_blocks(codes.reshape(-1), scales, mins, group, values.reshape(-1))
+        moved = values[:, :length].reshape(moved_shape)
+        out = np.moveaxis(moved, -1, self.axis)
+        if self.scheme.rotate is not None:
+            out = unrotate(out, self.scheme.rotate)
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedTensor(shape={self.shape}, scheme='{self.scheme.describe()}', "
+            f"bits_per_element={self.bits_per_element:.3f}, nbytes={self.nbytes:,})"
+        )
+
+
+def quantize(
+    x,
+    bits: int = 8,
+    group_size: int = 32,
+    axis: int = -1,
+    scale_dtype="float32",
+    rotate: int | None = None,
+    double_quant: bool = False,
+    search: bool = False,
+    scheme: Scheme | None = None,
+) -> QuantizedTensor:
+    """Quantize ``x`` group-wise: groups of ``group_size`` consecutive elements along ``axis``
+    share a min and a scale = (max - min) / (2**bits - 1); codes are packed densely.
+
+    Every element comes back within scale / 2 (plus float32 rounding; with ``rotate``, in the
+    rotated basis, so in L2 norm) unless ``search`` clips it. See :class:`kvq.Scheme` for the
+    options; pass ``scheme=`` instead of the keywords to reuse one.
+    """
+    if scheme is None:
+        scheme = Scheme(bits, group_size, axis, scale_dtype, rotate, double_quant, search)
+    original, flat = as_float32("x", x)
+    if original.ndim == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d array")
+    if not -original.ndim <= scheme.axis < original.ndim:
+        raise ValueError(f"axis {scheme.axis} is out of range for x with {original.ndim} dims")
+    axis = scheme.axis % original.ndim
+    values = flat.reshape(original.shape)
+    if scheme.rotate is not None:
+        if original.shape[-1] & (original.shape[-1] - 1) or not original.shape[-1]:
+            raise ValueError(
+                f"rotate needs the last axis to be a power of two long, got {original.shape[-1]}"
+            )
+        _check_finite(original, flat)  # a rotation would smear a NaN over its row
+        values = rotate_last_axis(values, scheme.rotate)
+    moved = np.ascontiguousarray(np.moveaxis(values, axis, -1))
+    length = moved.shape[-1]
+    rows = moved.size // length if length else 0
+    group = min(scheme.group_size, max(length, 1))
+    padded = -(-length // group) * group
+    grid = moved.reshape(rows, length)
+    if padded != length and rows:
+        # repeat each row's last value: the short last group keeps its own min and max
+        grid = np.concatenate([grid, np.repeat(grid[:, -1:], padded - length, axis=1)], axis=1)
+    grid_flat = np.ascontiguousarray(grid).reshape(-1)
+    n_groups = grid_flat.size // group if group else 0
+    codes = np.empty(grid_flat.size, np.uint8)
+    levels = np.float32(scheme.levels)
+    half = scheme.scale_dtype == "float16"
+    if half and grid_flat.size and np.abs(grid_flat).max() > FLOAT16_MAX:
+        raise ValueError(
+            "x has values beyond +-65504, which float16 scales and mins cannot hold; "
+            "use scale_dtype='float32'"
+        )
+    scales = np.empty(n_groups, np.float32)
+    mins = np.empty(n_groups, np.float32)
+    if grid_flat.size:
+        bits_view = grid_flat.view(np.int32)
+        if not (scheme.double_quant or scheme.search):
+            rejected = kernels.quantize_blocks(
+                grid_flat, bits_view, group, levels, half, codes, scales, mins
+            )
+            if rejected:
+                _raise_rejected(original, flat, scheme)
+        else:
+            lows = np.empty(n_groups, np.float32)
+            highs = np.empty(n_groups, np.float32)
+            if kernels.extrema_blocks(bits_view, group, lows, highs):
+                _raise_rejected(original, flat, scheme)
+            if not np.all(highs.astype(np.float64) - lows <= float(kernels.MAX_RANGE_F32)):
+                _raise_rejected(original, flat, scheme)
+            if scheme.search:
+                kernels.search_blocks(grid_flat, group, levels, half, lows, highs, scales, mins)
+            else:
+                scales, mins = _minmax_params(lows, highs, levels, half)
+            if scheme.double_quant:
+                params = _double_quantize(scales, mins, lows, highs, levels, scheme.search)
+                scales, mins = params.to_float32()
+            kernels.encode_blocks(grid_flat, group, levels, scales, mins, codes)
+    if scheme.double_quant:
+        stored = params if grid_flat.size else _empty_double_quant()
+    else:
+        dtype = np.dtype(scheme.scale_dtype)
+        stored = GroupParams(scales.astype(dtype), mins.astype(dtype))
+    if padded != length:
+        codes = codes.reshape(rows, padded)[:, :length].reshape(-1)
+    return QuantizedTensor(
+        codes=_pack(codes, scheme.bits),
+        params=stored,
+        shape=tuple(original.shape),
+        dtype=original.dtype,
+        scheme=scheme,
+    )
+
+
+def _moved_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    rest = shape[:axis] + shape[axis + 1 :]
+    return (*rest, shape[axis])
+
+
+def _minmax_params(lows, highs, levels, half) -> tuple[np.ndarray, np.ndarray]:
+    """Plain min/max scales and mins (float16 rounded outward with ``half``), in NumPy."""
+    if not half:
+        return (highs - lows) / levels, lows.copy()
+    mins = _f16_round(lows, down=True)
+    return _f16_round((highs - mins) / levels, down=False), mins
+
+
+def _f16_round(values: np.ndarray, down: bool) -> np.ndarray:
+    """float16-representable float32 values rounded toward -inf (down) or +inf."""
+    h = values.astype(np.float16)
+    wrong = h.astype(np.float32) > values if down else h.astype(np.float32) < values
+    h[wrong] = np.nextafter(h[wrong], np.float16(-np.inf if down else np.inf))
+    return h.astype(np.float32)
+
+
+def _double_quantize(scales, mins, lows, highs, levels, nearest: bool) -> DoubleQuantParams:
+    """Second-level quantization of per-group (scale, min), SUPER_GROUPS groups at a time.
+
+    Bound-preserving by default: min codes round down and scale codes up, so every group's
+    grid still spans its [low, high] and the scale / 2 bound holds for the stored values.
+    With ``nearest`` (after a range search) both round to nearest.
+    """
+    n = scales.size
+    n_super = -(-n // SUPER_GROUPS)
+    pad = n_super * SUPER_GROUPS - n
+
+    def per_super(a: np.ndarray, fill: float) -> np.ndarray:
+        return np.concatenate([a, np.full(pad, fill, np.float32)]).reshape(n_super, -1)
+
+    with np.errstate(over="ignore"):
+        dmin = _f16_round(np.abs(per_super(mins, 0.0)).max(axis=1) / _MIN_OFFSET, down=False)
+        safe_dmin = np.where(dmin > 0, dmin, 1.0).repeat(SUPER_GROUPS)[:n]
+        mc = (np.rint if nearest else np.floor)(mins / safe_dmin)
+        mc = np.clip(np.where(dmin.repeat(SUPER_GROUPS)[:n] > 0, mc, 0), -_MIN_OFFSET, 31)
+        stored_mins = dmin.repeat(SUPER_GROUPS)[:n] * mc
+        needed = scales if nearest else (highs - stored_mins) / levels
+        d = _f16_round(per_super(needed, 0.0).max(axis=1) / _SUB_LEVELS, down=False)
+        safe_d = np.where(d > 0, d, 1.0).repeat(SUPER_GROUPS)[:n]
+        sc = np.clip((np.rint if nearest else np.ceil)(needed / safe_d), 0, _SUB_LEVELS)
+    if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
+        raise ValueError(
+            "x spans a range too wide for double_quant's float16 second-level scales "
+            f"(largest group min {np.abs(mins).max():.3g}, scale {scales.max():.3g}); "
+            "turn double_quant off"
+        )
+    return DoubleQuantParams(
+        scale_codes=_pack(sc.astype(np.uint8), SUB_BITS),
+        min_codes=_pack((mc + _MIN_OFFSET).astype(np.uint8), SUB_BITS),
+        super_scales=d.astype(np.float16),
+        super_mins=dmin.astype(np.float16),
+        n_groups=n,
+    )
+
+
+def _empty_double_quant() -> DoubleQuantParams:
+    empty = np.empty(0, np.uint8)
+    return DoubleQuantParams(empty, empty, np.empty(0, np.float16), np.empty(0, np.float16), 0)
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    if bits == 8:
+        return codes
+    packed = np.empty(-(-codes.size * bits // 8), np.uint8)
+    if codes.size:
+        kernels.pack_codes(codes, bits, packed)
+    return packed
+
+
+def _unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
+    if bits == 8:
+        return packed[:n]
+    codes = np.empty(n, np.uint8)
+    if n:
+        kernels.unpack_codes(packed, bits, codes)
+    return codes
+
+
+def _check_finite(original: np.ndarray, flat: np.ndarray) -> None:
+    if not np.isfinite(flat).all():
+        _raise_rejected(original, flat, None)
+
+
+def _raise_rejected(original: np.ndarray, flat: np.ndarray, scheme: Scheme | None) -> None:
+    """ValueError naming the first non-finite element, or the range that overflowed."""
+    bad = np.flatnonzero(~np.isfinite(flat))
+    if bad.size:
+        index = int(bad[0])
+        value = float(original.reshape(-1)[index])
+        what = "beyond the float32 range kvq computes in" if np.isfinite(value) else "non-finite"
+        raise ValueError(
+            f"x has {value!r} at flat index {position(index, original.shape)} ({what}); "
+            "kvq quantizes finite values only"
+        )
+    raise ValueError("x has a group whose max - min exceeds 2**127 (1.7e38); rescale the tensor")
