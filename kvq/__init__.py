@@ -8,7 +8,10 @@ from kvq.blocks import QuantizedBlocks
 from kvq.cache import QuantizedKVCache
 from kvq.config import ModelConfig
 from kvq.errors import ConfigError, DeviceError, KvqError, LoaderError, PoolExhausted
+from kvq.kvcache import CapacityError, KVCache
 from kvq.loader import Checkpoint, load_safetensors
+from kvq.model_cache import ModelKVCache
+from kvq.plan import Plan, plan
 from kvq.pool import MemoryPool
 from kvq.scheme import QuantConfig, Scheme
 from kvq.tensor import QuantizedTensor, quantize
@@ -17,13 +20,17 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Array",
+    "CapacityError",
     "Checkpoint",
     "ConfigError",
     "DeviceError",
+    "KVCache",
     "KvqError",
     "LoaderError",
     "MemoryPool",
     "ModelConfig",
+    "ModelKVCache",
+    "Plan",
     "PoolExhausted",
     "QuantConfig",
     "QuantizedBlocks",
@@ -33,5 +40,6 @@ __all__ = [
     "__version__",
     "devices",
     "load_safetensors",
+    "plan",
     "quantize",
 ]

@@ -115,6 +115,40 @@ class QuantizedTensor:
             out = unrotate(out, self.scheme.rotate)
         return np.ascontiguousarray(out, dtype=np.float32)
 
+    def parts(self) -> dict[str, np.ndarray]:
+        """The stored arrays by name (1-D each): what :meth:`from_parts` takes back."""
+        if isinstance(self.params, DoubleQuantParams):
+            p = self.params
+            return {
+                "codes": self.codes,
+                "scale_codes": p.scale_codes,
+                "min_codes": p.min_codes,
+                "super_scales": p.super_scales,
+                "super_mins": p.super_mins,
+            }
+        return {"codes": self.codes, "scales": self.params.scales, "mins": self.params.mins}
+
+    @classmethod
+    def from_parts(
+        cls, parts: dict[str, np.ndarray], shape: tuple[int, ...], dtype, scheme: Scheme
+    ) -> QuantizedTensor:
+        """Rebuild from :meth:`parts` (e.g. chunks stacked along a new leading axis)."""
+        if scheme.double_quant:
+            moved = _moved_shape(tuple(shape), scheme.axis % len(shape))
+            length = moved[-1]
+            group = min(scheme.group_size, max(length, 1))
+            n_groups = (math.prod(shape) // length) * -(-length // group) if length else 0
+            params = DoubleQuantParams(
+                parts["scale_codes"],
+                parts["min_codes"],
+                parts["super_scales"],
+                parts["super_mins"],
+                n_groups,
+            )
+        else:
+            params = GroupParams(parts["scales"], parts["mins"])
+        return cls(parts["codes"], params, tuple(shape), np.dtype(dtype), scheme)
+
     def __repr__(self) -> str:
         return (
             f"QuantizedTensor(shape={self.shape}, scheme='{self.scheme.describe()}', "

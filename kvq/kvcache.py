@@ -1,0 +1,438 @@
+"""KVCache: a quantized key/value cache that grows by appends while decoding.
+
+Each of K and V is a :class:`TensorStream`: recent tokens wait in a float32 *residual*; once
+``residual + chunk`` tokens wait, the oldest ``chunk`` tokens are quantized together, exactly
+once, into the next slot of a preallocated chunk store. ``chunk`` is the scheme's token
+granularity: 1 token for per-token groups, ``group_size`` tokens for per-channel groups
+(more when second-level scales or bit packing need whole super-groups or bytes). Chunks are
+stacked so that any run of them is itself a :class:`QuantizedTensor`. With a ``window``, the
+store is a ring and chunks that fall wholly out of the window are dropped.
+"""
+
+from __future__ import annotations
+
+import operator
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvq.errors import KvqError
+from kvq.pool import MemoryPool
+from kvq.scheme import SUPER_GROUPS, QuantConfig, Scheme
+from kvq.tensor import QuantizedTensor, quantize
+
+FLOAT32_BYTES = 4
+_INITIAL_CHUNKS = 16
+
+
+class CapacityError(KvqError, ValueError):
+    """An append would exceed a KVCache's fixed ``capacity``."""
+
+
+def chunk_tokens(scheme: Scheme, num_kv_heads: int, head_dim: int) -> int:
+    """Tokens quantized together for ``scheme``: the smallest multiple of its token group
+    whose codes fill whole bytes and whose groups fill whole second-level super-groups."""
+    base = scheme.group_size if scheme.axis in (-2, 1) else 1
+    for multiple in range(1, 9):
+        tokens = base * multiple
+        values = num_kv_heads * tokens * head_dim
+        if scheme.axis in (-2, 1):
+            groups = num_kv_heads * head_dim
+        else:
+            groups = num_kv_heads * tokens * -(-head_dim // min(scheme.group_size, head_dim))
+        if values * scheme.bits % 8 == 0 and (
+            not scheme.double_quant or groups % SUPER_GROUPS == 0
+        ):
+            return tokens
+    raise ValueError(
+        f"no chunk of whole bytes and super-groups for {scheme.describe()} with "
+        f"{num_kv_heads} heads of {head_dim}"
+    )
+
+
+@dataclass(frozen=True)
+class HeldLayout:
+    """Which tokens a stream holds after ``appended`` tokens (shared by KVCache and plan)."""
+
+    appended: int
+    first_chunk: int  # index of the oldest chunk still held
+    chunks: int  # chunks quantized so far (held or dropped)
+    residual: int  # float32 tokens after the last chunk
+
+    @property
+    def held_chunks(self) -> int:
+        return self.chunks - self.first_chunk
+
+
+def held_layout(appended: int, chunk: int, residual: int, window: int | None) -> HeldLayout:
+    """Chunks quantized once ``residual + chunk`` tokens wait; a window drops chunks whose
+    tokens are all older than the last ``window`` tokens."""
+    chunks = max(0, (appended - residual) // chunk)
+    first = 0
+    if window is not None:
+        first = min(chunks, max(0, (appended - window) // chunk))
+    return HeldLayout(appended, first, chunks, appended - chunks * chunk)
+
+
+@dataclass
+class _Staged:
+    pending: np.ndarray
+    chunks: list[QuantizedTensor | None]
+    appended: int
+    first_chunk: int
+    store: tuple[dict[str, np.ndarray], int] | None
+
+
+class TensorStream:
+    """One of K or V: a chunk store (ring when windowed) and a float32 residual."""
+
+    def __init__(
+        self,
+        name: str,
+        scheme: Scheme,
+        num_kv_heads: int,
+        head_dim: int,
+        residual: int,
+        window: int | None,
+        capacity: int | None,
+        pool: MemoryPool | None,
+    ) -> None:
+        self.name = name
+        self.scheme = scheme
+        self.heads = num_kv_heads
+        self.head_dim = head_dim
+        self.residual_target = residual
+        self.window = window
+        self.pool = pool
+        self.chunk = chunk_tokens(scheme, num_kv_heads, head_dim)
+        self.chunk_shape = (num_kv_heads, self.chunk, head_dim)
+        template = quantize(np.zeros(self.chunk_shape, np.float32), scheme=scheme).parts()
+        self.part_layout = {key: (part.dtype, part.size) for key, part in template.items()}
+        self.chunk_nbytes = sum(part.nbytes for part in template.values())
+        if window is not None:
+            slots = -(-window // self.chunk) + 1
+        elif capacity is not None:
+            slots = max(1, -(-capacity // self.chunk))
+        else:
+            slots = _INITIAL_CHUNKS
+        self.store = self._allocate(slots)
+        self.slots = slots
+        # the residual never holds more than residual + chunk - 1 tokens between appends
+        self.pending = np.empty((num_kv_heads, 0, head_dim), np.float32)
+        self.appended = 0
+        self.first_chunk = 0
+        self.chunks = 0
+
+    # --- storage ----------------------------------------------------------------------------
+
+    def _allocate(self, slots: int) -> dict[str, np.ndarray]:
+        store = {}
+        for key, (dtype, size) in self.part_layout.items():
+            shape = (slots, size)
+            store[key] = (
+                np.empty(shape, dtype) if self.pool is None else self.pool.acquire(shape, dtype)
+            )
+        return store
+
+    def release(self) -> None:
+        """Return pooled storage (a no-op without a pool)."""
+        if self.pool is not None:
+            for array in self.store.values():
+                self.pool.release(array)
+            self.store = {}
+
+    @property
+    def reserved_nbytes(self) -> int:
+        return sum(array.nbytes for array in self.store.values())
+
+    # --- appending ----------------------------------------------------------------------------
+
+    def stage(self, new: np.ndarray) -> _Staged:
+        """Quantize the chunks ``new`` completes and allocate any larger store, changing no
+        state; :meth:`commit` applies the result (or :meth:`discard` undoes allocations)."""
+        appended = self.appended + new.shape[1]
+        pending = np.concatenate([self.pending, new], axis=1) if self.pending.size else new
+        layout = held_layout(appended, self.chunk, self.residual_target, self.window)
+        chunks: list[QuantizedTensor | None] = []
+        for i in range(layout.chunks - self.chunks):
+            if self.chunks + i < layout.first_chunk:
+                chunks.append(None)  # out of the window before it is ever read
+            else:
+                values = pending[:, i * self.chunk : (i + 1) * self.chunk]
+                chunks.append(quantize(values, scheme=self.scheme))
+        store = None
+        if self.window is None and layout.chunks > self.slots:
+            slots = max(layout.chunks, 2 * self.slots)
+            store = (self._allocate(slots), slots)
+        rest = np.ascontiguousarray(pending[:, len(chunks) * self.chunk :])
+        return _Staged(rest, chunks, appended, layout.first_chunk, store)
+
+    def discard(self, staged: _Staged) -> None:
+        if staged.store is not None and self.pool is not None:
+            for array in staged.store[0].values():
+                self.pool.release(array)
+
+    def commit(self, staged: _Staged) -> None:
+        """Apply :meth:`stage`'s result: grow, write chunks (wrapping a ring), keep the rest."""
+        if staged.store is not None:
+            bigger, slots = staged.store
+            for key, array in self.store.items():
+                bigger[key][: self.chunks] = array[: self.chunks]
+            self.release()
+            self.store, self.slots = bigger, slots
+        for qt in staged.chunks:
+            if qt is not None:
+                slot = self.chunks % self.slots
+                for key, part in qt.parts().items():
+                    self.store[key][slot] = part
+            self.chunks += 1
+        self.pending = staged.pending
+        self.appended = staged.appended
+        self.first_chunk = staged.first_chunk
+
+    # --- reading ------------------------------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Tokens held: those of the held chunks plus the residual."""
+        return (self.chunks - self.first_chunk) * self.chunk + self.pending.shape[1]
+
+    @property
+    def first_position(self) -> int:
+        return self.first_chunk * self.chunk
+
+    @property
+    def nbytes(self) -> int:
+        return (self.chunks - self.first_chunk) * self.chunk_nbytes + self.pending.nbytes
+
+    def chunk_view(self, first: int, last: int) -> QuantizedTensor:
+        """Chunks ``[first, last)`` (absolute indices, held, not wrapping) as one tensor of
+        shape (last - first, heads, chunk, head_dim)."""
+        lo, hi = first % self.slots, (last - 1) % self.slots + 1
+        parts = {key: array[lo:hi].reshape(-1) for key, array in self.store.items()}
+        shape = (last - first, *self.chunk_shape)
+        return QuantizedTensor.from_parts(parts, shape, np.float32, self.scheme)
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """float32 (heads, end - start, head_dim) of held tokens ``[start, end)``."""
+        out = np.empty((self.heads, end - start, self.head_dim), np.float32)
+        quantized = (self.chunks - self.first_chunk) * self.chunk
+        if start < min(end, quantized):
+            first = self.first_chunk + start // self.chunk
+            last = self.first_chunk + -(-min(end, quantized) // self.chunk)
+            pieces = []
+            while first < last:  # a ring view may wrap once
+                stop = min(last, first + self.slots - first % self.slots)
+                values = self.chunk_view(first, stop).dequantize()
+                pieces.append(np.moveaxis(values, 0, 1).reshape(self.heads, -1, self.head_dim))
+                first = stop
+            block = np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+            offset = start % self.chunk
+            take = min(end, quantized) - start
+            out[:, :take] = block[:, offset : offset + take]
+        if end > quantized:
+            lo = max(start, quantized)
+            out[:, lo - start :] = self.pending[:, lo - quantized : end - quantized]
+        return out
+
+
+class KVCache:
+    """A streaming quantized KV cache for one attention layer.
+
+    ``append(k, v)`` with float arrays of (num_kv_heads, t, head_dim); ``keys(start, end)`` and
+    ``values(...)`` give float32 (num_kv_heads, end - start, head_dim) of the tokens held
+    (indices into what is held; ``positions`` maps them to absolute positions); ``len()`` is
+    the number of tokens appended. ``window=W`` keeps at least the last W tokens in a ring
+    (whole chunks, so up to W + chunk - 1). ``capacity`` (tokens) preallocates and fixes the
+    size (CapacityError past it); with neither, storage doubles as needed (amortised O(1) per
+    token). ``pool`` supplies the chunk storage, returned when the cache is collected.
+    """
+
+    def __init__(
+        self,
+        num_kv_heads: int,
+        head_dim: int,
+        config: QuantConfig | None = None,
+        capacity: int | None = None,
+        window: int | None = None,
+        pool: MemoryPool | None = None,
+    ) -> None:
+        self.num_kv_heads = _positive("num_kv_heads", num_kv_heads)
+        self.head_dim = _positive("head_dim", head_dim)
+        self.config = QuantConfig() if config is None else config
+        if not isinstance(self.config, QuantConfig):
+            raise TypeError(f"config must be a kvq.QuantConfig, got {self.config!r}")
+        self.capacity = None if capacity is None else _positive("capacity", capacity)
+        self.window = None if window is None else _positive("window", window)
+        if self.capacity is not None and self.window is not None:
+            raise ValueError("give capacity or window, not both: a windowed cache is a ring")
+        for name, scheme in (("k", self.config.k), ("v", self.config.v)):
+            if scheme.axis not in (-1, -2, 1, 2):
+                raise ValueError(
+                    f"config.{name}.axis must be -1 (per token) or -2 (per channel), "
+                    f"got {scheme.axis}"
+                )
+            if scheme.rotate is not None and self.head_dim & (self.head_dim - 1):
+                raise ValueError(f"rotate needs head_dim to be a power of two, got {head_dim}")
+        streams = [
+            TensorStream(
+                name,
+                scheme,
+                self.num_kv_heads,
+                self.head_dim,
+                self.config.residual,
+                self.window,
+                self.capacity,
+                pool,
+            )
+            for name, scheme in (("k", self.config.k), ("v", self.config.v))
+        ]
+        self._k, self._v = streams
+        if pool is not None:
+            weakref.finalize(self, _release_all, streams)
+
+    def append(self, k, v) -> None:
+        """Append t >= 1 tokens: k and v of (num_kv_heads, t, head_dim), finite floats.
+
+        Validates everything and quantizes what completes a chunk before changing anything:
+        on any error the cache is as it was.
+        """
+        k_new = self._check("k", k)
+        v_new = self._check("v", v)
+        if k_new.shape != v_new.shape:
+            raise ValueError(
+                f"k and v must have the same shape, got {k_new.shape} and {v_new.shape}"
+            )
+        if self.capacity is not None and len(self) + k_new.shape[1] > self.capacity:
+            raise CapacityError(
+                f"appending {k_new.shape[1]} tokens to {len(self)} would pass this cache's "
+                f"capacity of {self.capacity} tokens"
+            )
+        staged_k = self._k.stage(k_new)
+        try:
+            staged_v = self._v.stage(v_new)
+        except BaseException:
+            self._k.discard(staged_k)
+            raise
+        self._k.commit(staged_k)
+        self._v.commit(staged_v)
+
+    def _check(self, name: str, x) -> np.ndarray:
+        array = np.asarray(x)
+        if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
+            raise TypeError(
+                f"{name} must hold float16, float32 or float64 values, got {array.dtype}"
+            )
+        expected = (self.num_kv_heads, "t", self.head_dim)
+        if (
+            array.ndim != 3
+            or array.shape[0] != self.num_kv_heads
+            or array.shape[2] != self.head_dim
+        ):
+            raise ValueError(f"{name} must have shape {expected} with t >= 1, got {array.shape}")
+        if array.shape[1] < 1:
+            raise ValueError(f"{name} must hold at least one token, got shape {array.shape}")
+        values = np.ascontiguousarray(array, dtype=np.float32)
+        finite = np.isfinite(values)
+        if not finite.all():
+            head, token, channel = np.argwhere(~finite)[0]
+            raise ValueError(
+                f"{name} has {float(array[head, token, channel])!r} at head {head}, token "
+                f"{token} (position {self._k.appended + token}), channel {channel}; kvq "
+                "caches finite values only"
+            )
+        return values
+
+    def __len__(self) -> int:
+        return self._k.appended
+
+    @property
+    def held(self) -> int:
+        """Tokens held (and readable); fewer than ``len(self)`` once a window drops chunks."""
+        return min(self._k.held, self._v.held)
+
+    @property
+    def positions(self) -> np.ndarray:
+        """Absolute positions (int64) of the tokens ``keys()`` and ``values()`` return."""
+        return np.arange(len(self) - self.held, len(self), dtype=np.int64)
+
+    def keys(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """float32 (num_kv_heads, end - start, head_dim): held keys ``[start, end)``."""
+        start, end = self._range(start, end)
+        return self._k.read(start + self._k.held - self.held, end + self._k.held - self.held)
+
+    def values(self, start: int = 0, end: int | None = None) -> np.ndarray:
+        """float32 (num_kv_heads, end - start, head_dim): held values ``[start, end)``."""
+        start, end = self._range(start, end)
+        return self._v.read(start + self._v.held - self.held, end + self._v.held - self.held)
+
+    def _range(self, start, end) -> tuple[int, int]:
+        held = self.held
+        try:
+            start = operator.index(start)
+            end = held if end is None else operator.index(end)
+        except TypeError:
+            raise TypeError(f"start and end must be integers, got {start!r} and {end!r}") from None
+        if not 0 <= start <= end <= held:
+            raise IndexError(f"token range [{start}, {end}) is outside the {held} tokens held")
+        return start, end
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of data held: codes, scales and mins of held chunks, plus the residual."""
+        return self._k.nbytes + self._v.nbytes
+
+    def stats(self) -> dict[str, float | int]:
+        """Counts and bytes: appended, held, quantized and residual tokens, chunks, nbytes,
+        reserved bytes, and bits per held value."""
+        held_values = 2 * self.held * self.num_kv_heads * self.head_dim
+        return {
+            "appended": len(self),
+            "held": self.held,
+            "k_quantized": self._k.held - self._k.pending.shape[1],
+            "v_quantized": self._v.held - self._v.pending.shape[1],
+            "k_residual": self._k.pending.shape[1],
+            "v_residual": self._v.pending.shape[1],
+            "k_chunk_tokens": self._k.chunk,
+            "v_chunk_tokens": self._v.chunk,
+            "nbytes": self.nbytes,
+            "reserved_nbytes": self._k.reserved_nbytes + self._v.reserved_nbytes,
+            "bits_per_value": 8 * self.nbytes / held_values if held_values else float("nan"),
+        }
+
+    def __repr__(self) -> str:
+        window = f", window={self.window}" if self.window else ""
+        return (
+            f"KVCache({self.num_kv_heads} heads x {self.head_dim}, {len(self)} tokens appended, "
+            f"{self.held} held{window}, K {self.config.k.describe()}, "
+            f"V {self.config.v.describe()}, residual {self.config.residual}, "
+            f"{self.nbytes / 2**20:.2f} MiB)"
+        )
+
+
+def _release_all(streams: list[TensorStream]) -> None:
+    for stream in streams:
+        stream.release()
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a positive integer, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {number}")
+    return number
+
+
+def stream_bytes(
+    scheme: Scheme, num_kv_heads: int, head_dim: int, appended: int, residual: int, window
+) -> int:
+    """Bytes one stream holds after ``appended`` tokens (what TensorStream.nbytes reports)."""
+    chunk = chunk_tokens(scheme, num_kv_heads, head_dim)
+    layout = held_layout(appended, chunk, residual, window)
+    template = quantize(np.zeros((num_kv_heads, chunk, head_dim), np.float32), scheme=scheme)
+    return layout.held_chunks * template.nbytes + layout.residual * num_kv_heads * head_dim * 4

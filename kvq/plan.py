@@ -1,0 +1,106 @@
+"""kvq.plan: the KV cache memory of a whole model at a context length, by hand arithmetic."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+from kvq.config import FULL, SLIDING, ModelConfig
+from kvq.kvcache import stream_bytes
+from kvq.scheme import QuantConfig
+
+BF16_BYTES = 2
+FLOAT32_BYTES = 4
+
+
+@dataclass(frozen=True)
+class Plan:
+    """KV bytes of ``model`` holding ``context_len`` tokens.
+
+    total_bytes: the cache as configured (bf16 when ``config`` is None; quantized chunks plus
+    float32 residual tokens otherwise, exactly what KVCache.nbytes reports); bf16_bytes and
+    float32_bytes: the same tokens unquantized; by_type: bytes per layer type; per_token: full-
+    attention bytes per token (sliding layers are bounded by their window).
+    """
+
+    model: ModelConfig
+    context_len: int
+    config: QuantConfig | None
+    total_bytes: int
+    bf16_bytes: int
+    float32_bytes: int
+    by_type: dict[str, int]
+    per_token_bytes: float
+
+    def table(self) -> str:
+        """Text table of the plan."""
+        label = "bf16" if self.config is None else f"{self.config.bits_per_element:.2f}-bit kvq"
+        rows = [
+            f"{self.model.model_type or 'model'}: {self.context_len:,} tokens, {label}",
+            f"  full layers    {self.model.num_full_layers:>3}  {_gib(self.by_type.get(FULL, 0))}",
+            f"  sliding layers {self.model.num_sliding_layers:>3}  "
+            f"{_gib(self.by_type.get(SLIDING, 0))}",
+            f"  total              {_gib(self.total_bytes)}   (bf16 {_gib(self.bf16_bytes)}, "
+            f"float32 {_gib(self.float32_bytes)})",
+        ]
+        return "\n".join(rows)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / 2**30:10.3f} GiB"
+
+
+def held_tokens(context_len: int, window: int | None) -> int:
+    """Tokens an unquantized layer holds: all of them, or the last ``window``."""
+    return context_len if window is None else min(context_len, window)
+
+
+def plan(model_config: ModelConfig, context_len: int, config: QuantConfig | None = None) -> Plan:
+    """KV cache bytes of ``model_config`` after ``context_len`` tokens (see :class:`Plan`)."""
+    if not isinstance(model_config, ModelConfig):
+        raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
+    if isinstance(context_len, bool):
+        raise TypeError("context_len must be an integer")
+    context_len = operator.index(context_len)
+    if context_len < 0:
+        raise ValueError(f"context_len must be >= 0, got {context_len}")
+    heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
+    by_type: dict[str, int] = {}
+    bf16 = 0
+    for kind in model_config.layer_types:
+        window = model_config.sliding_window if kind == SLIDING else None
+        tokens = held_tokens(context_len, window)
+        bf16 += tokens * model_config.kv_values_per_token * BF16_BYTES
+        if config is None:
+            layer = tokens * model_config.kv_values_per_token * BF16_BYTES
+        else:
+            layer = sum(
+                stream_bytes(scheme, heads, head_dim, context_len, config.residual, window)
+                for scheme in (config.k, config.v)
+            )
+        by_type[kind] = by_type.get(kind, 0) + layer
+    return Plan(
+        model=model_config,
+        context_len=context_len,
+        config=config,
+        total_bytes=sum(by_type.values()),
+        bf16_bytes=bf16,
+        float32_bytes=bf16 * FLOAT32_BYTES // BF16_BYTES,
+        by_type=by_type,
+        per_token_bytes=by_type.get(FULL, 0) / context_len if context_len else 0.0,
+    )
+
+
+def config_for_bits(bits: int) -> QuantConfig | None:
+    """The preset for ``kvq plan --bits``: 16 is bf16 (None), 8/4/3/2 the q8/q4/q3/q2 presets."""
+    presets = {
+        16: None,
+        8: QuantConfig.q8,
+        4: QuantConfig.q4,
+        3: QuantConfig.q3,
+        2: QuantConfig.q2,
+    }
+    if bits not in presets:
+        raise ValueError(f"bits must be one of {sorted(presets)}, got {bits}")
+    preset = presets[bits]
+    return None if preset is None else preset()

@@ -1,0 +1,311 @@
+"""KVCache, ModelKVCache and plan: streaming appends, windows, memory figures."""
+
+import gc
+
+import numpy as np
+import pytest
+
+import kvq
+from kvq.kvcache import chunk_tokens
+from kvq.synthetic import kv_layer
+
+CONFIGS = {
+    "default-8bit": kvq.QuantConfig(),
+    "q4": kvq.QuantConfig.q4(),
+    "kivi2-residual": kvq.QuantConfig.kivi(2, residual=16),
+    "q3-rotated": kvq.QuantConfig(k=kvq.Scheme(3, 32, axis=-2), v=kvq.Scheme(3, 64), rotate=5),
+    "f16-per-token-residual": kvq.QuantConfig(
+        k=kvq.Scheme(4, 32, scale_dtype="float16"), v=kvq.Scheme(8, 32), residual=3
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return kv_layer(4, 203, 64, seed=11)
+
+
+def feed(cache, k, v, steps):
+    """Append k, v split at ``steps`` (token counts)."""
+    at = 0
+    for step in steps:
+        cache.append(k[:, at : at + step], v[:, at : at + step])
+        at += step
+    assert at == k.shape[1]
+
+
+def same_stored(a: kvq.KVCache, b: kvq.KVCache):
+    for stream in ("_k", "_v"):
+        sa, sb = getattr(a, stream), getattr(b, stream)
+        assert (sa.chunks, sa.first_chunk, sa.appended) == (sb.chunks, sb.first_chunk, sb.appended)
+        for key in sa.store:
+            for c in range(sa.first_chunk, sa.chunks):
+                np.testing.assert_array_equal(
+                    sa.store[key][c % sa.slots], sb.store[key][c % sb.slots]
+                )
+        np.testing.assert_array_equal(sa.pending, sb.pending)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("window", [None, 50])
+def test_append_by_one_equals_append_all(layer, name, window):
+    k, v = layer
+    config = CONFIGS[name]
+    whole = kvq.KVCache(4, 64, config, window=window)
+    whole.append(k, v)
+    one = kvq.KVCache(4, 64, config, window=window)
+    feed(one, k, v, [1] * 203)
+    mixed = kvq.KVCache(4, 64, config, window=window)
+    feed(mixed, k, v, [5, 1, 60, 7, 1, 1, 128])
+    for other in (one, mixed):
+        same_stored(whole, other)  # identical codes, scales and mins, across flushes and wraps
+        np.testing.assert_array_equal(whole.keys(), other.keys())
+        np.testing.assert_array_equal(whole.values(), other.values())
+        assert whole.nbytes == other.nbytes
+        np.testing.assert_array_equal(whole.positions, other.positions)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_values_are_close_and_ranges_cross_boundaries(layer, name):
+    k, v = layer
+    cache = kvq.KVCache(4, 64, CONFIGS[name])
+    feed(cache, k, v, [100, 3, 100])
+    assert len(cache) == cache.held == 203
+    full_k, full_v = cache.keys(), cache.values()
+    assert full_k.shape == (4, 203, 64) and full_k.dtype == np.float32
+    rel = np.linalg.norm(full_v - v) / np.linalg.norm(v)
+    assert rel < {8: 0.01, 4: 0.15, 3: 0.3, 2: 0.6}[cache.config.v.bits]
+    chunk = cache._k.chunk
+    for start, end in [(0, 1), (chunk - 1, chunk + 1), (31, 97), (150, 203), (202, 203), (7, 7)]:
+        np.testing.assert_array_equal(cache.keys(start, end), full_k[:, start:end])
+        np.testing.assert_array_equal(cache.values(start, end), full_v[:, start:end])
+
+
+def test_residual_tokens_stay_exact(layer):
+    k, v = layer
+    config = kvq.QuantConfig.kivi(2, residual=16)
+    cache = kvq.KVCache(4, 64, config)
+    feed(cache, k, v, [1] * 203)
+    stats = cache.stats()
+    assert stats["k_chunk_tokens"] == 32 and stats["v_chunk_tokens"] == 1
+    # keys: chunks of 32 once 16 + 32 wait; values: one token at a time past the residual 16
+    assert stats["k_residual"] == 203 - (203 - 16) // 32 * 32 == 43
+    assert stats["v_residual"] == 16
+    np.testing.assert_array_equal(cache.keys(203 - 43), k[:, 203 - 43 :])
+    np.testing.assert_array_equal(cache.values(187), v[:, 187:])
+
+
+def test_sliding_window_ring_wraps_many_times():
+    k, v = kv_layer(2, 1000, 64, seed=2)
+    config = kvq.QuantConfig.q4()
+    cache = kvq.KVCache(2, 64, config, window=128)
+    reference = kvq.KVCache(2, 64, config)
+    for start in range(0, 1000, 7):
+        cache.append(k[:, start : start + 7], v[:, start : start + 7])
+        reference.append(k[:, start : start + 7], v[:, start : start + 7])
+    assert len(cache) == 1000
+    assert 128 <= cache.held <= 128 + 32 - 1
+    positions = cache.positions
+    np.testing.assert_array_equal(positions, np.arange(1000 - cache.held, 1000))
+    # the ring holds exactly what an unbounded cache holds for those positions
+    np.testing.assert_array_equal(cache.keys(), reference.keys(int(positions[0])))
+    np.testing.assert_array_equal(cache.values(), reference.values(int(positions[0])))
+    assert cache._k.chunks > 3 * cache._k.slots  # wrapped around many times
+    assert cache.nbytes < reference.nbytes / 5
+
+
+def test_growth_is_geometric_and_capacity_is_fixed(layer):
+    k, v = layer
+    cache = kvq.KVCache(4, 64)
+    slots = []
+    for t in range(203):
+        cache.append(k[:, t : t + 1], v[:, t : t + 1])
+        slots.append(cache._v.slots)
+    assert len(set(slots)) <= 6  # 16, 32, 64, 128, 256
+    fixed = kvq.KVCache(4, 64, capacity=100)
+    fixed.append(k[:, :90], v[:, :90])
+    reserved = fixed.stats()["reserved_nbytes"]
+    before = fixed.keys()
+    with pytest.raises(kvq.CapacityError, match="capacity of 100 tokens"):
+        fixed.append(k[:, 90:101], v[:, 90:101])
+    assert issubclass(kvq.CapacityError, ValueError)
+    assert len(fixed) == 90 and fixed.stats()["reserved_nbytes"] == reserved
+    np.testing.assert_array_equal(fixed.keys(), before)
+    fixed.append(k[:, 90:100], v[:, 90:100])
+    assert len(fixed) == 100
+
+
+@pytest.mark.parametrize(
+    ("k_shape", "dtype", "error", "message"),
+    [
+        ((3, 1, 64), np.float32, ValueError, r"k must have shape \(4, 't', 64\)"),
+        ((4, 1, 32), np.float32, ValueError, "k must have shape"),
+        ((4, 0, 64), np.float32, ValueError, "at least one token"),
+        ((4, 64), np.float32, ValueError, "k must have shape"),
+        ((4, 1, 64), np.int32, TypeError, "k must hold float16, float32 or float64"),
+    ],
+)
+def test_bad_appends_leave_cache_unchanged(layer, k_shape, dtype, error, message):
+    k, v = layer
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.q4())
+    cache.append(k[:, :40], v[:, :40])
+    before = (len(cache), cache.nbytes, cache.keys().copy(), cache.values().copy())
+    with pytest.raises(error, match=message):
+        cache.append(np.zeros(k_shape, dtype), np.zeros((4, 1, 64), np.float32))
+    after = (len(cache), cache.nbytes, cache.keys(), cache.values())
+    assert before[:2] == after[:2]
+    np.testing.assert_array_equal(before[2], after[2])
+    np.testing.assert_array_equal(before[3], after[3])
+
+
+def test_nonfinite_append_names_position_and_changes_nothing(layer):
+    k, v = layer
+    cache = kvq.KVCache(4, 64)
+    cache.append(k[:, :10], v[:, :10])
+    bad = v[:, 10:13].copy()
+    bad[2, 1, 5] = np.nan
+    with pytest.raises(ValueError, match=r"v has nan at head 2, token 1 \(position 11\)"):
+        cache.append(k[:, 10:13], bad)
+    assert len(cache) == 10
+    with pytest.raises(ValueError, match="same shape"):
+        cache.append(k[:, 10:13], v[:, 10:12])
+    assert len(cache) == 10 and cache._k.appended == cache._v.appended == 10
+
+
+def test_constructor_arguments():
+    with pytest.raises(ValueError, match="num_kv_heads must be a positive integer, got 0"):
+        kvq.KVCache(0, 64)
+    with pytest.raises(TypeError, match="head_dim must be a positive integer"):
+        kvq.KVCache(8, 64.0)
+    with pytest.raises(ValueError, match="capacity or window"):
+        kvq.KVCache(8, 64, capacity=10, window=10)
+    with pytest.raises(TypeError, match="QuantConfig"):
+        kvq.KVCache(8, 64, config=kvq.Scheme())
+    with pytest.raises(ValueError, match="axis must be -1"):
+        kvq.KVCache(8, 64, kvq.QuantConfig(k=kvq.Scheme(axis=0)))
+    with pytest.raises(ValueError, match="power of two"):
+        kvq.KVCache(8, 48, kvq.QuantConfig(rotate=1))
+
+
+def test_range_errors(layer):
+    k, v = layer
+    cache = kvq.KVCache(4, 64)
+    cache.append(k[:, :10], v[:, :10])
+    with pytest.raises(IndexError, match="outside the 10 tokens held"):
+        cache.keys(5, 11)
+    with pytest.raises(TypeError, match="integers"):
+        cache.values(0.5)
+
+
+def test_pool_backed_cache_returns_storage(layer):
+    k, v = layer
+    k, v = k[:, :100], v[:, :100]
+    pool = kvq.MemoryPool(8 << 20)
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.q4(), pool=pool)
+    feed(cache, k, v, [1] * 100)  # grows from the pool
+    assert pool.stats()["live"] == 10  # 5 parts per stream (codes, sub-codes, super-scales)
+    plain = kvq.KVCache(4, 64, kvq.QuantConfig.q4())
+    feed(plain, k, v, [100])
+    np.testing.assert_array_equal(cache.keys(), plain.keys())
+    del cache
+    gc.collect()
+    assert pool.stats()["live"] == 0
+
+
+def test_chunk_tokens():
+    assert chunk_tokens(kvq.Scheme(8, 32, axis=-1), 8, 64) == 1
+    assert chunk_tokens(kvq.Scheme(4, 32, axis=-2), 8, 64) == 32
+    assert chunk_tokens(kvq.Scheme(3, 32, axis=-1), 1, 4) == 2  # 12 bits -> 2 tokens = 3 bytes
+    assert chunk_tokens(kvq.Scheme(4, 32, axis=-1, double_quant=True), 1, 64) == 4
+
+
+# --- ModelKVCache and plan ---------------------------------------------------------------
+
+
+def small_model(**changes):
+    fields = dict(
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=64,
+        hidden_size=512,
+        sliding_window=64,
+        layer_types=("sliding_attention", "full_attention") * 2,
+    )
+    return kvq.ModelConfig(**{**fields, **changes})
+
+
+@pytest.mark.parametrize("config", [None, kvq.QuantConfig.q4(), kvq.QuantConfig.kivi(2)])
+@pytest.mark.parametrize("tokens", [1, 63, 64, 65, 200, 517])
+def test_model_cache_nbytes_equals_plan(config, tokens):
+    model = small_model()
+    k, v = kv_layer(2, tokens, 64, seed=tokens)
+    cache = kvq.ModelKVCache(model, config or kvq.QuantConfig())
+    for layer in range(4):
+        cache.append(layer, k, v)
+    assert cache.nbytes == kvq.plan(model, tokens, config or kvq.QuantConfig()).total_bytes
+    assert cache[0].window == 64 and cache[1].window is None
+    assert cache[0].held >= min(tokens, 64) and cache[1].held == tokens
+    assert "total" in cache.table() and len(cache.stats()) == 4
+
+
+def test_plan_gpt_oss_20b_by_hand():
+    model = kvq.ModelConfig.gpt_oss_20b()
+    for context in (1, 128, 4096, 32768, 131072):
+        p = kvq.plan(model, context)
+        full = 12 * context * 2 * 8 * 64 * 2  # layers x tokens x K,V x heads x dim x bf16
+        sliding = 12 * min(context, 128) * 2 * 8 * 64 * 2
+        assert p.total_bytes == p.bf16_bytes == full + sliding
+        assert p.float32_bytes == 2 * p.bf16_bytes
+        assert p.by_type == {"full_attention": full, "sliding_attention": sliding}
+    assert kvq.plan(model, 131072).total_bytes == 3 * 2**30 + 3 * 2**20  # 3 GiB + 3 MiB
+    assert kvq.plan(model, 4096).per_token_bytes == 24 * 1024  # 24 KiB per token
+
+
+def test_plan_quantized_gpt_oss_by_hand():
+    model = kvq.ModelConfig.gpt_oss_20b()
+    config = kvq.QuantConfig.kivi(2, residual=128)  # K chunks of 32, V chunks of 1
+    context = 4096
+    per_token_group = 8 * 64  # heads x dim values per token
+    k_chunks = (context - 128) // 32
+    k_bytes = k_chunks * (32 * per_token_group * 2 // 8 + 8 * 64 * 2 * 2)
+    k_bytes += (context - k_chunks * 32) * per_token_group * 4
+    v_chunks = context - 128
+    v_bytes = v_chunks * (per_token_group * 2 // 8 + 8 * 2 * 2 * 2) + 128 * per_token_group * 4
+    full = 12 * (k_bytes + v_bytes)
+    p = kvq.plan(model, context, config)
+    assert p.by_type["full_attention"] == full
+    # sliding layers hold their window: 128 tokens sit in the residual, nothing quantized
+    assert p.by_type["sliding_attention"] == 12 * 2 * 128 * per_token_group * 4
+
+
+def test_plan_llama_style_config():
+    model = kvq.ModelConfig(
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        hidden_size=4096,
+    )
+    p = kvq.plan(model, 8192)
+    assert p.total_bytes == 32 * 8192 * 2 * 8 * 128 * 2 == 2**30
+    q8 = kvq.plan(model, 8192, kvq.QuantConfig.q8())
+    assert q8.total_bytes == pytest.approx(p.total_bytes * 8.5 / 16, rel=1e-9)
+
+
+def test_plan_arguments():
+    with pytest.raises(ValueError, match="context_len must be >= 0"):
+        kvq.plan(small_model(), -1)
+    with pytest.raises(TypeError, match="ModelConfig"):
+        kvq.plan({}, 10)
+
+
+def test_plan_command(capsys):
+    from kvq.cli import main
+
+    assert main(["plan", "--context", "4096", "131072", "--bits", "16", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "12 full, 12 sliding, window 128" in out
+    assert "3.00 GiB" in out and "99.00 MiB" in out
+    assert main(["plan", "--bits", "5"]) == 2
+    assert "bits must be one of" in capsys.readouterr().err
