@@ -28,3 +28,13 @@ def test_two_setup_commands_match_ci():
     assert "python -m pip install . && python -m kvq demo" in text
     assert test_command in text
     assert test_command in ci
+
+
+def test_plan_table_matches_the_command(capsys):
+    from kvq.cli import main
+
+    text = README.read_text()
+    shown = re.search(r"```\n(KV cache of gpt-oss-20b:.*?)```", text, flags=re.DOTALL).group(1)
+    assert main(["plan", "--model", "gpt-oss-20b", "--context", "4096", "32768", "131072",
+                 "--bits", "16", "8", "4", "2"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == shown

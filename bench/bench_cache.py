@@ -1,0 +1,112 @@
+"""Streaming KVCache figures: the cost of one decode-step append at 1K and 32K tokens, against
+re-quantizing the whole cache, and nbytes against kvq.plan.
+
+Targets (issue 5): appending one token at 32K context within 20% of appending at 1K, and at
+least 10x cheaper than re-quantizing the cache; nbytes after N appends equal to the plan.
+
+    python bench/bench_cache.py
+"""
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, markdown_table, save, versions
+
+import kvq
+from kvq.synthetic import kv_layer
+from kvq.timing import median_seconds
+
+HEADS, HEAD_DIM = 8, 64  # one GPT-OSS-20B full-attention layer
+CONTEXTS = (1024, 32768)
+STEPS = 256
+
+
+def per_append_seconds(config: kvq.QuantConfig, context: int, k, v) -> tuple[float, float]:
+    """(median, mean) seconds of one single-token append after ``context`` tokens."""
+    cache = kvq.KVCache(HEADS, HEAD_DIM, config)
+    cache.append(k[:, :context], v[:, :context])
+    times = []
+    for t in range(STEPS):
+        token = context + t
+        start = time.perf_counter()
+        cache.append(k[:, token : token + 1], v[:, token : token + 1])
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.mean(times))
+
+
+def main() -> None:
+    k, v = kv_layer(HEADS, max(CONTEXTS) + STEPS, HEAD_DIM, seed=0)
+    configs = {
+        "8-bit per token (default)": kvq.QuantConfig(),
+        "q8 preset": kvq.QuantConfig.q8(),
+        "q4 preset": kvq.QuantConfig.q4(),
+        "kivi 2-bit, residual 128": kvq.QuantConfig.kivi(2),
+    }
+    rows, checks = [], []
+    big = max(CONTEXTS)
+    for name, config in configs.items():
+        appends = {n: per_append_seconds(config, n, k, v) for n in CONTEXTS}
+        requantize = median_seconds(
+            lambda config=config: (
+                config.k.quantize(k[:, :big]),
+                config.v.quantize(v[:, :big]),
+            ),
+            repeats=3,
+        )
+        ratio = appends[big][0] / appends[min(CONTEXTS)][0]
+        rows.append(
+            [name]
+            + [f"{appends[n][0] * 1e6:.0f} ({appends[n][1] * 1e6:.0f})" for n in CONTEXTS]
+            + [f"{ratio:.2f}", f"{requantize * 1e3:.1f}", f"{requantize / appends[big][0]:.0f}"]
+        )
+        checks.append((f"{name}: append at 32K <= 1.2x append at 1K", ratio, "<=", 1.2))
+        checks.append(
+            (f"{name}: re-quantize >= 10x one append", requantize / appends[big][0], ">=", 10)
+        )
+        # nbytes against the plan after odd token counts
+        model = kvq.ModelConfig(
+            num_hidden_layers=2,
+            num_attention_heads=64,
+            num_key_value_heads=HEADS,
+            head_dim=HEAD_DIM,
+            hidden_size=2880,
+            sliding_window=128,
+            layer_types=("sliding_attention", "full_attention"),
+        )
+        for n in (1, 129, 4097):
+            cache = kvq.ModelKVCache(model, config)
+            for layer in range(2):
+                cache.append(layer, k[:, :n], v[:, :n])
+            planned = kvq.plan(model, n, config).total_bytes
+            checks.append(
+                (f"{name}: nbytes == plan at {n} tokens", cache.nbytes / planned, "==", 1)
+            )
+    header = [
+        "config",
+        *[f"append at {n:,} (us, median (mean))" for n in CONTEXTS],
+        "32K / 1K",
+        "re-quantize 32K (ms)",
+        "re-quantize / append",
+    ]
+    lines = [
+        f"# bench_cache: one-token appends to a KVCache of {HEADS} KV heads x {HEAD_DIM} "
+        f"(a GPT-OSS-20B full-attention layer), {STEPS} appends each",
+        f"{machine()}; {versions()}",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
+    for name, value, op, target in checks:
+        ok = {"<=": value <= target, ">=": value >= target, "==": value == target}[op]
+        lines.append(f"- {'PASS' if ok else 'MISS'} {name}: {value:.3g} (target {op} {target})")
+    report = "\n".join(lines)
+    print(report)
+    print(f"\n(saved to {save('bench_cache.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")
+
+
+if __name__ == "__main__":
+    main()
