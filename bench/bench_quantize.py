@@ -123,6 +123,22 @@ def main() -> None:
         times["MLX mx.dequantize (CPU)"] = median_seconds(mlx_dequantize, args.peer_repeats)
         del mk, mv, mq
 
+    # issue 4: low-bit quantize throughput against MLX at the same bits and group size
+    for bits in (4, 2):
+        times[f"kvq quantize {bits}-bit"] = median_seconds(
+            lambda bits=bits: (kvq.quantize(k, bits, GROUP), kvq.quantize(v, bits, GROUP)),
+            args.peer_repeats,
+        )
+        if mx is not None:
+            mk, mv = mx.array(k.reshape(-1, 4096)), mx.array(v.reshape(-1, 4096))
+
+            def mlx_low(bits=bits, arrays=(mk, mv)):
+                out = [mx.quantize(a, group_size=GROUP, bits=bits) for a in arrays]
+                mx.eval(out)
+
+            times[f"MLX mx.quantize {bits}-bit (CPU)"] = median_seconds(mlx_low, args.peer_repeats)
+            del mk, mv
+
     gguf = optional("gguf")
     if gguf is None:
         skipped.append("gguf (pip install gguf)")
@@ -163,6 +179,16 @@ def main() -> None:
         ("quantize <= 0.8x copy", times["kvq quantize"] / copy, "<=", 0.8),
         ("dequantize <= 0.8x copy", times["kvq dequantize"] / copy, "<=", 0.8),
         ("quantize >= 5x MLX mx.quantize", mlx_ratio, ">=", 5.0),
+        *(
+            (
+                f"{bits}-bit quantize >= 5x MLX",
+                times.get(f"MLX mx.quantize {bits}-bit (CPU)", float("nan"))
+                / times[f"kvq quantize {bits}-bit"],
+                ">=",
+                5.0,
+            )
+            for bits in (4, 2)
+        ),
         ("import + first call, warm cache < 1 s", warm, "<", 1.0),
     ]
     lines = [

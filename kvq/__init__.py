@@ -4,6 +4,7 @@ Public names are re-exported here; see the README for a tour.
 """
 
 from kvq.array import Array, devices
+from kvq.attention import attention, attention_reference
 from kvq.blocks import QuantizedBlocks
 from kvq.cache import QuantizedKVCache
 from kvq.config import ModelConfig
@@ -38,6 +39,8 @@ __all__ = [
     "QuantizedTensor",
     "Scheme",
     "__version__",
+    "attention",
+    "attention_reference",
     "devices",
     "load_safetensors",
     "plan",

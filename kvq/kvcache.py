@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import operator
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from kvq.errors import KvqError
 from kvq.pool import MemoryPool
+from kvq.rotation import rotate, unrotate
 from kvq.scheme import SUPER_GROUPS, QuantConfig, Scheme
 from kvq.tensor import QuantizedTensor, quantize
 
@@ -107,6 +108,10 @@ class TensorStream:
         self.pool = pool
         self.chunk = chunk_tokens(scheme, num_kv_heads, head_dim)
         self.chunk_shape = (num_kv_heads, self.chunk, head_dim)
+        # Residual tokens wait in the scheme's rotated basis (the kernels read them with
+        # rotated queries); chunks are quantized from them with rotation already applied.
+        self.rotation_seed = scheme.rotate
+        self.plain_scheme = replace(scheme, rotate=None)
         template = quantize(np.zeros(self.chunk_shape, np.float32), scheme=scheme).parts()
         self.part_layout = {key: (part.dtype, part.size) for key, part in template.items()}
         self.chunk_nbytes = sum(part.nbytes for part in template.values())
@@ -152,6 +157,8 @@ class TensorStream:
         """Quantize the chunks ``new`` completes and allocate any larger store, changing no
         state; :meth:`commit` applies the result (or :meth:`discard` undoes allocations)."""
         appended = self.appended + new.shape[1]
+        if self.rotation_seed is not None:
+            new = rotate(new, self.rotation_seed)
         pending = np.concatenate([self.pending, new], axis=1) if self.pending.size else new
         layout = held_layout(appended, self.chunk, self.residual_target, self.window)
         chunks: list[QuantizedTensor | None] = []
@@ -160,7 +167,7 @@ class TensorStream:
                 chunks.append(None)  # out of the window before it is ever read
             else:
                 values = pending[:, i * self.chunk : (i + 1) * self.chunk]
-                chunks.append(quantize(values, scheme=self.scheme))
+                chunks.append(quantize(values, scheme=self.plain_scheme))
         store = None
         if self.window is None and layout.chunks > self.slots:
             slots = max(layout.chunks, 2 * self.slots)
@@ -233,7 +240,10 @@ class TensorStream:
             out[:, :take] = block[:, offset : offset + take]
         if end > quantized:
             lo = max(start, quantized)
-            out[:, lo - start :] = self.pending[:, lo - quantized : end - quantized]
+            residual = self.pending[:, lo - quantized : end - quantized]
+            if self.rotation_seed is not None:
+                residual = unrotate(residual, self.rotation_seed)
+            out[:, lo - start :] = residual
         return out
 
 

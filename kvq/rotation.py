@@ -28,10 +28,20 @@ def hadamard_rotation(d: int, seed: int) -> np.ndarray:
 
 
 def rotate(x: np.ndarray, seed: int) -> np.ndarray:
-    """float32 ``x @ R`` along the last axis."""
-    return np.ascontiguousarray(x @ hadamard_rotation(x.shape[-1], seed), dtype=np.float32)
+    """float32 ``x @ R`` along the last axis, row by row (independent of the batch)."""
+    return _apply(x, hadamard_rotation(x.shape[-1], seed))
 
 
 def unrotate(x: np.ndarray, seed: int) -> np.ndarray:
     """float32 ``x @ R.T``, the inverse of :func:`rotate`."""
-    return np.ascontiguousarray(x @ hadamard_rotation(x.shape[-1], seed).T, dtype=np.float32)
+    return _apply(x, np.ascontiguousarray(hadamard_rotation(x.shape[-1], seed).T))
+
+
+def _apply(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    from kvq import kernels
+
+    rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, matrix.shape[0])
+    out = np.empty_like(rows)
+    if rows.size:
+        kernels.rotate_rows(rows, matrix, out)
+    return out.reshape(np.shape(x))

@@ -231,7 +231,8 @@ def quantize(
             else:
                 scales, mins = _minmax_params(lows, highs, levels, half)
             if scheme.double_quant:
-                params = _double_quantize(scales, mins, lows, highs, levels, scheme.search)
+                grid_arg = grid_flat if scheme.search else None
+                params = _double_quantize(scales, mins, levels, grid_arg, group)
                 scales, mins = params.to_float32()
             kernels.encode_blocks(grid_flat, group, levels, scales, mins, codes)
     if scheme.double_quant:
@@ -271,39 +272,49 @@ def _f16_round(values: np.ndarray, down: bool) -> np.ndarray:
     return h.astype(np.float32)
 
 
-def _double_quantize(scales, mins, lows, highs, levels, nearest: bool) -> DoubleQuantParams:
+def _double_quantize(
+    scales, mins, levels, grid: np.ndarray | None = None, group: int = 0
+) -> DoubleQuantParams:
     """Second-level quantization of per-group (scale, min), SUPER_GROUPS groups at a time.
 
-    Bound-preserving by default: min codes round down and scale codes up, so every group's
-    grid still spans its [low, high] and the scale / 2 bound holds for the stored values.
-    With ``nearest`` (after a range search) both round to nearest.
+    Per super-group, float16 steps ``d`` (scales) and ``dmin`` (mins); per group, 6-bit codes.
+    Min codes round down and scale codes up, so every group's grid still spans
+    ``[min, min + levels * scale]`` and the scale / 2 bound holds for the stored values.
+    With ``grid`` (after a range search: the values, ``group`` per block), each group then
+    tries its codes +-1 and keeps the lowest squared error.
     """
     n = scales.size
     n_super = -(-n // SUPER_GROUPS)
     pad = n_super * SUPER_GROUPS - n
+    tops = mins + levels * scales
 
-    def per_super(a: np.ndarray, fill: float) -> np.ndarray:
-        return np.concatenate([a, np.full(pad, fill, np.float32)]).reshape(n_super, -1)
+    def per_super(a: np.ndarray) -> np.ndarray:
+        return np.concatenate([a, np.zeros(pad, np.float32)]).reshape(n_super, -1)
 
-    with np.errstate(over="ignore"):
-        dmin = _f16_round(np.abs(per_super(mins, 0.0)).max(axis=1) / _MIN_OFFSET, down=False)
-        safe_dmin = np.where(dmin > 0, dmin, 1.0).repeat(SUPER_GROUPS)[:n]
-        mc = (np.rint if nearest else np.floor)(mins / safe_dmin)
-        mc = np.clip(np.where(dmin.repeat(SUPER_GROUPS)[:n] > 0, mc, 0), -_MIN_OFFSET, 31)
-        stored_mins = dmin.repeat(SUPER_GROUPS)[:n] * mc
-        needed = scales if nearest else (highs - stored_mins) / levels
-        d = _f16_round(per_super(needed, 0.0).max(axis=1) / _SUB_LEVELS, down=False)
-        safe_d = np.where(d > 0, d, 1.0).repeat(SUPER_GROUPS)[:n]
-        sc = np.clip((np.rint if nearest else np.ceil)(needed / safe_d), 0, _SUB_LEVELS)
+    def per_group(a: np.ndarray) -> np.ndarray:
+        return a.repeat(SUPER_GROUPS)[:n]
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        dmin = _f16_round(np.abs(per_super(mins)).max(axis=1) / _MIN_OFFSET, down=False)
+        mc = np.floor(np.where(per_group(dmin) > 0, mins / per_group(dmin), 0))
+        mc = np.clip(mc, -_MIN_OFFSET, _MIN_OFFSET - 1)
+        needed = (tops - per_group(dmin) * mc) / levels
+        d = _f16_round(per_super(needed).max(axis=1) / _SUB_LEVELS, down=False)
+        sc = np.clip(np.ceil(np.where(per_group(d) > 0, needed / per_group(d), 0)), 0, 63)
     if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
         raise ValueError(
             "x spans a range too wide for double_quant's float16 second-level scales "
             f"(largest group min {np.abs(mins).max():.3g}, scale {scales.max():.3g}); "
             "turn double_quant off"
         )
+    sc, mc = sc.astype(np.int64), (mc + _MIN_OFFSET).astype(np.int64)
+    if grid is not None:
+        kernels.refine_subcodes(
+            grid, group, np.float32(levels), per_group(d), per_group(dmin), sc, mc
+        )
     return DoubleQuantParams(
         scale_codes=_pack(sc.astype(np.uint8), SUB_BITS),
-        min_codes=_pack((mc + _MIN_OFFSET).astype(np.uint8), SUB_BITS),
+        min_codes=_pack(mc.astype(np.uint8), SUB_BITS),
         super_scales=d.astype(np.float16),
         super_mins=dmin.astype(np.float16),
         n_groups=n,

@@ -31,6 +31,26 @@ def _bitcast_i32_to_f32(typingctx, bits):
     return types.float32(types.int32), codegen
 
 
+@intrinsic
+def _half_to_float(typingctx, bits):
+    if not isinstance(bits, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        from llvmlite import ir
+
+        low = builder.trunc(args[0], ir.IntType(16))
+        return builder.fpext(builder.bitcast(low, ir.HalfType()), ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@njit(inline="always")
+def half_bits_to_float(bits):
+    """float32 value of the float16 whose bit pattern is the low 16 bits of ``bits``."""
+    return _half_to_float(bits)
+
+
 @njit(inline="always")
 def bits_to_float(bits):
     """float32 whose bit pattern is the int32 ``bits``."""

@@ -94,3 +94,27 @@ def search_blocks(x, block_size, levels, half, lows, highs, scales, mins):
                     best_error, best_scale, best_min = error, scale, lowest
                 scale, lowest = _least_squares(block, block_size, scale, lowest, levels)
         scales[b], mins[b] = best_scale, best_min
+
+
+@njit(parallel=True, cache=True)
+def refine_subcodes(x, block_size, levels, step_scale, step_min, scale_codes, min_codes):
+    """Second-level codes that minimise each block's squared error.
+
+    A block's scale is ``step_scale[b] * scale_codes[b]`` and its min
+    ``step_min[b] * (min_codes[b] - 32)``; nearest rounding of a searched (scale, min) can
+    shrink the grid and clip, so each block tries its codes +-1 (scale 1..63, min 0..63) and
+    keeps the best. x: float32[n_blocks * block_size]; codes: int64[n_blocks], updated.
+    """
+    for b in prange(scale_codes.shape[0]):
+        block = x[b * block_size : (b + 1) * block_size]
+        best_sc, best_mc = scale_codes[b], min_codes[b]
+        best_sc_new, best_mc_new = best_sc, best_mc
+        best_error = np.inf
+        for sc in range(max(best_sc - 1, 0), min(best_sc + 1, 63) + 1):
+            for mc in range(max(best_mc - 1, 0), min(best_mc + 1, 63) + 1):
+                scale = np.float32(step_scale[b] * sc)
+                lowest = np.float32(step_min[b] * (mc - 32))
+                error = _squared_error(block, block_size, scale, lowest, levels)
+                if error < best_error:
+                    best_error, best_sc_new, best_mc_new = error, sc, mc
+        scale_codes[b], min_codes[b] = best_sc_new, best_mc_new

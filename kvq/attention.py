@@ -1,0 +1,212 @@
+"""kvq.attention: softmax attention computed directly on a quantized KVCache (phase 4)."""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from kvq import kernels
+from kvq.kvcache import KVCache, TensorStream
+from kvq.rotation import hadamard_rotation
+
+_DUMMY = np.zeros((1, 1), np.uint8)
+
+
+def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal: bool = True):
+    """Attention of queries ``q`` over everything ``cache`` holds, read from its codes.
+
+    q: (num_q_heads, t_q, head_dim), num_q_heads a multiple of the cache's num_kv_heads
+    (grouped-query attention: query head h reads KV head h // (num_q_heads / num_kv_heads)).
+    The queries sit at the cache's last t_q positions (append a prefill chunk's K/V first):
+    with ``causal`` a query at position p sees positions <= p, and a windowed cache limits
+    that to p - window < position. ``scale`` defaults to 1/sqrt(head_dim). ``sinks``:
+    (num_q_heads,) logits that join each head's softmax denominator and carry no value
+    (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim).
+    """
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache must be a kvq.KVCache, got {type(cache).__name__}")
+    queries = _check_queries(q, cache)
+    heads, t_q, dim = queries.shape
+    kv_heads = cache.num_kv_heads
+    group = heads // kv_heads
+    sink_logits = _check_sinks(sinks, heads)
+    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale}")
+    if cache.held == 0:
+        raise ValueError("the cache is empty: append keys and values before attention")
+    if t_q > cache.held:
+        raise ValueError(
+            f"q has {t_q} query tokens but the cache holds {cache.held}: the queries' own "
+            "keys and values must be appended first"
+        )
+    end = len(cache)
+    first = end - cache.held
+    query_positions = np.arange(end - t_q, end, dtype=np.int64)
+    last = query_positions if causal else np.full(t_q, end - 1, np.int64)
+    lowest = np.full(t_q, first, np.int64)
+    if cache.window is not None:
+        needed = query_positions - cache.window + 1
+        if needed[0] < first and needed[0] >= 0:
+            raise ValueError(
+                f"the query at position {query_positions[0]} needs keys from position "
+                f"{needed[0]}, but the windowed cache dropped everything before {first}: "
+                f"attend each chunk right after appending it, in chunks of at most "
+                f"{cache.held - cache.window + 1} tokens"
+            )
+        lowest = np.maximum(lowest, needed)
+    k_scheme, v_scheme = cache.config.k, cache.config.v
+    if k_scheme.rotate is not None:
+        queries = queries @ hadamard_rotation(dim, k_scheme.rotate)
+    # rows of one KV head: (query head within the group, query token)
+    rows = (queries * np.float32(scale)).reshape(kv_heads, group * t_q, dim)
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    row_first = np.tile(lowest, group)
+    row_last = np.tile(last, group)
+
+    k_stream, v_stream = cache._k, cache._v
+    k_chunk = k_stream.chunk
+    block = k_chunk * -(-64 // k_chunk) if k_scheme.axis in (-2, 1) else 64
+    origin = first // block * block
+    n_blocks = -(-(end - origin) // block)
+    threads = numba.get_num_threads()
+    splits = max(1, min(n_blocks, -(-2 * threads // kv_heads)))
+    tasks = kv_heads * splits
+    part_max = np.empty((tasks, group * t_q), np.float32)
+    part_sum = np.empty((tasks, group * t_q), np.float32)
+    part_acc = np.empty((tasks, group * t_q, dim), np.float32)
+    kernels.attention_blocks(
+        rows, row_first, row_last, origin, end, block, splits,
+        *_stream_arrays(k_stream),
+        *_stream_arrays(v_stream),
+        part_max, part_sum, part_acc,
+    )  # fmt: skip
+    out = _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sink_logits)
+    if v_scheme.rotate is not None:
+        out = out @ hadamard_rotation(dim, v_scheme.rotate).T
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _stream_arrays(stream: TensorStream) -> tuple:
+    """(layout, codes, p0, p1, p2, p3, residual) of a stream for the kernel, params as bytes."""
+    scheme = stream.scheme
+    store = stream.store
+    if scheme.double_quant:
+        params = [store[key] for key in ("scale_codes", "min_codes", "super_scales", "super_mins")]
+    else:
+        params = [store["scales"], store["mins"], _DUMMY, _DUMMY]
+    params = [p.view(np.uint8) for p in params]
+    layout = np.array(
+        [
+            scheme.bits,
+            scheme.axis in (-2, 1),
+            scheme.group_size,
+            stream.chunk,
+            stream.first_chunk,
+            stream.chunks,
+            stream.slots,
+            scheme.double_quant,
+            scheme.scale_dtype == "float16",
+            stream.pending.shape[1],
+            stream.heads,
+            stream.head_dim,
+        ],
+        np.int64,
+    )
+    residual = np.ascontiguousarray(stream.pending, dtype=np.float32)
+    return (layout, store["codes"], *params, residual)
+
+
+def _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sinks):
+    """Combine the tasks' partial softmaxes (and the sinks) into (heads, t_q, head_dim)."""
+    dim = part_acc.shape[-1]
+    m = part_max.reshape(kv_heads, splits, group * t_q).astype(np.float64)
+    s = part_sum.reshape(kv_heads, splits, group * t_q).astype(np.float64)
+    acc = part_acc.reshape(kv_heads, splits, group * t_q, dim).astype(np.float64)
+    top = m.max(axis=1)
+    if sinks is not None:
+        sink = np.repeat(sinks.reshape(kv_heads, group), t_q, axis=1)
+        top = np.maximum(top, sink)
+    weight = np.where(np.isfinite(m), np.exp(m - top[:, None, :]), 0.0)
+    total = (s * weight).sum(axis=1)
+    if sinks is not None:
+        total += np.exp(sink - top)
+    out = (acc * weight[..., None]).sum(axis=1) / np.where(total > 0, total, 1.0)[..., None]
+    return out.reshape(kv_heads * group, t_q, dim)
+
+
+def _check_queries(q, cache: KVCache) -> np.ndarray:
+    array = np.asarray(q)
+    if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
+        raise TypeError(f"q must hold float16, float32 or float64 values, got {array.dtype}")
+    if array.ndim != 3:
+        raise ValueError(f"q must have shape (num_q_heads, t_q, head_dim), got {array.shape}")
+    heads, t_q, dim = array.shape
+    if dim != cache.head_dim:
+        raise ValueError(f"q has head_dim {dim}, the cache {cache.head_dim}")
+    if heads < 1 or heads % cache.num_kv_heads:
+        raise ValueError(
+            f"q has {heads} heads, which is not a positive multiple of the cache's "
+            f"{cache.num_kv_heads} KV heads"
+        )
+    if t_q < 1:
+        raise ValueError("q must hold at least one query token")
+    queries = np.ascontiguousarray(array, dtype=np.float32)
+    if not np.isfinite(queries).all():
+        head, token, channel = np.argwhere(~np.isfinite(queries))[0]
+        raise ValueError(
+            f"q has {float(array[head, token, channel])!r} at head {head}, token {token}, "
+            f"channel {channel}; queries must be finite"
+        )
+    return queries
+
+
+def _check_sinks(sinks, heads: int) -> np.ndarray | None:
+    if sinks is None:
+        return None
+    values = np.asarray(sinks, dtype=np.float64)
+    if values.shape != (heads,):
+        raise ValueError(
+            f"sinks must have shape ({heads},), one per query head, got {values.shape}"
+        )
+    if not np.isfinite(values).all():
+        raise ValueError("sinks must be finite")
+    return values
+
+
+def attention_reference(
+    q, k, v, scale: float | None = None, sinks=None, causal: bool = True, window=None
+) -> np.ndarray:
+    """Plain float64 NumPy attention: q (Hq, t_q, d), k and v (Hkv, T, d) -> (Hq, t_q, d).
+
+    Query i sits at position T - t_q + i; with ``causal`` it sees positions <= its own, and
+    ``window`` W limits that to positions > p - W. ``sinks`` (Hq,) join the denominator.
+    """
+    q = np.asarray(q, np.float64)
+    k = np.asarray(k, np.float64)
+    v = np.asarray(v, np.float64)
+    heads, t_q, dim = q.shape
+    kv_heads, tokens, _ = k.shape
+    group = heads // kv_heads
+    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    kk = np.repeat(k, group, axis=0)
+    vv = np.repeat(v, group, axis=0)
+    scores = np.einsum("hqd,htd->hqt", q, kk) * scale
+    positions = np.arange(tokens)
+    query_positions = np.arange(tokens - t_q, tokens)[:, None]
+    visible = np.ones((t_q, tokens), bool)
+    if causal:
+        visible &= positions[None, :] <= query_positions
+    if window is not None:
+        visible &= positions[None, :] > query_positions - window
+    scores = np.where(visible[None], scores, -np.inf)
+    top = scores.max(axis=-1, keepdims=True)
+    if sinks is not None:
+        top = np.maximum(top, np.asarray(sinks, np.float64)[:, None, None])
+    weights = np.exp(scores - top)
+    total = weights.sum(axis=-1, keepdims=True)
+    if sinks is not None:
+        total = total + np.exp(np.asarray(sinks, np.float64)[:, None, None] - top)
+    return np.einsum("hqt,htd->hqd", weights / total, vv)

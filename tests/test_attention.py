@@ -1,0 +1,160 @@
+"""kvq.attention on the quantized cache against attention_reference (float64 NumPy)."""
+
+import numpy as np
+import pytest
+
+import kvq
+from kvq.synthetic import kv_layer
+
+CONFIGS = {
+    "8bit": kvq.QuantConfig(),
+    "q8": kvq.QuantConfig.q8(),
+    "q4": kvq.QuantConfig.q4(),
+    "q3-rot": kvq.QuantConfig(k=kvq.Scheme(3, 32, axis=-2), v=kvq.Scheme(3, 32), rotate=1),
+    "q2-kivi-res": kvq.QuantConfig.kivi(2, residual=20),
+    "f16-per-token-k": kvq.QuantConfig(
+        k=kvq.Scheme(4, 16, scale_dtype="float16"), v=kvq.Scheme(8, 64, axis=-2), residual=5
+    ),
+}
+
+
+def relative(out, ref):
+    return float(np.abs(out - ref).max() / np.abs(ref).max())
+
+
+def build(config, heads=2, tokens=150, dim=64, window=None, steps=None, seed=0):
+    k, v = kv_layer(heads, tokens, dim, seed=seed)
+    cache = kvq.KVCache(heads, dim, config, window=window)
+    at = 0
+    for step in steps or [tokens]:
+        cache.append(k[:, at : at + step], v[:, at : at + step])
+        at += step
+    return cache, k, v
+
+
+def queries(heads, t_q, dim, seed=1):
+    return np.random.default_rng(seed).standard_normal((heads, t_q, dim)).astype(np.float32)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("group", [1, 2, 8])
+def test_decode_matches_reference_on_the_dequantized_cache(name, group):
+    cache, k, v = build(CONFIGS[name], steps=[100, 1, 1, 48])
+    q = queries(2 * group, 1, 64)
+    out = kvq.attention(q, cache)
+    assert out.shape == (2 * group, 1, 64) and out.dtype == np.float32
+    ref = kvq.attention_reference(q, cache.keys(), cache.values())
+    assert relative(out, ref) <= 1e-5
+    # and it approximates attention on the unquantized K/V within the quantization error
+    # against the unquantized K/V the error is the quantization's, nothing more
+    exact = kvq.attention_reference(q, k, v)
+    assert abs(relative(out, exact) - relative(ref, exact)) <= 1e-5
+    bits = min(cache.config.k.bits, cache.config.v.bits)
+    assert relative(out, exact) < {8: 0.05, 4: 0.4, 3: 0.6, 2: 2.0}[bits]
+
+
+@pytest.mark.parametrize("name", ["8bit", "q4", "q2-kivi-res"])
+def test_sinks(name):
+    cache, _, _ = build(CONFIGS[name])
+    q = queries(8, 1, 64)
+    sinks = np.linspace(-2, 3, 8)
+    out = kvq.attention(q, cache, sinks=sinks)
+    ref = kvq.attention_reference(q, cache.keys(), cache.values(), sinks=sinks)
+    assert relative(out, ref) <= 1e-5
+    plain = kvq.attention(q, cache)
+    assert np.all(np.linalg.norm(out, axis=-1) < np.linalg.norm(plain, axis=-1))  # mass to sink
+
+
+@pytest.mark.parametrize("name", ["8bit", "q4", "f16-per-token-k"])
+def test_causal_prefill_chunk(name):
+    cache, _, _ = build(CONFIGS[name], tokens=130)
+    q = queries(4, 37, 64)  # the last 37 appended tokens' queries
+    out = kvq.attention(q, cache, causal=True)
+    ref = kvq.attention_reference(q, cache.keys(), cache.values(), causal=True)
+    assert relative(out, ref) <= 1e-5
+    full = kvq.attention(q, cache, causal=False)
+    ref_full = kvq.attention_reference(q, cache.keys(), cache.values(), causal=False)
+    assert relative(full, ref_full) <= 1e-5
+    assert not np.allclose(out[:, 0], full[:, 0])
+
+
+@pytest.mark.parametrize("name", ["8bit", "q4", "q2-kivi-res"])
+def test_sliding_window_after_wrap_around(name):
+    steps = [1] * 600
+    cache, k, v = build(CONFIGS[name], tokens=600, window=128, steps=steps)
+    assert cache._k.chunks > cache._k.slots  # wrapped
+    q = queries(4, 1, 64)
+    out = kvq.attention(q, cache)
+    # the reference sees exactly the last 128 positions
+    ref = kvq.attention_reference(q, k[:, -128:], v[:, -128:])
+    ref_held = kvq.attention_reference(q, cache.keys(), cache.values(), window=128)
+    assert relative(out, ref_held) <= 1e-5
+    bits = min(cache.config.k.bits, cache.config.v.bits)
+    assert relative(out, ref) < {8: 0.05, 4: 0.4, 2: 2.0}[bits]  # only quantization error
+    # a prefill chunk is fine while its windows lie in what is held; past that, a clear error
+    spare = cache.held - 128 + 1
+    q_chunk = queries(4, spare, 64)
+    ref_chunk = kvq.attention_reference(q_chunk, cache.keys(), cache.values(), window=128)
+    assert relative(kvq.attention(q_chunk, cache), ref_chunk) <= 1e-5
+    with pytest.raises(ValueError, match="windowed cache dropped"):
+        kvq.attention(queries(4, spare + 1, 64), cache)
+
+
+@pytest.mark.parametrize("dim", [32, 64, 128])
+@pytest.mark.parametrize("tokens", [1, 31, 33, 97])
+def test_head_dims_and_ragged_lengths(dim, tokens):
+    for config in (CONFIGS["8bit"], CONFIGS["q4"]):
+        cache, _, _ = build(config, heads=1, tokens=tokens, dim=dim)
+        q = queries(2, 1, dim)
+        ref = kvq.attention_reference(q, cache.keys(), cache.values())
+        assert relative(kvq.attention(q, cache), ref) <= 1e-5
+
+
+def test_scale_argument():
+    cache, _, _ = build(CONFIGS["8bit"])
+    q = queries(2, 1, 64)
+    out = kvq.attention(q, cache, scale=0.5)
+    ref = kvq.attention_reference(q, cache.keys(), cache.values(), scale=0.5)
+    assert relative(out, ref) <= 1e-5
+
+
+def test_reference_is_plain_softmax_attention():
+    rng = np.random.default_rng(3)
+    q, k, v = rng.standard_normal((3, 2, 5, 8))
+    q = q[:, -1:]
+    scores = q @ k.transpose(0, 2, 1) / np.sqrt(8)
+    weights = np.exp(scores) / np.exp(scores).sum(-1, keepdims=True)
+    np.testing.assert_allclose(kvq.attention_reference(q, k, v), weights @ v, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("q_shape", "message"),
+    [
+        ((3, 1, 64), "not a positive multiple of the cache's 2 KV heads"),
+        ((4, 1, 32), "head_dim 32, the cache 64"),
+        ((4, 64), r"shape \(num_q_heads, t_q, head_dim\)"),
+        ((4, 0, 64), "at least one query token"),
+        ((4, 200, 64), "the cache holds 150"),
+    ],
+)
+def test_bad_queries(q_shape, message):
+    cache, _, _ = build(CONFIGS["8bit"])
+    with pytest.raises(ValueError, match=message):
+        kvq.attention(np.zeros(q_shape, np.float32), cache)
+
+
+def test_bad_arguments():
+    cache, _, _ = build(CONFIGS["8bit"])
+    q = queries(2, 1, 64)
+    with pytest.raises(TypeError, match="KVCache"):
+        kvq.attention(q, object())
+    with pytest.raises(TypeError, match="float16, float32 or float64"):
+        kvq.attention(q.astype(np.int32), cache)
+    bad = q.copy()
+    bad[1, 0, 3] = np.inf
+    with pytest.raises(ValueError, match="q has inf at head 1, token 0, channel 3"):
+        kvq.attention(bad, cache)
+    with pytest.raises(ValueError, match=r"sinks must have shape \(2,\)"):
+        kvq.attention(q, cache, sinks=[1.0])
+    with pytest.raises(ValueError, match="empty"):
+        kvq.attention(q, kvq.KVCache(2, 64))
