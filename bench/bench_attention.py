@@ -12,6 +12,7 @@ GFLOP/s beside the machine's read bandwidth measured in the same run.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit, prange
 
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch, MLX and Numba share 2 cores
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, markdown_table, optional, save, versions
 
@@ -29,7 +31,7 @@ from kvq.timing import interleaved_medians, median_seconds
 Q_HEADS, KV_HEADS, DIM = 64, 8, 64
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath={"reassoc"})
 def _read_sum(x):
     total = 0.0
     for i in prange(x.shape[0]):

@@ -68,7 +68,7 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
 
     k_stream, v_stream = cache._k, cache._v
     k_chunk = k_stream.chunk
-    block = k_chunk * -(-64 // k_chunk) if k_scheme.axis in (-2, 1) else 64
+    block = k_chunk * max(1, 128 // k_chunk) if k_scheme.axis in (-2, 1) else 128
     origin = first // block * block
     n_blocks = -(-(end - origin) // block)
     threads = numba.get_num_threads()

@@ -164,9 +164,16 @@ def _decode_token_major(
         base = (head * chunk + inner) * groups_per_token
         for g in range(groups_per_token):
             s, m = _params(layout, slot, base + g, p0, p1, p2, p3)
-            for d in range(g * group, min(dim, (g + 1) * group)):
-                scales_out[d] = s
-                mins_out[d] = m
+            lo = g * group
+            hi = min(dim, lo + group)
+            if dequantize:  # straight to values: no per-element scale arrays
+                for d in range(lo, hi):
+                    values_out[d] = m + s * codes_out[d]
+            else:
+                for d in range(lo, hi):
+                    scales_out[d] = s
+                    mins_out[d] = m
+        return 1 if dequantize else 0
     else:
         token_group = min(layout[_GROUP], chunk)
         groups_per_channel = chunk // token_group
@@ -191,50 +198,48 @@ def _decode_token_major(
     return 0
 
 
+@njit(inline="always")
+def _dequantize_chunk_keys(layout, codes, p0, p1, p2, p3, head, index, offset, keys, scratch):
+    """keys[d, offset:offset + chunk] = dequantized per-channel chunk ``index`` of ``head``."""
+    chunk = layout[_CHUNK]
+    dim = layout[_DIM]
+    slot = index % layout[_SLOTS]
+    token_group = min(layout[_GROUP], chunk)
+    per_channel = chunk // token_group
+    for d in range(dim):
+        _unpack_run(codes[slot], (head * dim + d) * chunk, chunk, layout[_BITS], scratch)
+        row = keys[d]
+        for g in range(per_channel):
+            s, m = _params(layout, slot, (head * dim + d) * per_channel + g, p0, p1, p2, p3)
+            lo = g * token_group
+            for i in range(token_group):
+                row[offset + lo + i] = m + s * scratch[lo + i]
+
+
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def attention_blocks(
-    queries,
-    row_first,
-    row_last,
-    first_position,
-    end_position,
-    block,
-    splits,
-    k_layout,
-    k_codes,
-    k_p0,
-    k_p1,
-    k_p2,
-    k_p3,
-    k_residual,
-    v_layout,
-    v_codes,
-    v_p0,
-    v_p1,
-    v_p2,
-    v_p3,
-    v_residual,
-    part_max,
-    part_sum,
-    part_acc,
-):
+    queries, row_first, row_last, origin, end_position, block, splits,
+    k_layout, k_codes, k_p0, k_p1, k_p2, k_p3, k_residual,
+    v_layout, v_codes, v_p0, v_p1, v_p2, v_p3, v_residual,
+    part_max, part_sum, part_acc,
+):  # fmt: skip
     """Partial softmax attention per (KV head, split) task.
 
     queries: float32 (kv_heads, rows, head_dim), already scaled (and rotated); row_first,
-    row_last: int64 (rows,) visible absolute positions per query row (inclusive); tokens held:
-    [first_position, end_position). Out per task t = head * splits + split: part_max,
-    part_sum float32 (tasks, rows); part_acc float32 (tasks, rows, head_dim).
+    row_last: int64 (rows,) visible absolute positions per query row (inclusive). Blocks of
+    ``block`` tokens start at ``origin`` and run to ``end_position``. Out per task
+    t = head * splits + split: part_max, part_sum float32 (tasks, rows); part_acc float32
+    (tasks, rows, head_dim).
+
+    Each block is dequantized into L1 scratch once per KV head and shared by all its query
+    rows (grouped-query attention: 8 rows for GPT-OSS), then scores and values are two small
+    matrix products with long contiguous inner loops.
     """
     kv_heads, rows, dim = queries.shape
-    held = end_position - first_position
-    n_blocks = (held + block - 1) // block
+    n_blocks = (end_position - origin + block - 1) // block
     per_split = (n_blocks + splits - 1) // splits
     k_chunk = k_layout[_CHUNK]
-    v_chunk = v_layout[_CHUNK]
-    v_bits = v_layout[_BITS]
-    v_group = min(v_layout[_GROUP], dim) if not v_layout[_PER_CHANNEL] else dim
-    min_groups = (dim + v_group - 1) // v_group
-    fast_keys = k_layout[_PER_CHANNEL] and block % k_chunk == 0 and first_position % k_chunk == 0
+    chunk_keys = k_layout[_PER_CHANNEL] != 0 and block % k_chunk == 0 and origin % k_chunk == 0
     for task in prange(kv_heads * splits):
         head = task // splits
         split = task % splits
@@ -242,66 +247,25 @@ def attention_blocks(
         run_max = np.full(rows, _NEG_INF, np.float32)
         run_sum = np.zeros(rows, np.float32)
         acc = np.zeros((rows, dim), np.float32)
-        min_acc = np.zeros((rows, min_groups), np.float32)  # sum of p * min per value group
-        np.empty((dim, block), np.float32)  # channel-major block of keys
+        keys = np.empty((dim, block), np.float32)  # channel-major
+        values = np.empty((block, dim), np.float32)  # token-major
         scores = np.empty((rows, block), np.float32)
+        scratch = np.empty(max(k_chunk, dim), np.float32)
         codes = np.empty(dim, np.float32)
         scales = np.empty(dim, np.float32)
         mins = np.empty(dim, np.float32)
         value = np.empty(dim, np.float32)
-        folded = np.empty((rows, dim), np.float32)
-        bias = np.empty(rows, np.float32)
-        run = np.empty(k_chunk, np.float32)
         for b in range(split * per_split, min(n_blocks, (split + 1) * per_split)):
-            start = first_position + b * block
-            stop = min(start + block, end_position)
-            width = stop - start
-            for r in range(rows):
-                for t in range(width):
-                    scores[r, t] = 0.0
-            # --- scores ---
+            start = origin + b * block
+            width = min(block, end_position - start)
+            # --- keys of the block, dequantized into scratch ---
             t = 0
             while t < width:
-                position = start + t
-                index = position // k_chunk
-                if fast_keys and index < k_layout[_CHUNKS]:
-                    # a whole per-channel chunk: fold scales into the queries
-                    slot = index % k_layout[_SLOTS]
-                    token_group = min(k_layout[_GROUP], k_chunk)
-                    groups = k_chunk // token_group
-                    for g in range(groups):
-                        for r in range(rows):
-                            bias[r] = 0.0
-                        for d in range(dim):
-                            s, m = _params(
-                                k_layout,
-                                slot,
-                                (head * dim + d) * groups + g,
-                                k_p0,
-                                k_p1,
-                                k_p2,
-                                k_p3,
-                            )
-                            for r in range(rows):
-                                folded[r, d] = q[r, d] * s
-                                bias[r] += q[r, d] * m
-                        for d in range(dim):
-                            _unpack_run(
-                                k_codes[slot],
-                                (head * dim + d) * k_chunk + g * token_group,
-                                token_group,
-                                k_layout[_BITS],
-                                run,
-                            )
-                            for r in range(rows):
-                                f = folded[r, d]
-                                target = scores[r, t + g * token_group : t + (g + 1) * token_group]
-                                for i in range(token_group):
-                                    target[i] += f * run[i]
-                        for r in range(rows):
-                            target = scores[r, t + g * token_group : t + (g + 1) * token_group]
-                            for i in range(token_group):
-                                target[i] += bias[r]
+                index = (start + t) // k_chunk
+                if chunk_keys and index < k_layout[_CHUNKS] and t + k_chunk <= width:
+                    _dequantize_chunk_keys(
+                        k_layout, k_codes, k_p0, k_p1, k_p2, k_p3, head, index, t, keys, scratch
+                    )
                     t += k_chunk
                 else:
                     _decode_token_major(
@@ -313,95 +277,117 @@ def attention_blocks(
                         k_p3,
                         k_residual,
                         head,
-                        position,
+                        start + t,
                         codes,
                         scales,
                         mins,
                         value,
                         True,
                     )
-                    for r in range(rows):
-                        total = np.float32(0.0)
-                        for d in range(dim):
-                            total += q[r, d] * value[d]
-                        scores[r, t] = total
+                    for d in range(dim):
+                        keys[d, t] = value[d]
                     t += 1
-            # --- mask, online softmax ---
+            # --- scores = q . keys, four query rows at a time ---
+            for r in range(rows):
+                row = scores[r]
+                for i in range(width):
+                    row[i] = 0.0
+            r = 0
+            while r + 4 <= rows:
+                row0, row1, row2, row3 = scores[r], scores[r + 1], scores[r + 2], scores[r + 3]
+                for d in range(dim):
+                    key_row = keys[d]
+                    f0, f1, f2, f3 = q[r, d], q[r + 1, d], q[r + 2, d], q[r + 3, d]
+                    for i in range(width):
+                        k_value = key_row[i]
+                        row0[i] += f0 * k_value
+                        row1[i] += f1 * k_value
+                        row2[i] += f2 * k_value
+                        row3[i] += f3 * k_value
+                r += 4
+            while r < rows:
+                row = scores[r]
+                for d in range(dim):
+                    key_row = keys[d]
+                    f = q[r, d]
+                    for i in range(width):
+                        row[i] += f * key_row[i]
+                r += 1
+            # --- mask, online softmax: scores become weights p ---
             for r in range(rows):
                 lo = max(row_first[r] - start, 0)
                 hi = min(row_last[r] - start + 1, width)
+                row = scores[r]
                 block_max = _NEG_INF
                 for i in range(width):
                     if i < lo or i >= hi:
-                        scores[r, i] = _NEG_INF
-                    elif scores[r, i] > block_max:
-                        block_max = scores[r, i]
+                        row[i] = _NEG_INF
+                    elif row[i] > block_max:
+                        block_max = row[i]
                 if block_max == _NEG_INF:
                     for i in range(width):
-                        scores[r, i] = 0.0
+                        row[i] = 0.0
                     continue
                 new_max = max(run_max[r], block_max)
                 correction = _exp(run_max[r] - new_max) if run_max[r] > _NEG_INF else 0.0
                 run_sum[r] *= correction
+                acc_row = acc[r]
                 for d in range(dim):
-                    acc[r, d] *= correction
-                for g in range(min_groups):
-                    min_acc[r, g] *= correction
+                    acc_row[d] *= correction
                 total = np.float32(0.0)
-                row = scores[r, :width]
                 for i in range(width):
                     p = _exp(row[i] - new_max)
                     row[i] = p
                     total += p
                 run_sum[r] += total
                 run_max[r] = new_max
-            # --- values ---
+            # --- values of the block, dequantized into scratch ---
             for t in range(width):
-                position = start + t
-                index = position // v_chunk
-                if index >= v_layout[_CHUNKS] or v_layout[_PER_CHANNEL]:
-                    _decode_token_major(
-                        v_layout,
-                        v_codes,
-                        v_p0,
-                        v_p1,
-                        v_p2,
-                        v_p3,
-                        v_residual,
-                        head,
-                        position,
-                        codes,
-                        scales,
-                        mins,
-                        value,
-                        True,
+                _decode_token_major(
+                    v_layout,
+                    v_codes,
+                    v_p0,
+                    v_p1,
+                    v_p2,
+                    v_p3,
+                    v_residual,
+                    head,
+                    start + t,
+                    codes,
+                    scales,
+                    mins,
+                    values[t],
+                    True,
+                )
+            # --- acc += p . values, four query rows at a time ---
+            r = 0
+            while r + 4 <= rows:
+                acc0, acc1, acc2, acc3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
+                for t in range(width):
+                    value_row = values[t]
+                    p0, p1, p2, p3 = (
+                        scores[r, t],
+                        scores[r + 1, t],
+                        scores[r + 2, t],
+                        scores[r + 3, t],
                     )
-                    for r in range(rows):
-                        p = scores[r, t]
-                        if p != 0.0:
-                            target = acc[r]
-                            for d in range(dim):
-                                target[d] += p * value[d]
-                    continue
-                # per-token codes: the scale joins the weight, the min a per-group sum
-                slot = index % v_layout[_SLOTS]
-                inner = position - index * v_chunk
-                _unpack_run(v_codes[slot], (head * v_chunk + inner) * dim, dim, v_bits, codes)
-                base = (head * v_chunk + inner) * min_groups
-                for g in range(min_groups):
-                    s, m = _params(v_layout, slot, base + g, v_p0, v_p1, v_p2, v_p3)
-                    lo = g * v_group
-                    hi = min(dim, lo + v_group)
-                    group_codes = codes[lo:hi]
-                    for r in range(rows):
-                        p = scores[r, t]
-                        weight = p * s
-                        target = acc[r, lo:hi]
-                        for d in range(hi - lo):
-                            target[d] += weight * group_codes[d]
-                        min_acc[r, g] += p * m
+                    for d in range(dim):
+                        v_value = value_row[d]
+                        acc0[d] += p0 * v_value
+                        acc1[d] += p1 * v_value
+                        acc2[d] += p2 * v_value
+                        acc3[d] += p3 * v_value
+                r += 4
+            while r < rows:
+                acc_row = acc[r]
+                for t in range(width):
+                    p = scores[r, t]
+                    value_row = values[t]
+                    for d in range(dim):
+                        acc_row[d] += p * value_row[d]
+                r += 1
         for r in range(rows):
             part_max[task, r] = run_max[r]
             part_sum[task, r] = run_sum[r]
             for d in range(dim):
-                part_acc[task, r, d] = acc[r, d] + min_acc[r, d // v_group]
+                part_acc[task, r, d] = acc[r, d]
