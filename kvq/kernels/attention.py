@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit, prange
 
 from kvq.kernels._floatbits import bits_to_float, half_bits_to_float
+from kvq.kernels._tiles import scores_tile, values_tile
 
 _BITS, _PER_CHANNEL, _GROUP, _CHUNK, _FIRST, _CHUNKS, _SLOTS, _DQ, _HALF, _RES, _HEADS, _DIM = (
     range(12)
@@ -206,14 +207,42 @@ def _dequantize_chunk_keys(layout, codes, p0, p1, p2, p3, head, index, offset, k
     slot = index % layout[_SLOTS]
     token_group = min(layout[_GROUP], chunk)
     per_channel = chunk // token_group
+    code_row = codes[slot]
+    bits = layout[_BITS]
     for d in range(dim):
-        _unpack_run(codes[slot], (head * dim + d) * chunk, chunk, layout[_BITS], scratch)
-        row = keys[d]
+        _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
         for g in range(per_channel):
             s, m = _params(layout, slot, (head * dim + d) * per_channel + g, p0, p1, p2, p3)
             lo = g * token_group
+            target = keys[d, offset + lo : offset + lo + token_group]
+            source = scratch[lo : lo + token_group]
             for i in range(token_group):
-                row[offset + lo + i] = m + s * scratch[lo + i]
+                target[i] = m + s * source[i]
+
+
+@njit(inline="always")
+def _dequantize_token_values(layout, codes, p0, p1, p2, p3, head, first, count, values):
+    """values[t] = dequantized per-token values of positions first .. first + count - 1, all
+    quantized, for a stream of one-token chunks (slots advance without divisions)."""
+    dim = layout[_DIM]
+    slots = layout[_SLOTS]
+    bits = layout[_BITS]
+    group = min(layout[_GROUP], dim)
+    groups = (dim + group - 1) // group
+    slot = first % slots
+    for t in range(count):
+        row = values[t]
+        _unpack_run(codes[slot], head * dim, dim, bits, row)
+        for g in range(groups):
+            s, m = _params(layout, slot, head * groups + g, p0, p1, p2, p3)
+            lo = g * group
+            hi = min(dim, lo + group)
+            part = row[lo:hi]
+            for d in range(hi - lo):
+                part[d] = m + s * part[d]
+        slot += 1
+        if slot == slots:
+            slot = 0
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
@@ -287,32 +316,20 @@ def attention_blocks(
                     for d in range(dim):
                         keys[d, t] = value[d]
                     t += 1
-            # --- scores = q . keys, four query rows at a time ---
-            for r in range(rows):
+            # --- scores = q . keys: register tiles of 4 rows x 32 tokens, then the rest ---
+            tiled = rows - rows % 4 if width % 32 == 0 else 0
+            for r0 in range(0, tiled, 4):
+                for i0 in range(0, width, 32):
+                    scores_tile(keys, q, scores, r0, i0)
+            for r in range(tiled, rows):
                 row = scores[r]
                 for i in range(width):
                     row[i] = 0.0
-            r = 0
-            while r + 4 <= rows:
-                row0, row1, row2, row3 = scores[r], scores[r + 1], scores[r + 2], scores[r + 3]
-                for d in range(dim):
-                    key_row = keys[d]
-                    f0, f1, f2, f3 = q[r, d], q[r + 1, d], q[r + 2, d], q[r + 3, d]
-                    for i in range(width):
-                        k_value = key_row[i]
-                        row0[i] += f0 * k_value
-                        row1[i] += f1 * k_value
-                        row2[i] += f2 * k_value
-                        row3[i] += f3 * k_value
-                r += 4
-            while r < rows:
-                row = scores[r]
                 for d in range(dim):
                     key_row = keys[d]
                     f = q[r, d]
                     for i in range(width):
                         row[i] += f * key_row[i]
-                r += 1
             # --- mask, online softmax: scores become weights p ---
             for r in range(rows):
                 lo = max(row_first[r] - start, 0)
@@ -342,7 +359,23 @@ def attention_blocks(
                 run_sum[r] += total
                 run_max[r] = new_max
             # --- values of the block, dequantized into scratch ---
-            for t in range(width):
+            quantized_v = 0
+            if v_layout[_CHUNK] == 1 and v_layout[_PER_CHANNEL] == 0:
+                quantized_v = max(0, min(width, v_layout[_CHUNKS] - start))
+                if quantized_v:
+                    _dequantize_token_values(
+                        v_layout,
+                        v_codes,
+                        v_p0,
+                        v_p1,
+                        v_p2,
+                        v_p3,
+                        head,
+                        start,
+                        quantized_v,
+                        values,
+                    )
+            for t in range(quantized_v, width):
                 _decode_token_major(
                     v_layout,
                     v_codes,
@@ -359,33 +392,17 @@ def attention_blocks(
                     values[t],
                     True,
                 )
-            # --- acc += p . values, four query rows at a time ---
-            r = 0
-            while r + 4 <= rows:
-                acc0, acc1, acc2, acc3 = acc[r], acc[r + 1], acc[r + 2], acc[r + 3]
-                for t in range(width):
-                    value_row = values[t]
-                    p0, p1, p2, p3 = (
-                        scores[r, t],
-                        scores[r + 1, t],
-                        scores[r + 2, t],
-                        scores[r + 3, t],
-                    )
-                    for d in range(dim):
-                        v_value = value_row[d]
-                        acc0[d] += p0 * v_value
-                        acc1[d] += p1 * v_value
-                        acc2[d] += p2 * v_value
-                        acc3[d] += p3 * v_value
-                r += 4
-            while r < rows:
+            # --- acc += p . values: register tiles of 4 rows x 64 columns, then the rest ---
+            tiled = rows - rows % 4 if dim == 64 else 0
+            for r0 in range(0, tiled, 4):
+                values_tile(scores, values, acc, r0, width)
+            for r in range(tiled, rows):
                 acc_row = acc[r]
                 for t in range(width):
                     p = scores[r, t]
                     value_row = values[t]
                     for d in range(dim):
                         acc_row[d] += p * value_row[d]
-                r += 1
         for r in range(rows):
             part_max[task, r] = run_max[r]
             part_sum[task, r] = run_sum[r]

@@ -1,0 +1,178 @@
+"""Register-blocked tiles for attention's two small products, as LLVM vector code.
+
+Numba's loops keep accumulators in memory (a load and a store per fused multiply-add), which
+held attention's products to ~20 GMAC/s here. These intrinsics keep a tile of accumulators in
+vector registers across the whole reduction loop:
+
+- ``scores_tile(keys, q, scores, r0, i0)``: for query rows r0..r0+3 and tokens i0..i0+31,
+  ``scores[r, i] = sum_d q[r, d] * keys[d, i]`` (8 accumulators of 16 floats);
+- ``values_tile(weights, values, acc, r0, width)``: for rows r0..r0+3 and all 64 columns of
+  head_dim, ``acc[r, :] += sum_t weights[r, t] * values[t, :]`` (16 accumulators).
+
+Arrays are 2-D C-contiguous float32; callers guarantee the tile lies inside them
+(``values_tile`` needs head_dim == 64).
+"""
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+_f32 = ir.FloatType()
+_i32 = ir.IntType(32)
+_i64 = ir.IntType(64)
+_v16 = ir.VectorType(_f32, 16)
+
+
+def _fma(module):
+    name = "llvm.fma.v16f32"
+    if name in module.globals:
+        return module.globals[name]
+    return ir.Function(module, ir.FunctionType(_v16, [_v16, _v16, _v16]), name)
+
+
+def _splat(builder, scalar):
+    undefined = ir.Constant(_v16, ir.Undefined)
+    first = builder.insert_element(undefined, scalar, ir.Constant(_i32, 0))
+    return builder.shuffle_vector(first, undefined, ir.Constant(ir.VectorType(_i32, 16), [0] * 16))
+
+
+def _array(context, builder, array_type, value):
+    """(data pointer, row stride in elements) of a 2-D C-contiguous array."""
+    array = context.make_array(array_type)(context, builder, value)
+    shape = builder.extract_value(array.shape, 1)
+    return array.data, shape, builder.extract_value(array.shape, 0)
+
+
+def _vector_at(builder, data, index):
+    return builder.bitcast(builder.gep(data, [index]), _v16.as_pointer())
+
+
+def _is_matrix(value) -> bool:
+    return (
+        isinstance(value, types.Array)
+        and value.dtype == types.float32
+        and value.ndim == 2
+        and value.layout == "C"
+    )
+
+
+@intrinsic
+def scores_tile(typingctx, keys, q, scores, r0, i0):
+    """scores[r0:r0+4, i0:i0+32] = q[r0:r0+4, :] @ keys[:, i0:i0+32]."""
+    if not (_is_matrix(keys) and _is_matrix(q) and _is_matrix(scores)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        keys_value, q_value, scores_value, row0, col0 = args
+        k_type, q_type, s_type = signature.args[:3]
+        k_data, k_stride, dim = _array(context, builder, k_type, keys_value)
+        q_data, q_stride, _ = _array(context, builder, q_type, q_value)
+        s_data, s_stride, _ = _array(context, builder, s_type, scores_value)
+        fma = _fma(builder.module)
+        zero = ir.Constant(_v16, [0.0] * 16)
+        entry = builder.basic_block
+        loop = builder.append_basic_block("scores.loop")
+        done = builder.append_basic_block("scores.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        d = builder.phi(_i64)
+        d.add_incoming(ir.Constant(_i64, 0), entry)
+        accs = [builder.phi(_v16) for _ in range(8)]
+        for acc in accs:
+            acc.add_incoming(zero, entry)
+        key_base = builder.add(builder.mul(d, k_stride), col0)
+        keys0 = builder.load(_vector_at(builder, k_data, key_base), align=4)
+        keys1 = builder.load(
+            _vector_at(builder, k_data, builder.add(key_base, ir.Constant(_i64, 16))), align=4
+        )
+        updated = []
+        for r in range(4):
+            row = builder.add(row0, ir.Constant(_i64, r))
+            weight = builder.load(
+                builder.gep(q_data, [builder.add(builder.mul(row, q_stride), d)])
+            )
+            broadcast = _splat(builder, weight)
+            updated.append(builder.call(fma, [broadcast, keys0, accs[2 * r]]))
+            updated.append(builder.call(fma, [broadcast, keys1, accs[2 * r + 1]]))
+        next_d = builder.add(d, ir.Constant(_i64, 1))
+        body_end = builder.basic_block
+        d.add_incoming(next_d, body_end)
+        for acc, value in zip(accs, updated, strict=True):
+            acc.add_incoming(value, body_end)
+        builder.cbranch(builder.icmp_signed("<", next_d, dim), loop, done)
+        builder.position_at_end(done)
+        for r in range(4):
+            row = builder.add(row0, ir.Constant(_i64, r))
+            base = builder.add(builder.mul(row, s_stride), col0)
+            builder.store(updated[2 * r], _vector_at(builder, s_data, base), align=4)
+            builder.store(
+                updated[2 * r + 1],
+                _vector_at(builder, s_data, builder.add(base, ir.Constant(_i64, 16))),
+                align=4,
+            )
+        return context.get_dummy_value()
+
+    return types.void(keys, q, scores, types.int64, types.int64), codegen
+
+
+@intrinsic
+def values_tile(typingctx, weights, values, acc, r0, width):
+    """acc[r0:r0+4, 0:64] += weights[r0:r0+4, :width] @ values[:width, 0:64] (width >= 1)."""
+    if not (_is_matrix(weights) and _is_matrix(values) and _is_matrix(acc)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        w_value, v_value, a_value, row0, count = args
+        w_type, v_type, a_type = signature.args[:3]
+        w_data, w_stride, _ = _array(context, builder, w_type, w_value)
+        v_data, v_stride, _ = _array(context, builder, v_type, v_value)
+        a_data, a_stride, _ = _array(context, builder, a_type, a_value)
+        fma = _fma(builder.module)
+        zero = ir.Constant(_v16, [0.0] * 16)
+        entry = builder.basic_block
+        loop = builder.append_basic_block("values.loop")
+        done = builder.append_basic_block("values.done")
+        builder.branch(loop)
+        builder.position_at_end(loop)
+        t = builder.phi(_i64)
+        t.add_incoming(ir.Constant(_i64, 0), entry)
+        accs = [builder.phi(_v16) for _ in range(16)]
+        for accumulator in accs:
+            accumulator.add_incoming(zero, entry)
+        value_base = builder.mul(t, v_stride)
+        columns = [
+            builder.load(
+                _vector_at(builder, v_data, builder.add(value_base, ir.Constant(_i64, 16 * c))),
+                align=4,
+            )
+            for c in range(4)
+        ]
+        updated = []
+        for r in range(4):
+            row = builder.add(row0, ir.Constant(_i64, r))
+            weight = builder.load(
+                builder.gep(w_data, [builder.add(builder.mul(row, w_stride), t)])
+            )
+            broadcast = _splat(builder, weight)
+            for c in range(4):
+                updated.append(builder.call(fma, [broadcast, columns[c], accs[4 * r + c]]))
+        next_t = builder.add(t, ir.Constant(_i64, 1))
+        body_end = builder.basic_block
+        t.add_incoming(next_t, body_end)
+        for accumulator, value in zip(accs, updated, strict=True):
+            accumulator.add_incoming(value, body_end)
+        builder.cbranch(builder.icmp_signed("<", next_t, count), loop, done)
+        builder.position_at_end(done)
+        for r in range(4):
+            row = builder.add(row0, ir.Constant(_i64, r))
+            for c in range(4):
+                pointer = _vector_at(
+                    builder,
+                    a_data,
+                    builder.add(builder.mul(row, a_stride), ir.Constant(_i64, 16 * c)),
+                )
+                old = builder.load(pointer, align=4)
+                builder.store(builder.fadd(old, updated[4 * r + c]), pointer, align=4)
+        return context.get_dummy_value()
+
+    return types.void(weights, values, acc, types.int64, types.int64), codegen
