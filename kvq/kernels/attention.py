@@ -336,11 +336,15 @@ def attention_blocks(
                 hi = min(row_last[r] - start + 1, width)
                 row = scores[r]
                 block_max = _NEG_INF
-                for i in range(width):
-                    if i < lo or i >= hi:
-                        row[i] = _NEG_INF
-                    elif row[i] > block_max:
-                        block_max = row[i]
+                if lo == 0 and hi == width:  # nothing masked (decode): a plain max
+                    for i in range(width):
+                        block_max = max(block_max, row[i])
+                else:
+                    for i in range(width):
+                        if i < lo or i >= hi:
+                            row[i] = _NEG_INF
+                        elif row[i] > block_max:
+                            block_max = row[i]
                 if block_max == _NEG_INF:
                     for i in range(width):
                         row[i] = 0.0
