@@ -87,6 +87,18 @@ def _unpack_run(row, start, count, bits, out):
             out[4 * i + 1] = np.float32((b >> 2) & 3)
             out[4 * i + 2] = np.float32((b >> 4) & 3)
             out[4 * i + 3] = np.float32(b >> 6)
+    elif bits == 6 and start % 4 == 0 and count % 4 == 0:  # second-level codes
+        run = row[start // 4 * 3 : (start + count) // 4 * 3]
+        for i in range(count // 4):
+            word = (
+                np.int32(run[3 * i])
+                | (np.int32(run[3 * i + 1]) << 8)
+                | (np.int32(run[3 * i + 2]) << 16)
+            )
+            out[4 * i] = np.float32(word & 63)
+            out[4 * i + 1] = np.float32((word >> 6) & 63)
+            out[4 * i + 2] = np.float32((word >> 12) & 63)
+            out[4 * i + 3] = np.float32(word >> 18)
     else:
         for i in range(count):
             out[i] = np.float32(_code(row, start + i, bits))
@@ -200,7 +212,9 @@ def _decode_token_major(
 
 
 @njit(inline="always")
-def _dequantize_chunk_keys(layout, codes, p0, p1, p2, p3, head, index, offset, keys, scratch):
+def _dequantize_chunk_keys(
+    layout, codes, p0, p1, p2, p3, head, index, offset, keys, scratch, channel_scales, channel_mins
+):
     """keys[d, offset:offset + chunk] = dequantized per-channel chunk ``index`` of ``head``."""
     chunk = layout[_CHUNK]
     dim = layout[_DIM]
@@ -209,6 +223,24 @@ def _dequantize_chunk_keys(layout, codes, p0, p1, p2, p3, head, index, offset, k
     per_channel = chunk // token_group
     code_row = codes[slot]
     bits = layout[_BITS]
+    if layout[_DQ] and per_channel == 1 and dim % _SUPER == 0:
+        # all of the head's channel params at once: 6-bit codes unpacked as runs
+        base = head * dim
+        _unpack_run(p0[slot], base, dim, 6, channel_scales)
+        _unpack_run(p1[slot], base, dim, 6, channel_mins)
+        for first in range(0, dim, _SUPER):
+            step = _f16_at(p2[slot], (base + first) // _SUPER)
+            step_min = _f16_at(p3[slot], (base + first) // _SUPER)
+            for j in range(first, first + _SUPER):
+                channel_scales[j] = step * channel_scales[j]
+                channel_mins[j] = step_min * (channel_mins[j] - np.float32(32.0))
+        for d in range(dim):
+            _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
+            s, m = channel_scales[d], channel_mins[d]
+            target = keys[d, offset : offset + chunk]
+            for i in range(chunk):
+                target[i] = m + s * scratch[i]
+        return
     for d in range(dim):
         _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
         for g in range(per_channel):
@@ -229,10 +261,31 @@ def _dequantize_token_values(layout, codes, p0, p1, p2, p3, head, first, count, 
     bits = layout[_BITS]
     group = min(layout[_GROUP], dim)
     groups = (dim + group - 1) // group
+    half = dim // 2
     slot = first % slots
+    fast_params = layout[_DQ] != 0 and groups == 2 and dim == 2 * group
     for t in range(count):
         row = values[t]
         _unpack_run(codes[slot], head * dim, dim, bits, row)
+        if fast_params:  # both groups' 6-bit codes in one 16-bit read, one shared step
+            group = head * 2
+            bit = group * 6
+            sc_row, mc_row = p0[slot], p1[slot]
+            byte, shift = bit >> 3, bit & 7
+            sc_pair = (np.int32(sc_row[byte]) | (np.int32(sc_row[byte + 1]) << 8)) >> shift
+            mc_pair = (np.int32(mc_row[byte]) | (np.int32(mc_row[byte + 1]) << 8)) >> shift
+            step = _f16_at(p2[slot], group // _SUPER)
+            step_min = _f16_at(p3[slot], group // _SUPER)
+            for g in range(2):
+                s = step * np.float32((sc_pair >> (6 * g)) & 63)
+                m = step_min * np.float32(((mc_pair >> (6 * g)) & 63) - 32)
+                part = row[g * half : (g + 1) * half]
+                for d in range(half):
+                    part[d] = m + s * part[d]
+            slot += 1
+            if slot == slots:
+                slot = 0
+            continue
         for g in range(groups):
             s, m = _params(layout, slot, head * groups + g, p0, p1, p2, p3)
             lo = g * group
@@ -280,6 +333,8 @@ def attention_blocks(
         values = np.empty((block, dim), np.float32)  # token-major
         scores = np.empty((rows, block), np.float32)
         scratch = np.empty(max(k_chunk, dim), np.float32)
+        channel_scales = np.empty(dim, np.float32)
+        channel_mins = np.empty(dim, np.float32)
         codes = np.empty(dim, np.float32)
         scales = np.empty(dim, np.float32)
         mins = np.empty(dim, np.float32)
@@ -293,7 +348,19 @@ def attention_blocks(
                 index = (start + t) // k_chunk
                 if chunk_keys and index < k_layout[_CHUNKS] and t + k_chunk <= width:
                     _dequantize_chunk_keys(
-                        k_layout, k_codes, k_p0, k_p1, k_p2, k_p3, head, index, t, keys, scratch
+                        k_layout,
+                        k_codes,
+                        k_p0,
+                        k_p1,
+                        k_p2,
+                        k_p3,
+                        head,
+                        index,
+                        t,
+                        keys,
+                        scratch,
+                        channel_scales,
+                        channel_mins,
                     )
                     t += k_chunk
                 else:
