@@ -137,7 +137,7 @@ def _params(layout, slot, group, p0, p1, p2, p3):
     return _f32_at(p0[slot], group), _f32_at(p1[slot], group)
 
 
-@njit(inline="always")
+@njit(cache=True)  # slow paths only: compiled once, not inlined (halves compile time)
 def _decode_token_major(
     layout,
     codes,
