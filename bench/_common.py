@@ -48,3 +48,18 @@ def versions(*distributions: str) -> str:
         except PackageNotFoundError:
             pass
     return ", ".join(parts)
+
+
+def verdicts(checks) -> list[str]:
+    """'- PASS name: value (target op target)' lines for (name, value, op, target) checks."""
+    compare = {
+        "<=": lambda a, b: a <= b,
+        ">=": lambda a, b: a >= b,
+        "<": lambda a, b: a < b,
+        "==": lambda a, b: a == b,
+    }
+    return [
+        f"- {'PASS' if compare[op](value, target) else 'MISS'} {name}: {value:.3g} "
+        f"(target {op} {target:.3g})"
+        for name, value, op, target in checks
+    ]

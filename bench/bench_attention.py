@@ -22,7 +22,7 @@ from numba import njit, prange
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch, MLX and Numba share 2 cores
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, optional, save, versions
+from _common import machine, markdown_table, optional, save, verdicts, versions
 
 import kvq
 from kvq.synthetic import kv_layer
@@ -141,11 +141,7 @@ def main() -> None:
         ),
         "",
     ]
-    for name, value, op, target in checks:
-        ok = value <= target if op == "<=" else value >= target
-        lines.append(
-            f"- {'PASS' if ok else 'MISS'} {name}: {value:.3g} (target {op} {target:.3g})"
-        )
+    lines += verdicts(checks)
     report = "\n".join(lines)
     print(report)
     print(f"\n(saved to {save('bench_attention.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, save, versions
+from _common import machine, markdown_table, save, verdicts, versions
 
 import kvq
 from kvq.synthetic import kv_layer
@@ -100,9 +100,7 @@ def main() -> None:
         markdown_table(header, rows),
         "",
     ]
-    for name, value, op, target in checks:
-        ok = {"<=": value <= target, ">=": value >= target, "==": value == target}[op]
-        lines.append(f"- {'PASS' if ok else 'MISS'} {name}: {value:.3g} (target {op} {target})")
+    lines += verdicts(checks)
     report = "\n".join(lines)
     print(report)
     print(f"\n(saved to {save('bench_cache.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")

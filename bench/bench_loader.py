@@ -20,7 +20,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, save, versions
+from _common import machine, markdown_table, save, verdicts, versions
 
 from kvq import kernels
 from kvq.loader import load_safetensors
@@ -135,9 +135,7 @@ def main() -> None:
         ),
         "",
     ]
-    for name, value, op, target in checks:
-        ok = value < target if op == "<" else value >= target
-        lines.append(f"- {'PASS' if ok else 'MISS'} {name}: {value:.3g} (target {op} {target})")
+    lines += verdicts(checks)
     report = "\n".join(lines)
     print(report)
     print(f"\n(saved to {save('bench_loader.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")

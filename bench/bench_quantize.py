@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gbps, machine, markdown_table, optional, save, versions
+from _common import gbps, machine, markdown_table, optional, save, verdicts, versions
 
 import kvq
 from kvq.timing import interleaved_medians, median_seconds
@@ -203,9 +203,7 @@ def main() -> None:
         f"warm, {cold:.2f} s cold (compiling).",
         "",
     ]
-    for name, value, op, target in checks:
-        ok = {"<=": value <= target, ">=": value >= target, "<": value < target}[op]
-        lines.append(f"- {'PASS' if ok else 'MISS'} {name}: {value:.2f} (target {op} {target})")
+    lines += verdicts(checks)
     if skipped:
         lines.append(f"- skipped peers: {', '.join(skipped)}")
     report = "\n".join(lines)

@@ -28,19 +28,24 @@ def as_float32(name: str, x) -> tuple[np.ndarray, np.ndarray]:
     return original, flat
 
 
-def check_block_size(block_size) -> int:
-    """An integer >= 1 (NumPy integers accepted; bools and floats refused)."""
-    if isinstance(block_size, bool | np.bool_):
-        raise TypeError(f"block_size must be an integer, got {block_size!r}")
+def check_int(name: str, value, minimum: int = 1) -> int:
+    """``value`` as an int >= ``minimum`` (NumPy integers accepted; bools and floats refused)."""
+    if isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
     try:
-        value = operator.index(block_size)
+        number = operator.index(value)
     except TypeError:
         raise TypeError(
-            f"block_size must be an integer, got {type(block_size).__name__} {block_size!r}"
+            f"{name} must be an integer, got {type(value).__name__} {value!r}"
         ) from None
-    if value < 1:
-        raise ValueError(f"block_size must be >= 1, got {value}")
-    return value
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def check_block_size(block_size) -> int:
+    """An integer >= 1."""
+    return check_int("block_size", block_size, 1)
 
 
 def check_scale_dtype(scale_dtype) -> np.dtype:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kvq._validate import check_int
 from kvq.errors import KvqError
 from kvq.pool import MemoryPool
 from kvq.rotation import rotate, unrotate
@@ -268,13 +269,13 @@ class KVCache:
         window: int | None = None,
         pool: MemoryPool | None = None,
     ) -> None:
-        self.num_kv_heads = _positive("num_kv_heads", num_kv_heads)
-        self.head_dim = _positive("head_dim", head_dim)
+        self.num_kv_heads = check_int("num_kv_heads", num_kv_heads)
+        self.head_dim = check_int("head_dim", head_dim)
         self.config = QuantConfig() if config is None else config
         if not isinstance(self.config, QuantConfig):
             raise TypeError(f"config must be a kvq.QuantConfig, got {self.config!r}")
-        self.capacity = None if capacity is None else _positive("capacity", capacity)
-        self.window = None if window is None else _positive("window", window)
+        self.capacity = None if capacity is None else check_int("capacity", capacity)
+        self.window = None if window is None else check_int("window", window)
         if self.capacity is not None and self.window is not None:
             raise ValueError("give capacity or window, not both: a windowed cache is a ring")
         for name, scheme in (("k", self.config.k), ("v", self.config.v)):
@@ -424,18 +425,6 @@ class KVCache:
 def _release_all(streams: list[TensorStream]) -> None:
     for stream in streams:
         stream.release()
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be a positive integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be a positive integer, got {value!r}") from None
-    if number < 1:
-        raise ValueError(f"{name} must be a positive integer, got {number}")
-    return number
 
 
 def stream_bytes(

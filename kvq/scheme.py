@@ -7,26 +7,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from kvq._validate import check_scale_dtype
+from kvq._validate import check_int, check_scale_dtype
 
 BITS = (2, 3, 4, 8)
 #: Groups sharing one second-level (float16) scale and min when ``double_quant`` is on.
 SUPER_GROUPS = 8
 SUB_BITS = 6  # bits of each group's second-level scale code and min code
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be an integer, got {value!r}")
-    try:
-        number = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"{name} must be an integer, got {type(value).__name__} {value!r}"
-        ) from None
-    if number < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {number}")
-    return number
 
 
 @dataclass(frozen=True)
@@ -54,11 +40,11 @@ class Scheme:
     search: bool = False
 
     def __post_init__(self) -> None:
-        bits = _check_int("bits", self.bits, 1)
+        bits = check_int("bits", self.bits, 1)
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
         object.__setattr__(self, "bits", bits)
-        object.__setattr__(self, "group_size", _check_int("group_size", self.group_size, 1))
+        object.__setattr__(self, "group_size", check_int("group_size", self.group_size, 1))
         if isinstance(self.axis, bool | np.bool_):
             raise TypeError(f"axis must be an integer, got {self.axis!r}")
         try:
@@ -67,7 +53,7 @@ class Scheme:
             raise TypeError(f"axis must be an integer, got {self.axis!r}") from None
         object.__setattr__(self, "scale_dtype", str(check_scale_dtype(self.scale_dtype)))
         if self.rotate is not None:
-            object.__setattr__(self, "rotate", _check_int("rotate", self.rotate, 0))
+            object.__setattr__(self, "rotate", check_int("rotate", self.rotate, 0))
         for name in ("double_quant", "search"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -123,9 +109,9 @@ class QuantConfig:
         for name in ("k", "v"):
             if not isinstance(getattr(self, name), Scheme):
                 raise TypeError(f"{name} must be a kvq.Scheme, got {getattr(self, name)!r}")
-        object.__setattr__(self, "residual", _check_int("residual", self.residual, 0))
+        object.__setattr__(self, "residual", check_int("residual", self.residual, 0))
         if self.rotate is not None:
-            seed = _check_int("rotate", self.rotate, 0)
+            seed = check_int("rotate", self.rotate, 0)
             object.__setattr__(self, "rotate", seed)
             object.__setattr__(self, "k", replace(self.k, rotate=seed))
             object.__setattr__(self, "v", replace(self.v, rotate=seed))
