@@ -78,7 +78,7 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
     part_sum = np.empty((tasks, group * t_q), np.float32)
     part_acc = np.empty((tasks, group * t_q, dim), np.float32)
     kernels.attention_blocks(
-        rows, row_first, row_last, origin, end, block, splits,
+        rows, row_first, row_last, origin, first, end, block, splits,
         *_stream_arrays(k_stream),
         *_stream_arrays(v_stream),
         part_max, part_sum, part_acc,

@@ -34,7 +34,11 @@ class CapacityError(KvqError, ValueError):
 
 def chunk_tokens(scheme: Scheme, num_kv_heads: int, head_dim: int) -> int:
     """Tokens quantized together for ``scheme``: the smallest multiple of its token group
-    whose codes fill whole bytes and whose groups fill whole second-level super-groups."""
+    whose codes fill whole bytes and whose groups fill whole second-level super-groups.
+
+    With double_quant, per-channel groups number num_kv_heads * head_dim per chunk whatever
+    its length, so that product must be a multiple of 8 (ValueError otherwise).
+    """
     base = scheme.group_size if scheme.axis in (-2, 1) else 1
     for multiple in range(1, 9):
         tokens = base * multiple

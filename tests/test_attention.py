@@ -158,3 +158,22 @@ def test_bad_arguments():
         kvq.attention(q, cache, sinks=[1.0])
     with pytest.raises(ValueError, match="empty"):
         kvq.attention(q, kvq.KVCache(2, 64))
+
+
+@pytest.mark.parametrize("name", ["8bit", "q4", "f16-per-token-k"])
+@pytest.mark.parametrize("window", [1, 5, 40])
+def test_dropped_positions_are_never_read(name, window):
+    """Ring slots of dropped chunks may hold anything (here NaN from the pool): attention must
+    not decode positions before the first one held."""
+    pool = kvq.MemoryPool(1 << 22)
+    garbage = pool.acquire((1 << 20,), np.float32)
+    garbage[:] = np.nan
+    pool.release(garbage)
+    cache = kvq.KVCache(2, 64, CONFIGS[name], window=window, pool=pool)
+    k, v = kv_layer(2, 100, 64, seed=window)
+    cache.append(k, v)
+    q = queries(4, 1, 64)
+    out = kvq.attention(q, cache)
+    assert np.isfinite(out).all()
+    ref = kvq.attention_reference(q, cache.keys(), cache.values(), window=window)
+    assert relative(out, ref) <= 1e-5

@@ -300,7 +300,7 @@ def _dequantize_token_values(layout, codes, p0, p1, p2, p3, head, first, count, 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def attention_blocks(
-    queries, row_first, row_last, origin, end_position, block, splits,
+    queries, row_first, row_last, origin, first_held, end_position, block, splits,
     k_layout, k_codes, k_p0, k_p1, k_p2, k_p3, k_residual,
     v_layout, v_codes, v_p0, v_p1, v_p2, v_p3, v_residual,
     part_max, part_sum, part_acc,
@@ -342,11 +342,20 @@ def attention_blocks(
         for b in range(split * per_split, min(n_blocks, (split + 1) * per_split)):
             start = origin + b * block
             width = min(block, end_position - start)
+            # positions before first_held were dropped by a window: their slots may hold
+            # anything, so they are zeroed, never decoded (their weights are 0, but 0 * NaN
+            # is not)
+            dropped = min(width, max(0, first_held - start))
+            for t in range(dropped):
+                for d in range(dim):
+                    keys[d, t] = 0.0
+                values[t, :] = 0.0
             # --- keys of the block, dequantized into scratch ---
-            t = 0
+            t = dropped
             while t < width:
                 index = (start + t) // k_chunk
-                if chunk_keys and index < k_layout[_CHUNKS] and t + k_chunk <= width:
+                aligned = (start + t) % k_chunk == 0
+                if chunk_keys and aligned and index < k_layout[_CHUNKS] and t + k_chunk <= width:
                     _dequantize_chunk_keys(
                         k_layout,
                         k_codes,
@@ -430,10 +439,10 @@ def attention_blocks(
                 run_sum[r] += total
                 run_max[r] = new_max
             # --- values of the block, dequantized into scratch ---
-            quantized_v = 0
+            quantized_v = dropped
             if v_layout[_CHUNK] == 1 and v_layout[_PER_CHANNEL] == 0:
-                quantized_v = max(0, min(width, v_layout[_CHUNKS] - start))
-                if quantized_v:
+                quantized_v = max(dropped, min(width, v_layout[_CHUNKS] - start))
+                if quantized_v > dropped:
                     _dequantize_token_values(
                         v_layout,
                         v_codes,
@@ -442,9 +451,9 @@ def attention_blocks(
                         v_p2,
                         v_p3,
                         head,
-                        start,
-                        quantized_v,
-                        values,
+                        start + dropped,
+                        quantized_v - dropped,
+                        values[dropped:],
                     )
             for t in range(quantized_v, width):
                 _decode_token_major(
