@@ -268,14 +268,14 @@ def _dequantize_token_values(layout, codes, p0, p1, p2, p3, head, first, count, 
         row = values[t]
         _unpack_run(codes[slot], head * dim, dim, bits, row)
         if fast_params:  # both groups' 6-bit codes in one 16-bit read, one shared step
-            group = head * 2
-            bit = group * 6
+            pair = head * 2
+            bit = pair * 6
             sc_row, mc_row = p0[slot], p1[slot]
             byte, shift = bit >> 3, bit & 7
             sc_pair = (np.int32(sc_row[byte]) | (np.int32(sc_row[byte + 1]) << 8)) >> shift
             mc_pair = (np.int32(mc_row[byte]) | (np.int32(mc_row[byte + 1]) << 8)) >> shift
-            step = _f16_at(p2[slot], group // _SUPER)
-            step_min = _f16_at(p3[slot], group // _SUPER)
+            step = _f16_at(p2[slot], pair // _SUPER)
+            step_min = _f16_at(p3[slot], pair // _SUPER)
             for g in range(2):
                 s = step * np.float32((sc_pair >> (6 * g)) & 63)
                 m = step_min * np.float32(((mc_pair >> (6 * g)) & 63) - 32)
