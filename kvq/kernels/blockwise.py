@@ -34,6 +34,23 @@ _SMALLEST_INVERTIBLE_SCALE = np.float32(F32_MIN_NORMAL * 4)
 
 
 @njit(inline="always")
+def _extrema_keys(bits, lo, count):
+    """Order keys of the smallest and largest float32 in bits[lo:lo + count].
+
+    On a view of the block: indices provably >= 0 let LLVM drop Numba's negative-index
+    wraparound and vectorize (flat bits[lo + i] indexing ran 2x slower).
+    """
+    block_bits = bits[lo : lo + count]
+    key_min = np.int32(0x7FFFFFFF)
+    key_max = np.int32(-0x80000000)
+    for i in range(count):
+        key = order_key(block_bits[i])
+        key_min = np.int32(min(key_min, key))
+        key_max = np.int32(max(key_max, key))
+    return key_min, key_max
+
+
+@njit(inline="always")
 def _min_and_scale(key_min, key_max, levels, half_scales):
     """(accepted, min, scale) of a block from the order keys of its extremes."""
     if key_min <= KEY_NEG_INF or key_max >= KEY_POS_INF:  # NaN or +-Inf in the block
@@ -105,15 +122,7 @@ def quantize_blocks(x, bits, block_size, levels, half_scales, codes, scales, min
     else:
         for b in prange(scales.shape[0]):
             lo = b * block_size
-            # A view of the block: indices provably >= 0 let LLVM drop Numba's
-            # negative-index wraparound and vectorize (flat bits[lo + i] ran 2x slower).
-            block_bits = bits[lo : lo + block_size]
-            key_min = np.int32(0x7FFFFFFF)
-            key_max = np.int32(-0x80000000)
-            for i in range(block_size):
-                key = order_key(block_bits[i])
-                key_min = np.int32(min(key_min, key))
-                key_max = np.int32(max(key_max, key))
+            key_min, key_max = _extrema_keys(bits, lo, block_size)
             accepted, lowest, scale = _min_and_scale(key_min, key_max, levels, half_scales)
             if not accepted:
                 rejected += 1
@@ -137,13 +146,7 @@ def extrema_blocks(bits, block_size, lows, highs):
         if block_size == SIMD_BLOCK:
             key_min, key_max = extrema_keys_32(bits, lo)
         else:
-            block_bits = bits[lo : lo + block_size]
-            key_min = np.int32(0x7FFFFFFF)
-            key_max = np.int32(-0x80000000)
-            for i in range(block_size):
-                key = order_key(block_bits[i])
-                key_min = np.int32(min(key_min, key))
-                key_max = np.int32(max(key_max, key))
+            key_min, key_max = _extrema_keys(bits, lo, block_size)
         if key_min <= KEY_NEG_INF or key_max >= KEY_POS_INF:
             rejected += 1
             continue
