@@ -14,6 +14,7 @@ import json
 import math
 import mmap
 import os
+import reprlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,8 +23,14 @@ import numpy as np
 
 from kvq.errors import LoaderError
 
-#: Largest JSON header accepted (the safetensors library's own limit is 100 MB).
+#: Largest JSON header accepted (the safetensors library's own limit is 100 MB); shard indexes
+#: are held to the same limit.
 MAX_HEADER_BYTES = 100 * 2**20
+#: Most dimensions a tensor may have (NumPy 1.x's limit; NumPy 2 allows 64).
+MAX_DIMS = 32
+#: Largest product of a shape's non-zero dimensions. A non-empty tensor is bounded by the file
+#: anyway; this bounds empty ones such as [0, 2**62], which NumPy cannot even describe.
+MAX_ELEMENTS = 2**48
 
 #: SafeTensors dtype -> (NumPy dtype it is read as, bytes per element). BF16 is read as its
 #: uint16 bit patterns and the F8 types as uint8 bytes; the loader converts or refuses them.
@@ -124,15 +131,13 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int
         raise LoaderError(f"{path}: cannot read ({error.strerror or error})") from None
     if len(raw) != header_length:
         raise LoaderError(f"{path}: truncated header")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise LoaderError(f"{path}: header is not valid JSON ({error})") from None
+    header = parse_json(raw, f"{path}: header")
     if not isinstance(header, dict):
         raise LoaderError(f"{path}: header is a JSON {type(header).__name__}, not an object")
     data_start = 8 + header_length
     data_size = size - data_start
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
     ):
@@ -142,16 +147,47 @@ def _read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str], int
     return tensors, metadata, data_start
 
 
+def parse_json(raw: bytes, what: str):
+    """UTF-8 JSON text -> Python value; LoaderError starting with ``what`` for invalid text, an
+    object with a repeated key (which copy would count?), or nesting too deep to parse."""
+
+    def no_repeats(pairs: list[tuple[str, object]]) -> dict:
+        result = dict(pairs)
+        if len(result) != len(pairs):
+            seen: set[str] = set()
+            repeated = next(k for k, _ in pairs if k in seen or seen.add(k))
+            raise LoaderError(f"{what} repeats the key {show(repeated)}")
+        return result
+
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=no_repeats)
+    except (UnicodeDecodeError, ValueError) as error:
+        if isinstance(error, LoaderError):
+            raise
+        raise LoaderError(f"{what} is not valid JSON ({error})") from None
+    except RecursionError:
+        raise LoaderError(f"{what} is nested too deeply to be a SafeTensors header") from None
+
+
 def _tensor_info(path: Path, name: str, entry, data_size: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {show(name)}"
     if not isinstance(entry, dict):
         raise LoaderError(f"{where}: entry is a JSON {type(entry).__name__}, not an object")
     dtype = entry.get("dtype")
-    if dtype not in DTYPES:
-        raise LoaderError(f"{where}: unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise LoaderError(f"{where}: unknown dtype {show(dtype)}; known: {', '.join(DTYPES)}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise LoaderError(f"{where}: shape must be a list of non-negative integers, got {shape!r}")
+        raise LoaderError(
+            f"{where}: shape must be a list of non-negative integers, got {show(shape)}"
+        )
+    if len(shape) > MAX_DIMS:
+        raise LoaderError(f"{where}: shape has {len(shape)} dimensions, more than {MAX_DIMS}")
+    if math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise LoaderError(
+            f"{where}: shape {show(shape)} has dimensions whose product exceeds the "
+            f"{MAX_ELEMENTS} element limit"
+        )
     offsets = entry.get("data_offsets")
     if (
         not isinstance(offsets, list)
@@ -160,7 +196,8 @@ def _tensor_info(path: Path, name: str, entry, data_size: int) -> TensorInfo:
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise LoaderError(
-            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, got {offsets!r}"
+            f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
+            f"got {show(offsets)}"
         )
     begin, end = offsets
     expected = math.prod(shape) * DTYPES[dtype][1]
@@ -181,5 +218,18 @@ def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
     for (_, end, first), (begin, _, second) in itertools.pairwise(spans):
         if begin < end:
             raise LoaderError(
-                f"{path}: tensors {first!r} and {second!r} overlap (byte {begin} is in both)"
+                f"{path}: tensors {show(first)} and {show(second)} overlap "
+                f"(byte {begin} is in both)"
             )
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring = _SHOW.maxother = 120
+_SHOW.maxlist = _SHOW.maxdict = 8
+_SHOW.maxlevel = 3
+
+
+def show(value) -> str:
+    """A short repr of a value read from a file, for error messages: long strings and lists
+    are cut and deep nesting elided (plain repr of a deeply nested list recurses)."""
+    return _SHOW.repr(value)

@@ -52,7 +52,7 @@ def check_scale_dtype(scale_dtype) -> np.dtype:
     """'float32' or 'float16' (or the NumPy types) -> np.dtype."""
     try:
         dtype = np.dtype(scale_dtype)
-    except TypeError:
+    except (TypeError, ValueError):  # ValueError: e.g. ("f4", -1)
         dtype = None
     if dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be 'float32' or 'float16', got {scale_dtype!r}")

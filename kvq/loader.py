@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from kvq import kernels
-from kvq._safetensors import SafeTensorsFile, TensorInfo
+from kvq._safetensors import MAX_HEADER_BYTES, SafeTensorsFile, TensorInfo, parse_json, show
 from kvq.errors import LoaderError
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -37,7 +37,7 @@ class Checkpoint(Mapping):
             for name in file.tensors:
                 if name in self._where:
                     raise LoaderError(
-                        f"tensor {name!r} is in two shards: {self._where[name].path} "
+                        f"tensor {show(name)} is in two shards: {self._where[name].path} "
                         f"and {file.path}"
                     )
                 self._where[name] = file
@@ -116,8 +116,16 @@ class Checkpoint(Mapping):
                 kernels.bf16_to_f32(bits, array.reshape(-1).view(np.uint32))
         elif info.dtype.startswith("F8_"):
             raise LoaderError(
-                f"{file.path}: tensor {name!r} has dtype {info.dtype}, which kvq does not "
+                f"{file.path}: tensor {show(name)} has dtype {info.dtype}, which kvq does not "
                 "convert; read the raw bytes with the safetensors package"
+            )
+        elif info.dtype == "BOOL" and raw.size and raw.view(np.uint8).max() > 1:
+            # NumPy bools are bytes 0 and 1; other bytes make ~x, x ^ y, ... disagree
+            bad = int(np.flatnonzero(raw.view(np.uint8).reshape(-1) > 1)[0])
+            raise LoaderError(
+                f"{file.path}: tensor {show(name)} is BOOL but holds byte "
+                f"{int(raw.view(np.uint8).reshape(-1)[bad])} at flat index {bad}; only 0 and 1 "
+                "are booleans"
             )
         else:
             array = raw
@@ -169,9 +177,19 @@ def load_safetensors(path: str | Path, dtype=None, progress: bool = False) -> Ch
 def _open_index(index: Path) -> list[SafeTensorsFile]:
     """Open the shards an index names, checking that each tensor is where the index says."""
     try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise LoaderError(f"{index}: not a shard index with a 'weight_map' ({error})") from None
+        with open(index, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_HEADER_BYTES:
+                raise LoaderError(
+                    f"{index}: {size} bytes, over the {MAX_HEADER_BYTES} byte limit for an index"
+                )
+            raw = handle.read(size)
+    except OSError as error:
+        raise LoaderError(f"{index}: cannot read ({error.strerror or error})") from None
+    content = parse_json(raw, str(index))
+    if not isinstance(content, dict) or "weight_map" not in content:
+        raise LoaderError(f"{index}: not a shard index: no 'weight_map' object")
+    weight_map = content["weight_map"]
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
@@ -180,11 +198,11 @@ def _open_index(index: Path) -> list[SafeTensorsFile]:
     for shard in sorted(set(weight_map.values())):
         shard_path = index.parent / shard
         if Path(shard).name != shard or not shard_path.is_file():
-            raise LoaderError(f"{index}: names shard {shard!r}, which is not a file beside it")
+            raise LoaderError(f"{index}: names shard {show(shard)}, which is not a file beside it")
         shards[shard] = SafeTensorsFile(shard_path)
     for name, shard in weight_map.items():
         if name not in shards[shard].tensors:
-            raise LoaderError(f"{index}: tensor {name!r} is not in its shard {shard}")
+            raise LoaderError(f"{index}: tensor {show(name)} is not in its shard {show(shard)}")
     return list(shards.values())
 
 
@@ -202,7 +220,7 @@ def _mxfp4_pairs(where: dict[str, SafeTensorsFile]) -> dict[str, None]:
         blocks = file.tensors[blocks_name]
         scales = where[scales_name].tensors[scales_name]
         if name in where:
-            raise LoaderError(f"{file.path}: {name!r} is both a tensor and an MXFP4 pair")
+            raise LoaderError(f"{file.path}: {show(name)} is both a tensor and an MXFP4 pair")
         if (
             blocks.dtype != "U8"
             or scales.dtype != "U8"
@@ -211,9 +229,9 @@ def _mxfp4_pairs(where: dict[str, SafeTensorsFile]) -> dict[str, None]:
             or blocks.shape[:-1] != scales.shape
         ):
             raise LoaderError(
-                f"{file.path}: MXFP4 pair {blocks_name!r} {blocks.dtype}{list(blocks.shape)} / "
-                f"{scales_name!r} {scales.dtype}{list(scales.shape)} must be U8 [..., G, 16] "
-                "and U8 [..., G]"
+                f"{file.path}: MXFP4 pair {show(blocks_name)} {blocks.dtype}{list(blocks.shape)}"
+                f" / {show(scales_name)} {scales.dtype}{list(scales.shape)} must be "
+                "U8 [..., G, 16] and U8 [..., G]"
             )
         pairs[name] = None
     return pairs
