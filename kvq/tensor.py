@@ -200,6 +200,8 @@ def quantize(
         # repeat each row's last value: the short last group keeps its own min and max
         grid = np.concatenate([grid, np.repeat(grid[:, -1:], padded - length, axis=1)], axis=1)
     grid_flat = np.ascontiguousarray(grid).reshape(-1)
+    row_groups = max(padded // group, 1) if group else 1
+    last_count = length - (row_groups - 1) * group  # real values in each row's last group
     n_groups = grid_flat.size // group if group else 0
     codes = np.empty(grid_flat.size, np.uint8)
     levels = np.float32(scheme.levels)
@@ -227,12 +229,25 @@ def quantize(
             if not np.all(highs.astype(np.float64) - lows <= float(kernels.MAX_RANGE_F32)):
                 _raise_rejected(original, flat, scheme)
             if scheme.search:
-                kernels.search_blocks(grid_flat, group, levels, half, lows, highs, scales, mins)
+                kernels.search_blocks(
+                    grid_flat,
+                    group,
+                    row_groups,
+                    last_count,
+                    levels,
+                    half,
+                    lows,
+                    highs,
+                    scales,
+                    mins,
+                )
             else:
                 scales, mins = _minmax_params(lows, highs, levels, half)
             if scheme.double_quant:
                 grid_arg = grid_flat if scheme.search else None
-                params = _double_quantize(scales, mins, levels, grid_arg, group)
+                params = _double_quantize(
+                    scales, mins, levels, grid_arg, group, row_groups, last_count
+                )
                 scales, mins = params.to_float32()
             kernels.encode_blocks(grid_flat, group, levels, scales, mins, codes)
     if scheme.double_quant:
@@ -273,7 +288,13 @@ def _f16_round(values: np.ndarray, down: bool) -> np.ndarray:
 
 
 def _double_quantize(
-    scales, mins, levels, grid: np.ndarray | None = None, group: int = 0
+    scales,
+    mins,
+    levels,
+    grid: np.ndarray | None = None,
+    group: int = 0,
+    row_groups: int = 1,
+    last_count: int = 0,
 ) -> DoubleQuantParams:
     """Second-level quantization of per-group (scale, min), SUPER_GROUPS groups at a time.
 
@@ -281,7 +302,8 @@ def _double_quantize(
     Min codes round down and scale codes up, so every group's grid still spans
     ``[min, min + levels * scale]`` and the scale / 2 bound holds for the stored values.
     With ``grid`` (after a range search: the values, ``group`` per block), each group then
-    tries its codes +-1 and keeps the lowest squared error.
+    tries its codes +-1 and keeps the lowest squared error (``row_groups`` groups a row, the
+    last holding ``last_count`` real values).
     """
     n = scales.size
     n_super = -(-n // SUPER_GROUPS)
@@ -310,7 +332,15 @@ def _double_quantize(
     sc, mc = sc.astype(np.int64), (mc + _MIN_OFFSET).astype(np.int64)
     if grid is not None:
         kernels.refine_subcodes(
-            grid, group, np.float32(levels), per_group(d), per_group(dmin), sc, mc
+            grid,
+            group,
+            row_groups,
+            last_count or group,
+            np.float32(levels),
+            per_group(d),
+            per_group(dmin),
+            sc,
+            mc,
         )
     return DoubleQuantParams(
         scale_codes=_pack(sc.astype(np.uint8), SUB_BITS),

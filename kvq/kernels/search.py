@@ -61,14 +61,17 @@ def _least_squares(block, count, scale, lowest, levels):
 
 
 @njit(parallel=True, cache=True)
-def search_blocks(x, block_size, levels, half, lows, highs, scales, mins):
+def search_blocks(x, block_size, row_blocks, last_count, levels, half, lows, highs, scales, mins):
     """scales, mins <- the lowest-squared-error candidates per block (see module doc).
 
-    x: float32[n_blocks * block_size]; lows, highs: the blocks' float32 extremes;
-    out: scales, mins float32[n_blocks] (float16-representable with ``half``).
+    x: float32[n_blocks * block_size], rows of ``row_blocks`` blocks whose last block holds
+    only ``last_count`` real values (the rest is padding, left out of every error); lows,
+    highs: the blocks' float32 extremes; out: scales, mins float32[n_blocks]
+    (float16-representable with ``half``).
     """
     for b in prange(scales.shape[0]):
-        block = x[b * block_size : (b + 1) * block_size]
+        count = last_count if (b + 1) % row_blocks == 0 else block_size
+        block = x[b * block_size : b * block_size + count]
         lowest, highest = lows[b], highs[b]
         if half:
             lowest = float16_round_down(lowest)
@@ -79,7 +82,7 @@ def search_blocks(x, block_size, levels, half, lows, highs, scales, mins):
         if best_scale == 0:
             scales[b], mins[b] = best_scale, best_min
             continue
-        best_error = _squared_error(block, block_size, best_scale, best_min, levels)
+        best_error = _squared_error(block, count, best_scale, best_min, levels)
         centre = 0.5 * (lows[b] + highs[b])
         span = highs[b] - lows[b]
         for shrink in _SHRINKS:
@@ -89,24 +92,28 @@ def search_blocks(x, block_size, levels, half, lows, highs, scales, mins):
                 scale, lowest = _round_params(scale, lowest, half)
                 if scale <= 0:
                     break
-                error = _squared_error(block, block_size, scale, lowest, levels)
+                error = _squared_error(block, count, scale, lowest, levels)
                 if error < best_error:
                     best_error, best_scale, best_min = error, scale, lowest
-                scale, lowest = _least_squares(block, block_size, scale, lowest, levels)
+                scale, lowest = _least_squares(block, count, scale, lowest, levels)
         scales[b], mins[b] = best_scale, best_min
 
 
 @njit(parallel=True, cache=True)
-def refine_subcodes(x, block_size, levels, step_scale, step_min, scale_codes, min_codes):
+def refine_subcodes(
+    x, block_size, row_blocks, last_count, levels, step_scale, step_min, scale_codes, min_codes
+):
     """Second-level codes that minimise each block's squared error.
 
     A block's scale is ``step_scale[b] * scale_codes[b]`` and its min
     ``step_min[b] * (min_codes[b] - 32)``; nearest rounding of a searched (scale, min) can
     shrink the grid and clip, so each block tries its codes +-1 (scale 1..63, min 0..63) and
-    keeps the best. x: float32[n_blocks * block_size]; codes: int64[n_blocks], updated.
+    keeps the best. x: float32[n_blocks * block_size] in rows of ``row_blocks`` blocks, the
+    last holding ``last_count`` real values; codes: int64[n_blocks], updated.
     """
     for b in prange(scale_codes.shape[0]):
-        block = x[b * block_size : (b + 1) * block_size]
+        count = last_count if (b + 1) % row_blocks == 0 else block_size
+        block = x[b * block_size : b * block_size + count]
         best_sc, best_mc = scale_codes[b], min_codes[b]
         best_sc_new, best_mc_new = best_sc, best_mc
         best_error = np.inf
@@ -114,7 +121,7 @@ def refine_subcodes(x, block_size, levels, step_scale, step_min, scale_codes, mi
             for mc in range(max(best_mc - 1, 0), min(best_mc + 1, 63) + 1):
                 scale = np.float32(step_scale[b] * sc)
                 lowest = np.float32(step_min[b] * (mc - 32))
-                error = _squared_error(block, block_size, scale, lowest, levels)
+                error = _squared_error(block, count, scale, lowest, levels)
                 if error < best_error:
                     best_error, best_sc_new, best_mc_new = error, sc, mc
         scale_codes[b], min_codes[b] = best_sc_new, best_mc_new
