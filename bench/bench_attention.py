@@ -12,6 +12,7 @@ GFLOP/s beside the machine's read bandwidth measured in the same run.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -56,6 +57,7 @@ def main() -> None:
     bandwidth = read_bandwidth()
     rng = np.random.default_rng(0)
     rows, checks = [], []
+    figures = {}  # check name -> (kvq figure, peer figure), for bench/run_all.py's summary
     for tokens in args.tokens:
         k, v = kv_layer(KV_HEADS, tokens, DIM, seed=1)
         q = rng.standard_normal((Q_HEADS, 1, DIM)).astype(np.float32)
@@ -125,12 +127,16 @@ def main() -> None:
             )
         for bits in (8, 4):
             ours = times[f"kvq {bits}-bit (q{bits})"]
+            ours_ms, torch_ms = f"{ours * 1e3:.2f} ms", f"{torch_time * 1e3:.2f} ms (torch)"
             if tokens == 32768:
                 checks.append((f"32K {bits}-bit <= 1/3 torch", ours / torch_time, "<=", 1 / 3))
+                figures[checks[-1][0]] = (ours_ms, torch_ms)
                 mlx_time = times.get(f"MLX {bits}-bit quantized path", float("nan"))
                 checks.append((f"32K {bits}-bit >= 20x MLX", mlx_time / ours, ">=", 20))
+                figures[checks[-1][0]] = (ours_ms, f"{mlx_time * 1e3:.1f} ms (MLX)")
             if tokens == 4096:
                 checks.append((f"4K {bits}-bit no slower than torch", ours / torch_time, "<=", 1))
+                figures[checks[-1][0]] = (ours_ms, torch_ms)
     lines = [
         f"# bench_attention: decode, {Q_HEADS} query heads, {KV_HEADS} KV heads, head_dim {DIM}",
         f"{machine()}; {versions('torch', 'mlx')}; medians of {args.repeats}",
@@ -142,6 +148,7 @@ def main() -> None:
         "",
     ]
     lines += verdicts(checks)
+    save("bench_attention.json", json.dumps(figures, indent=1))
     report = "\n".join(lines)
     print(report)
     print(f"\n(saved to {save('bench_attention.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")

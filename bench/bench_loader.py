@@ -122,6 +122,18 @@ def main() -> None:
         ("BF16 >= 0.5x np.copyto bandwidth", copy / times["BF16 -> float32 kernel"], ">=", 0.5),
         ("MXFP4 >= 0.5x np.copyto bandwidth", copy / times["MXFP4 -> float32 kernel"], ">=", 0.5),
     ]
+
+    def rate(name: str) -> str:
+        return f"{out.nbytes / times[name] / 1e9:.1f} GB/s"
+
+    copy_rate = f"{rate('np.copyto (float32 output)')} (np.copyto)"
+    figures = {  # check name -> (kvq figure, peer figure), in the order of checks
+        checks[0][0]: (f"{listing['seconds'] * 1e3:.1f} ms", "-"),
+        checks[1][0]: (f"{listing['peak_growth'] / 1e6:.1f} MB", "-"),
+        checks[2][0]: (rate("BF16 -> float32 kernel"), copy_rate),
+        checks[3][0]: (rate("MXFP4 -> float32 kernel"), copy_rate),
+    }
+    save("bench_loader.json", json.dumps(figures, indent=1))
     lines = [
         f"# bench_loader: {stored / 1e9:.2f} GB checkpoint in {SHARDS} shards, {tensors} tensors; "
         f"conversions to {out.nbytes / 2**20:.0f} MiB of float32",

@@ -12,6 +12,7 @@ interleaved and as medians over repeats, so ratios are what to read. Targets (is
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -191,6 +192,19 @@ def main() -> None:
         ),
         ("import + first call, warm cache < 1 s", warm, "<", 1.0),
     ]
+
+    def ms(name: str) -> str:
+        return f"{times[name] * 1e3:.1f} ms" if name in times else "-"
+
+    figures = {  # check name -> (kvq figure, peer figure), for bench/run_all.py's summary
+        checks[0][0]: (ms("kvq quantize"), f"{ms('k.copy(); v.copy()')} (copies)"),
+        checks[1][0]: (ms("kvq dequantize"), f"{ms('k.copy(); v.copy()')} (copies)"),
+        checks[2][0]: (ms("kvq quantize"), f"{ms('MLX mx.quantize (CPU)')} (MLX)"),
+        checks[3][0]: (ms("kvq quantize 4-bit"), f"{ms('MLX mx.quantize 4-bit (CPU)')} (MLX)"),
+        checks[4][0]: (ms("kvq quantize 2-bit"), f"{ms('MLX mx.quantize 2-bit (CPU)')} (MLX)"),
+        checks[5][0]: (f"{warm:.2f} s", f"{cold:.2f} s cold cache"),
+    }
+    save("bench_quantize.json", json.dumps(figures, indent=1))
     lines = [
         f"# bench_quantize: {args.mb} MB float32 (K and V, {n:,} values each), 8-bit, "
         f"blocks of {GROUP}",

@@ -43,6 +43,7 @@ q4_1 and q8_0 respectively, and at or under 3.5 bits it is within 25% of q4_0's 
 
     python bench/quality.py          # both sources, about two minutes on 2 cores
     python bench/quality.py --quick  # small data and grid, a smoke run
+    python bench/quality.py --progress  # tqdm bars even when stderr is not a terminal
 """
 
 from __future__ import annotations
@@ -334,10 +335,25 @@ def fits(scheme, shape: tuple[int, ...]) -> str | None:
     return None
 
 
+def progress_bar(iterable, total: int, desc: str, progress: bool | None = None):
+    """``iterable`` wrapped in a tqdm bar on stderr when tqdm is installed and ``progress`` is
+    True (None: when stderr is a terminal); otherwise ``iterable`` itself."""
+    if progress is None:
+        progress = sys.stderr.isatty()
+    tqdm = optional("tqdm") if progress else None
+    if tqdm is None:
+        return iterable
+    return tqdm.tqdm(iterable, total=total, desc=desc, leave=False, file=sys.stderr)
+
+
 def run_source(
-    source: Source, grid_args: dict, problems: list[str], mixed_top: int = 2
+    source: Source,
+    grid_args: dict,
+    problems: list[str],
+    mixed_top: int = 2,
+    progress: bool | None = None,
 ) -> list[Row]:
-    """Every scheme on one source."""
+    """Every scheme on one source (a progress bar over the kvq grid: see ``progress_bar``)."""
     ev = Evaluator(source)
     rows: list[Row] = []
     k, v = source.k, source.v
@@ -408,7 +424,12 @@ def run_source(
 
     # per bits: every K and V scheme with the attention error of its best pair
     best_parts: dict[int, dict[str, dict]] = {}
-    for k_schemes, v_schemes in kvq_grid(head_dim, **grid_args):
+    blocks = math.prod(
+        len(grid_args.get(name, default))
+        for name, default in (("bits_list", KVQ_BITS), ("groups", KVQ_GROUPS), ("flags", FLAGS))
+    )
+    grid = kvq_grid(head_dim, **grid_args)
+    for k_schemes, v_schemes in progress_bar(grid, blocks, f"{source.name} kvq grid", progress):
         usable = {"k": [], "v": []}
         for name, schemes, x in (("k", k_schemes, k), ("v", v_schemes, v)):
             for scheme in schemes:
@@ -595,6 +616,12 @@ def plot(results: dict[str, list[Row]], path: Path) -> Path | None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small data and grid (smoke run)")
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bars (tqdm) on stderr; default: when stderr is a terminal",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         synthetic = {"layers": 1, "heads": 4, "tokens": 256, "head_dim": 64, "queries": 32}
@@ -628,7 +655,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     for source in sources:
         t = time.perf_counter()
-        rows = run_source(source, grid, problems)
+        rows = run_source(source, grid, problems, progress=args.progress)
         results[source.name] = rows
         lines += source_report(source, rows, time.perf_counter() - t)
 

@@ -1,7 +1,9 @@
-"""Command line: ``kvq demo`` and ``kvq plan`` (also ``python -m kvq ...``)."""
+"""Command line: ``kvq demo``, ``kvq plan`` and ``kvq bench`` (also ``python -m kvq ...``)."""
 
 import argparse
+import subprocess
 import sys
+from pathlib import Path
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -39,7 +41,50 @@ def _build_parser() -> argparse.ArgumentParser:
     planner.add_argument(
         "--bits", type=int, nargs="+", default=[16, 8, 4, 2], help="16, 8, 4, 3 or 2"
     )
+
+    bench = commands.add_parser(
+        "bench",
+        help="run every benchmark and summarise PASS/MISS against the targets",
+        description="Run bench/run_all.py from a kvq source checkout: every benchmark in its "
+        "own process, a summary table in bench/results/summary.md, and plots. The benchmarks "
+        "live in the repository, not in the installed package.",
+    )
+    bench.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
+    bench.add_argument(
+        "--only",
+        nargs="+",
+        metavar="NAME",
+        help="run only these: bench_quantize, bench_loader, bench_cache, bench_attention, quality",
+    )
     return parser
+
+
+def find_run_all() -> Path | None:
+    """bench/run_all.py of the source checkout kvq was installed from (editable install), or
+    of the current directory; None when neither is a kvq checkout."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        bench = root / "bench"
+        if all((bench / name).is_file() for name in ("run_all.py", "_common.py")):
+            return bench / "run_all.py"
+    return None
+
+
+def _bench_command(args) -> int:
+    script = find_run_all()
+    if script is None:
+        print(
+            "kvq bench: the benchmarks live in kvq's source repository (bench/run_all.py), "
+            "which this installation does not include. Run `kvq bench` from the root of a "
+            "checkout, or `python bench/run_all.py` there.",
+            file=sys.stderr,
+        )
+        return 2
+    command = [sys.executable, str(script)]
+    if args.quick:
+        command.append("--quick")
+    if args.only:
+        command += ["--only", *args.only]
+    return subprocess.call(command, cwd=script.parent.parent)
 
 
 def _plan_command(args) -> int:
@@ -89,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "plan":
         return _plan_command(args)
+    if args.command == "bench":
+        return _bench_command(args)
     if args.command == "demo":
         from kvq.demo import run_demo
 

@@ -1,8 +1,9 @@
-"""The main job as a command: ``python -m kvq demo`` and the ``kvq`` script's entry point."""
+"""The command line: ``python -m kvq demo``/``plan``/``bench`` and the ``kvq`` script."""
 
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,8 +49,44 @@ def test_python_dash_m_runs_in_a_new_process():
     assert "kvq demo" in result.stdout
 
 
-def test_help_lists_demo():
+def test_help_lists_the_three_commands():
     result = subprocess.run(
         [sys.executable, "-m", "kvq", "--help"], capture_output=True, text=True, check=True
     )
-    assert "demo" in result.stdout
+    listed = set(re.findall(r"^\s{4}(\w+)\s", result.stdout, re.MULTILINE))
+    assert {"demo", "plan", "bench"} <= listed, result.stdout
+
+
+def test_bench_help_names_quick(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: kvq bench" in out
+    assert "--quick" in out
+    assert "--only" in out
+
+
+def test_bench_finds_run_all_in_this_checkout():
+    from kvq.cli import find_run_all
+
+    found = find_run_all()
+    assert found is not None
+    assert found == Path(__file__).resolve().parent.parent / "bench" / "run_all.py"
+
+
+def test_bench_passes_quick_and_only_through(tmp_path, monkeypatch, capfd):
+    script = tmp_path / "bench" / "run_all.py"
+    script.parent.mkdir()
+    script.write_text("import sys\nprint('ARGS', sys.argv[1:])\nsys.exit(3)\n")
+    monkeypatch.setattr("kvq.cli.find_run_all", lambda: script)
+    assert main(["bench", "--quick", "--only", "quality"]) == 3
+    assert "ARGS ['--quick', '--only', 'quality']" in capfd.readouterr().out
+
+
+def test_bench_outside_a_checkout_says_where_the_benchmarks_are(monkeypatch, capsys):
+    monkeypatch.setattr("kvq.cli.find_run_all", lambda: None)
+    assert main(["bench", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "source repository" in err
+    assert "bench/run_all.py" in err
