@@ -24,6 +24,14 @@ from numba import njit, prange
 
 from kvq.kernels._floatbits import bits_to_float, half_bits_to_float
 from kvq.kernels._tiles import scores_tile, values_tile
+from kvq.kernels._unpack import (
+    RUN,
+    unpack_affine_32_2,
+    unpack_affine_32_3,
+    unpack_affine_32_4,
+    unpack_affine_32_6,
+    unpack_affine_32_8,
+)
 
 _BITS, _PER_CHANNEL, _GROUP, _CHUNK, _FIRST, _CHUNKS, _SLOTS, _DQ, _HALF, _RES, _HEADS, _DIM = (
     range(12)
@@ -102,6 +110,21 @@ def _unpack_run(row, start, count, bits, out):
     else:
         for i in range(count):
             out[i] = np.float32(_code(row, start + i, bits))
+
+
+@njit(inline="always")
+def _affine_run(row, index, bits, scale, lowest, out, at):
+    """out[at:at + 32] = lowest + scale * codes index .. index + 31 of bit stream ``row``, one
+    vector operation; bits in (2, 3, 4, 8) (any other width reads as 3), ``index * bits`` a
+    multiple of 8. No scalar fallback here: one stops LLVM optimizing the callers' loops."""
+    if bits == 8:
+        unpack_affine_32_8(row, index, scale, lowest, out, at)
+    elif bits == 4:
+        unpack_affine_32_4(row, index, scale, lowest, out, at)
+    elif bits == 2:
+        unpack_affine_32_2(row, index, scale, lowest, out, at)
+    else:
+        unpack_affine_32_3(row, index, scale, lowest, out, at)
 
 
 @njit(inline="always")
@@ -226,20 +249,51 @@ def _dequantize_chunk_keys(
     if layout[_DQ] and per_channel == 1 and dim % _SUPER == 0:
         # all of the head's channel params at once: 6-bit codes unpacked as runs
         base = head * dim
-        _unpack_run(p0[slot], base, dim, 6, channel_scales)
-        _unpack_run(p1[slot], base, dim, 6, channel_mins)
+        if dim % RUN == 0:  # the 6-bit codes as float vectors
+            for at in range(0, dim, RUN):
+                unpack_affine_32_6(p0[slot], base + at, 1.0, 0.0, channel_scales, at)
+                unpack_affine_32_6(p1[slot], base + at, 1.0, 0.0, channel_mins, at)
+        else:
+            _unpack_run(p0[slot], base, dim, 6, channel_scales)
+            _unpack_run(p1[slot], base, dim, 6, channel_mins)
         for first in range(0, dim, _SUPER):
             step = _f16_at(p2[slot], (base + first) // _SUPER)
             step_min = _f16_at(p3[slot], (base + first) // _SUPER)
             for j in range(first, first + _SUPER):
                 channel_scales[j] = step * channel_scales[j]
                 channel_mins[j] = step_min * (channel_mins[j] - np.float32(32.0))
+        if chunk == RUN and bits in (2, 3, 4, 8):
+            for d in range(dim):
+                _affine_run(
+                    code_row,
+                    (head * dim + d) * chunk,
+                    bits,
+                    channel_scales[d],
+                    channel_mins[d],
+                    keys[d],
+                    offset,
+                )
+            return
         for d in range(dim):
             _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
             s, m = channel_scales[d], channel_mins[d]
             target = keys[d, offset : offset + chunk]
             for i in range(chunk):
                 target[i] = m + s * scratch[i]
+        return
+    if token_group == RUN and bits in (2, 3, 4, 8):
+        for d in range(dim):
+            for g in range(per_channel):
+                s, m = _params(layout, slot, (head * dim + d) * per_channel + g, p0, p1, p2, p3)
+                _affine_run(
+                    code_row,
+                    (head * dim + d) * chunk + g * RUN,
+                    bits,
+                    s,
+                    m,
+                    keys[d],
+                    offset + g * RUN,
+                )
         return
     for d in range(dim):
         _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
@@ -264,6 +318,25 @@ def _dequantize_token_values(layout, codes, p0, p1, p2, p3, head, first, count, 
     half = dim // 2
     slot = first % slots
     fast_params = layout[_DQ] != 0 and groups == 2 and dim == 2 * group
+    if fast_params and group == RUN and bits in (2, 3, 4, 8):  # GPT-OSS q8/q4: vector unpacking
+        pair = head * 2
+        bit = pair * 6
+        byte, shift = bit >> 3, bit & 7
+        for t in range(count):
+            sc_row, mc_row = p0[slot], p1[slot]
+            sc_pair = (np.int32(sc_row[byte]) | (np.int32(sc_row[byte + 1]) << 8)) >> shift
+            mc_pair = (np.int32(mc_row[byte]) | (np.int32(mc_row[byte + 1]) << 8)) >> shift
+            step = _f16_at(p2[slot], pair // _SUPER)
+            step_min = _f16_at(p3[slot], pair // _SUPER)
+            row = values[t]
+            for g in range(2):
+                s = step * np.float32((sc_pair >> (6 * g)) & 63)
+                m = step_min * np.float32(((mc_pair >> (6 * g)) & 63) - 32)
+                _affine_run(codes[slot], head * dim + g * RUN, bits, s, m, row, g * RUN)
+            slot += 1
+            if slot == slots:
+                slot = 0
+        return
     for t in range(count):
         row = values[t]
         _unpack_run(codes[slot], head * dim, dim, bits, row)
@@ -322,13 +395,10 @@ def attention_blocks(
     per_split = (n_blocks + splits - 1) // splits
     k_chunk = k_layout[_CHUNK]
     chunk_keys = k_layout[_PER_CHANNEL] != 0 and block % k_chunk == 0 and origin % k_chunk == 0
-    for task in prange(kv_heads * splits):
-        head = task // splits
-        split = task % splits
-        q = queries[head]
-        run_max = np.full(rows, _NEG_INF, np.float32)
-        run_sum = np.zeros(rows, np.float32)
-        acc = np.zeros((rows, dim), np.float32)
+    for split in prange(splits):
+        all_max = np.full((kv_heads, rows), _NEG_INF, np.float32)
+        all_sum = np.zeros((kv_heads, rows), np.float32)
+        all_acc = np.zeros((kv_heads, rows, dim), np.float32)
         keys = np.empty((dim, block), np.float32)  # channel-major
         values = np.empty((block, dim), np.float32)  # token-major
         scores = np.empty((rows, block), np.float32)
@@ -342,149 +412,163 @@ def attention_blocks(
         for b in range(split * per_split, min(n_blocks, (split + 1) * per_split)):
             start = origin + b * block
             width = min(block, end_position - start)
-            # positions before first_held were dropped by a window: their slots may hold
-            # anything, so they are zeroed, never decoded (their weights are 0, but 0 * NaN
-            # is not)
-            dropped = min(width, max(0, first_held - start))
-            for t in range(dropped):
-                for d in range(dim):
-                    keys[d, t] = 0.0
-                values[t, :] = 0.0
-            # --- keys of the block, dequantized into scratch ---
-            t = dropped
-            while t < width:
-                index = (start + t) // k_chunk
-                aligned = (start + t) % k_chunk == 0
-                if chunk_keys and aligned and index < k_layout[_CHUNKS] and t + k_chunk <= width:
-                    _dequantize_chunk_keys(
-                        k_layout,
-                        k_codes,
-                        k_p0,
-                        k_p1,
-                        k_p2,
-                        k_p3,
-                        head,
-                        index,
-                        t,
-                        keys,
-                        scratch,
-                        channel_scales,
-                        channel_mins,
-                    )
-                    t += k_chunk
-                else:
-                    _decode_token_major(
-                        k_layout,
-                        k_codes,
-                        k_p0,
-                        k_p1,
-                        k_p2,
-                        k_p3,
-                        k_residual,
-                        head,
-                        start + t,
-                        codes,
-                        scales,
-                        mins,
-                        value,
-                        True,
-                    )
+            # every head of the block in turn: a slot row holds all heads, so the block's
+            # codes stream through the cache once, whole lines and pages at a time
+            for head in range(kv_heads):
+                q = queries[head]
+                run_max = all_max[head]
+                run_sum = all_sum[head]
+                acc = all_acc[head]
+                # positions before first_held were dropped by a window: their slots may hold
+                # anything, so they are zeroed, never decoded (their weights are 0, but 0 * NaN
+                # is not)
+                dropped = min(width, max(0, first_held - start))
+                for t in range(dropped):
                     for d in range(dim):
-                        keys[d, t] = value[d]
-                    t += 1
-            # --- scores = q . keys: register tiles of 4 rows x 32 tokens, then the rest ---
-            tiled = rows - rows % 4 if width % 32 == 0 else 0
-            for r0 in range(0, tiled, 4):
-                for i0 in range(0, width, 32):
-                    scores_tile(keys, q, scores, r0, i0)
-            for r in range(tiled, rows):
-                row = scores[r]
-                for i in range(width):
-                    row[i] = 0.0
-                for d in range(dim):
-                    key_row = keys[d]
-                    f = q[r, d]
-                    for i in range(width):
-                        row[i] += f * key_row[i]
-            # --- mask, online softmax: scores become weights p ---
-            for r in range(rows):
-                lo = max(row_first[r] - start, 0)
-                hi = min(row_last[r] - start + 1, width)
-                row = scores[r]
-                block_max = _NEG_INF
-                if lo == 0 and hi == width:  # nothing masked (decode): a plain max
-                    for i in range(width):
-                        block_max = max(block_max, row[i])
-                else:
-                    for i in range(width):
-                        if i < lo or i >= hi:
-                            row[i] = _NEG_INF
-                        elif row[i] > block_max:
-                            block_max = row[i]
-                if block_max == _NEG_INF:
+                        keys[d, t] = 0.0
+                    values[t, :] = 0.0
+                # --- keys of the block, dequantized into scratch ---
+                t = dropped
+                while t < width:
+                    index = (start + t) // k_chunk
+                    aligned = (start + t) % k_chunk == 0
+                    if (
+                        chunk_keys
+                        and aligned
+                        and index < k_layout[_CHUNKS]
+                        and t + k_chunk <= width
+                    ):
+                        _dequantize_chunk_keys(
+                            k_layout,
+                            k_codes,
+                            k_p0,
+                            k_p1,
+                            k_p2,
+                            k_p3,
+                            head,
+                            index,
+                            t,
+                            keys,
+                            scratch,
+                            channel_scales,
+                            channel_mins,
+                        )
+                        t += k_chunk
+                    else:
+                        _decode_token_major(
+                            k_layout,
+                            k_codes,
+                            k_p0,
+                            k_p1,
+                            k_p2,
+                            k_p3,
+                            k_residual,
+                            head,
+                            start + t,
+                            codes,
+                            scales,
+                            mins,
+                            value,
+                            True,
+                        )
+                        for d in range(dim):
+                            keys[d, t] = value[d]
+                        t += 1
+                # --- scores = q . keys: register tiles of 4 rows x 32 tokens, then the rest ---
+                tiled = rows - rows % 4 if width % 32 == 0 else 0
+                for r0 in range(0, tiled, 4):
+                    for i0 in range(0, width, 32):
+                        scores_tile(keys, q, scores, r0, i0)
+                for r in range(tiled, rows):
+                    row = scores[r]
                     for i in range(width):
                         row[i] = 0.0
-                    continue
-                new_max = max(run_max[r], block_max)
-                correction = _exp(run_max[r] - new_max) if run_max[r] > _NEG_INF else 0.0
-                run_sum[r] *= correction
-                acc_row = acc[r]
-                for d in range(dim):
-                    acc_row[d] *= correction
-                total = np.float32(0.0)
-                for i in range(width):
-                    p = _exp(row[i] - new_max)
-                    row[i] = p
-                    total += p
-                run_sum[r] += total
-                run_max[r] = new_max
-            # --- values of the block, dequantized into scratch ---
-            quantized_v = dropped
-            if v_layout[_CHUNK] == 1 and v_layout[_PER_CHANNEL] == 0:
-                quantized_v = max(dropped, min(width, v_layout[_CHUNKS] - start))
-                if quantized_v > dropped:
-                    _dequantize_token_values(
+                    for d in range(dim):
+                        key_row = keys[d]
+                        f = q[r, d]
+                        for i in range(width):
+                            row[i] += f * key_row[i]
+                # --- mask, online softmax: scores become weights p ---
+                for r in range(rows):
+                    lo = max(row_first[r] - start, 0)
+                    hi = min(row_last[r] - start + 1, width)
+                    row = scores[r]
+                    block_max = _NEG_INF
+                    if lo == 0 and hi == width:  # nothing masked (decode): a plain max
+                        for i in range(width):
+                            block_max = max(block_max, row[i])
+                    else:
+                        for i in range(width):
+                            if i < lo or i >= hi:
+                                row[i] = _NEG_INF
+                            elif row[i] > block_max:
+                                block_max = row[i]
+                    if block_max == _NEG_INF:
+                        for i in range(width):
+                            row[i] = 0.0
+                        continue
+                    new_max = max(run_max[r], block_max)
+                    correction = _exp(run_max[r] - new_max) if run_max[r] > _NEG_INF else 0.0
+                    run_sum[r] *= correction
+                    acc_row = acc[r]
+                    for d in range(dim):
+                        acc_row[d] *= correction
+                    total = np.float32(0.0)
+                    for i in range(width):
+                        p = _exp(row[i] - new_max)
+                        row[i] = p
+                        total += p
+                    run_sum[r] += total
+                    run_max[r] = new_max
+                # --- values of the block, dequantized into scratch ---
+                quantized_v = dropped
+                if v_layout[_CHUNK] == 1 and v_layout[_PER_CHANNEL] == 0:
+                    quantized_v = max(dropped, min(width, v_layout[_CHUNKS] - start))
+                    if quantized_v > dropped:
+                        _dequantize_token_values(
+                            v_layout,
+                            v_codes,
+                            v_p0,
+                            v_p1,
+                            v_p2,
+                            v_p3,
+                            head,
+                            start + dropped,
+                            quantized_v - dropped,
+                            values[dropped:],
+                        )
+                for t in range(quantized_v, width):
+                    _decode_token_major(
                         v_layout,
                         v_codes,
                         v_p0,
                         v_p1,
                         v_p2,
                         v_p3,
+                        v_residual,
                         head,
-                        start + dropped,
-                        quantized_v - dropped,
-                        values[dropped:],
+                        start + t,
+                        codes,
+                        scales,
+                        mins,
+                        values[t],
+                        True,
                     )
-            for t in range(quantized_v, width):
-                _decode_token_major(
-                    v_layout,
-                    v_codes,
-                    v_p0,
-                    v_p1,
-                    v_p2,
-                    v_p3,
-                    v_residual,
-                    head,
-                    start + t,
-                    codes,
-                    scales,
-                    mins,
-                    values[t],
-                    True,
-                )
-            # --- acc += p . values: register tiles of 4 rows x 64 columns, then the rest ---
-            tiled = rows - rows % 4 if dim == 64 else 0
-            for r0 in range(0, tiled, 4):
-                values_tile(scores, values, acc, r0, width)
-            for r in range(tiled, rows):
-                acc_row = acc[r]
-                for t in range(width):
-                    p = scores[r, t]
-                    value_row = values[t]
-                    for d in range(dim):
-                        acc_row[d] += p * value_row[d]
-        for r in range(rows):
-            part_max[task, r] = run_max[r]
-            part_sum[task, r] = run_sum[r]
-            for d in range(dim):
-                part_acc[task, r, d] = acc[r, d]
+                # --- acc += p . values: register tiles of 4 rows x 64 columns, then the rest ---
+                tiled = rows - rows % 4 if dim == 64 else 0
+                for r0 in range(0, tiled, 4):
+                    values_tile(scores, values, acc, r0, width)
+                for r in range(tiled, rows):
+                    acc_row = acc[r]
+                    for t in range(width):
+                        p = scores[r, t]
+                        value_row = values[t]
+                        for d in range(dim):
+                            acc_row[d] += p * value_row[d]
+        for head in range(kv_heads):
+            task = head * splits + split
+            for r in range(rows):
+                part_max[task, r] = all_max[head, r]
+                part_sum[task, r] = all_sum[head, r]
+                for d in range(dim):
+                    part_acc[task, r, d] = all_acc[head, r, d]
