@@ -3,6 +3,12 @@
 Public names are re-exported here; see the README for a tour.
 """
 
+# _threads first: it sets Numba's threading layer before any kernel is compiled
+from kvq import (  # kvq.testing, as np.testing
+    _threads,  # noqa: F401
+    formats,
+    testing,
+)
 from kvq.array import Array, devices
 from kvq.attention import attention, attention_reference
 from kvq.blocks import QuantizedBlocks
@@ -42,7 +48,9 @@ __all__ = [
     "attention",
     "attention_reference",
     "devices",
+    "formats",
     "load_safetensors",
     "plan",
     "quantize",
+    "testing",
 ]

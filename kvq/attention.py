@@ -8,6 +8,7 @@ import numba
 import numpy as np
 
 from kvq import kernels
+from kvq._validate import check_int, position
 from kvq.kvcache import KVCache, TensorStream
 from kvq.rotation import hadamard_rotation
 
@@ -24,17 +25,40 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
     that to p - window < position. ``scale`` defaults to 1/sqrt(head_dim). ``sinks``:
     (num_q_heads,) logits that join each head's softmax denominator and carry no value
     (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim).
+
+    q, sinks and scale must be finite: NaN or +-Inf raises ValueError naming the argument and
+    the position, and so does a ``q * scale`` that overflows float32. The cache's lock is held
+    while it is read, so a concurrent append waits (see :class:`KVCache`).
     """
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a kvq.KVCache, got {type(cache).__name__}")
-    queries = _check_queries(q, cache)
+    original, queries = _check_queries(q, cache)
     heads, t_q, dim = queries.shape
     kv_heads = cache.num_kv_heads
     group = heads // kv_heads
     sink_logits = _check_sinks(sinks, heads)
-    scale = 1.0 / math.sqrt(dim) if scale is None else float(scale)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+    scale = _check_scale(scale, dim)
+    k_scheme, v_scheme = cache.config.k, cache.config.v
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
+        if k_scheme.rotate is not None:
+            queries = queries @ hadamard_rotation(dim, k_scheme.rotate)
+        queries = queries * np.float32(scale)
+    if not np.isfinite(queries).all():
+        _raise_queries(original, queries, scale)
+    # rows of one KV head: (query head within the group, query token)
+    rows = np.ascontiguousarray(queries.reshape(kv_heads, group * t_q, dim), dtype=np.float32)
+    with cache._lock:  # a consistent state, and no append while the kernel reads the store
+        part_max, part_sum, part_acc, splits = _attend(cache, rows, t_q, causal)
+    out = _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sink_logits)
+    if v_scheme.rotate is not None:
+        out = out @ hadamard_rotation(dim, v_scheme.rotate).T
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
+def _attend(cache: KVCache, rows: np.ndarray, t_q: int, causal: bool) -> tuple:
+    """Run the kernel over the held tokens: (part_max, part_sum, part_acc, splits)."""
+    kv_heads, group_rows, dim = rows.shape
+    group = group_rows // t_q
     if cache.held == 0:
         raise ValueError("the cache is empty: append keys and values before attention")
     if t_q > cache.held:
@@ -57,12 +81,7 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
                 f"{cache.held - cache.window + 1} tokens"
             )
         lowest = np.maximum(lowest, needed)
-    k_scheme, v_scheme = cache.config.k, cache.config.v
-    if k_scheme.rotate is not None:
-        queries = queries @ hadamard_rotation(dim, k_scheme.rotate)
-    # rows of one KV head: (query head within the group, query token)
-    rows = (queries * np.float32(scale)).reshape(kv_heads, group * t_q, dim)
-    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    k_scheme = cache.config.k
     row_first = np.tile(lowest, group)
     row_last = np.tile(last, group)
 
@@ -72,7 +91,7 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
     origin = first // block * block
     n_blocks = -(-(end - origin) // block)
     threads = numba.get_num_threads()
-    splits = max(1, min(n_blocks, -(-2 * threads // kv_heads)))
+    splits = max(1, min(n_blocks, 2 * threads))  # token ranges; each walks every head
     tasks = kv_heads * splits
     part_max = np.empty((tasks, group * t_q), np.float32)
     part_sum = np.empty((tasks, group * t_q), np.float32)
@@ -83,10 +102,7 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
         *_stream_arrays(v_stream),
         part_max, part_sum, part_acc,
     )  # fmt: skip
-    out = _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sink_logits)
-    if v_scheme.rotate is not None:
-        out = out @ hadamard_rotation(dim, v_scheme.rotate).T
-    return np.ascontiguousarray(out, dtype=np.float32)
+    return part_max, part_sum, part_acc, splits
 
 
 def _stream_arrays(stream: TensorStream) -> tuple:
@@ -137,7 +153,8 @@ def _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sinks):
     return out.reshape(kv_heads * group, t_q, dim)
 
 
-def _check_queries(q, cache: KVCache) -> np.ndarray:
+def _check_queries(q, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
+    """(q as given, q as float32 C-contiguous); finiteness is checked after scaling."""
     array = np.asarray(q)
     if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
         raise TypeError(f"q must hold float16, float32 or float64 values, got {array.dtype}")
@@ -153,26 +170,78 @@ def _check_queries(q, cache: KVCache) -> np.ndarray:
         )
     if t_q < 1:
         raise ValueError("q must hold at least one query token")
-    queries = np.ascontiguousarray(array, dtype=np.float32)
-    if not np.isfinite(queries).all():
-        head, token, channel = np.argwhere(~np.isfinite(queries))[0]
-        raise ValueError(
-            f"q has {float(array[head, token, channel])!r} at head {head}, token {token}, "
-            f"channel {channel}; queries must be finite"
-        )
-    return queries
+    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32: reported later
+        queries = np.ascontiguousarray(array, dtype=np.float32)
+    return array, queries
+
+
+def _raise_queries(original: np.ndarray, queries: np.ndarray, scale: float) -> None:
+    """ValueError for the first non-finite query value, or for an overflowing q * scale."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = np.asarray(original, dtype=np.float32)
+    for source, what in ((original, "non-finite"), (converted, "beyond the float32 range")):
+        bad = np.argwhere(~np.isfinite(source))
+        if bad.size:
+            head, token, channel = (int(i) for i in bad[0])
+            raise ValueError(
+                f"q has {float(original[head, token, channel])!r} at head {head}, token "
+                f"{token}, channel {channel} ({what}); queries must be finite"
+            )
+    head, token = (int(i) for i in np.argwhere(~np.isfinite(queries))[0][:2])
+    raise ValueError(
+        f"q * scale overflows float32 at head {head}, token {token} (scale {scale!r}, largest "
+        f"|q| {float(np.abs(converted).max()):.3g}); use a smaller scale or rescale q"
+    )
 
 
 def _check_sinks(sinks, heads: int) -> np.ndarray | None:
+    """(heads,) float64 finite sink logits, or None."""
     if sinks is None:
         return None
-    values = np.asarray(sinks, dtype=np.float64)
+    array = np.asarray(sinks)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"sinks must hold real numbers, got dtype {array.dtype}")
+    values = array.astype(np.float64)
     if values.shape != (heads,):
         raise ValueError(
             f"sinks must have shape ({heads},), one per query head, got {values.shape}"
         )
+    _check_finite("sinks", values, "sinks must be finite (pass sinks=None for no sinks)")
+    return values
+
+
+def _check_scale(scale, dim: int) -> float:
+    """``scale`` as a finite float, 1/sqrt(dim) when None."""
+    if scale is None:
+        return 1.0 / math.sqrt(dim)
+    array = np.asarray(scale)
+    if array.ndim != 0 or array.dtype.kind not in "fiu":
+        raise TypeError(f"scale must be a real number, got {type(scale).__name__} {scale!r}")
+    value = float(array)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be finite, got {value!r}")
+    return value
+
+
+def _check_finite(name: str, values: np.ndarray, rule: str) -> None:
+    """ValueError naming ``name``'s first non-finite element and its N-d position."""
     if not np.isfinite(values).all():
-        raise ValueError("sinks must be finite")
+        index = int(np.flatnonzero(~np.isfinite(values.reshape(-1)))[0])
+        raise ValueError(
+            f"{name} has {float(values.reshape(-1)[index])!r} at flat index "
+            f"{position(index, values.shape)}; {rule}"
+        )
+
+
+def _reference_array(name: str, x, ndim: int) -> np.ndarray:
+    """``x`` as float64 with ``ndim`` dims, real-valued and finite."""
+    array = np.asarray(x)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if array.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
+    values = array.astype(np.float64)
+    _check_finite(name, values, f"{name} must be finite")
     return values
 
 
@@ -183,14 +252,28 @@ def attention_reference(
 
     Query i sits at position T - t_q + i; with ``causal`` it sees positions <= its own, and
     ``window`` W limits that to positions > p - W. ``sinks`` (Hq,) join the denominator.
+    Inputs are checked as :func:`attention` checks them: real, finite, shapes that fit.
     """
-    q = np.asarray(q, np.float64)
-    k = np.asarray(k, np.float64)
-    v = np.asarray(v, np.float64)
+    q = _reference_array("q", q, 3)
+    k = _reference_array("k", k, 3)
+    v = _reference_array("v", v, 3)
     heads, t_q, dim = q.shape
     kv_heads, tokens, _ = k.shape
+    if v.shape != k.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    if k.shape[2] != dim:
+        raise ValueError(f"q has head_dim {dim}, k and v {k.shape[2]}")
+    if kv_heads < 1 or heads < 1 or heads % kv_heads:
+        raise ValueError(
+            f"q has {heads} heads, which is not a positive multiple of k's {kv_heads} heads"
+        )
+    if not 1 <= t_q <= tokens:
+        raise ValueError(f"q has {t_q} query tokens; it needs 1 to {tokens} (k's tokens)")
+    if window is not None:
+        window = check_int("window", window, 1)
     group = heads // kv_heads
-    scale = 1.0 / math.sqrt(dim) if scale is None else scale
+    scale = _check_scale(scale, dim)
+    sinks = _check_sinks(sinks, heads)
     kk = np.repeat(k, group, axis=0)
     vv = np.repeat(v, group, axis=0)
     scores = np.einsum("hqd,htd->hqt", q, kk) * scale
@@ -204,9 +287,9 @@ def attention_reference(
     scores = np.where(visible[None], scores, -np.inf)
     top = scores.max(axis=-1, keepdims=True)
     if sinks is not None:
-        top = np.maximum(top, np.asarray(sinks, np.float64)[:, None, None])
+        top = np.maximum(top, sinks[:, None, None])
     weights = np.exp(scores - top)
     total = weights.sum(axis=-1, keepdims=True)
     if sinks is not None:
-        total = total + np.exp(np.asarray(sinks, np.float64)[:, None, None] - top)
+        total = total + np.exp(sinks[:, None, None] - top)
     return np.einsum("hqt,htd->hqd", weights / total, vv)

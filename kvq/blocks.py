@@ -79,6 +79,14 @@ class QuantizedBlocks:
                 f"scales and mins must share a dtype, got {self.scales.dtype} and "
                 f"{self.mins.dtype}"
             )
+        for name in ("scales", "mins"):
+            array = getattr(self, name)
+            bad = np.flatnonzero(~np.isfinite(array))
+            if bad.size:
+                raise ValueError(
+                    f"{name} has {array[bad[0]]!r} at block {bad[0]}; scales and mins must "
+                    "be finite"
+                )
 
     @classmethod
     def quantize(

@@ -12,20 +12,42 @@ store is a ring and chunks that fall wholly out of the window are dropped.
 from __future__ import annotations
 
 import operator
+import threading
 import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kvq._threads import on_calling_thread
 from kvq._validate import check_int
 from kvq.errors import KvqError
 from kvq.pool import MemoryPool
 from kvq.rotation import rotate, unrotate
 from kvq.scheme import SUPER_GROUPS, QuantConfig, Scheme
-from kvq.tensor import QuantizedTensor, quantize
+from kvq.tensor import FLOAT16_MAX, QuantizedTensor, quantize
 
 FLOAT32_BYTES = 4
 _INITIAL_CHUNKS = 16
+# Appends of at most this many new values (K and V together) run their kernels on the calling
+# thread: a parallel launch for a decode step's few hundred values costs more than it saves,
+# and on a loaded machine it waits for every worker thread to be scheduled (milliseconds).
+SERIAL_VALUES = 1 << 15
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def value_limit(scheme: Scheme) -> tuple[float, str]:
+    """(largest |value| a chunk of ``scheme`` is sure to quantize, what to do past it).
+
+    A token may wait in the residual, or in an unfilled per-channel chunk, before it is
+    quantized; checking this bound when it arrives means no later append can fail on it.
+    Float16 scales and mins hold +-65504; double_quant's float16 min steps hold max|min| / 32;
+    float32 groups need max - min <= 2**127.
+    """
+    if scheme.scale_dtype == "float16":
+        return FLOAT16_MAX, "use scale_dtype='float32'"
+    if scheme.double_quant:
+        return FLOAT16_MAX * 32, "turn double_quant off or rescale the values"
+    return 2.0**126, "rescale the values"
 
 
 class CapacityError(KvqError, ValueError):
@@ -84,7 +106,7 @@ def held_layout(appended: int, chunk: int, residual: int, window: int | None) ->
 @dataclass
 class _Staged:
     pending: np.ndarray
-    chunks: list[QuantizedTensor | None]
+    chunks: list[dict[str, np.ndarray] | None]  # each chunk's parts; None: never held
     appended: int
     first_chunk: int
     store: tuple[dict[str, np.ndarray], int] | None
@@ -117,8 +139,17 @@ class TensorStream:
         # rotated queries); chunks are quantized from them with rotation already applied.
         self.rotation_seed = scheme.rotate
         self.plain_scheme = replace(scheme, rotate=None)
+        self.limit, self.limit_hint = value_limit(scheme)
         template = quantize(np.zeros(self.chunk_shape, np.float32), scheme=scheme).parts()
         self.part_layout = {key: (part.dtype, part.size) for key, part in template.items()}
+        # Several chunks quantize as one tensor (one kernel launch for a whole prefill) when
+        # each chunk's codes, groups and second-level super-blocks start on their own byte:
+        # then the batch's parts are the chunks' parts end to end (chunk_tokens sees to it;
+        # checked once here).
+        pair = quantize(np.zeros((2, *self.chunk_shape), np.float32), scheme=scheme).parts()
+        self.batchable = all(
+            pair[key].size == 2 * size for key, (_, size) in self.part_layout.items()
+        )
         self.chunk_nbytes = sum(part.nbytes for part in template.values())
         if window is not None:
             slots = -(-window // self.chunk) + 1
@@ -164,21 +195,49 @@ class TensorStream:
         appended = self.appended + new.shape[1]
         if self.rotation_seed is not None:
             new = rotate(new, self.rotation_seed)
+            if not float(np.abs(new).max()) <= self.limit:  # checked unrotated in _check
+                self.raise_out_of_range(new, rotated=True)
         pending = np.concatenate([self.pending, new], axis=1) if self.pending.size else new
         layout = held_layout(appended, self.chunk, self.residual_target, self.window)
-        chunks: list[QuantizedTensor | None] = []
-        for i in range(layout.chunks - self.chunks):
-            if self.chunks + i < layout.first_chunk:
-                chunks.append(None)  # out of the window before it is ever read
-            else:
+        count = layout.chunks - self.chunks
+        # chunks out of the window before they are ever read are never quantized
+        dropped = min(count, max(0, layout.first_chunk - self.chunks))
+        chunks: list[dict[str, np.ndarray] | None] = [None] * dropped
+        if count - dropped > 1 and self.batchable:
+            values = pending[:, dropped * self.chunk : count * self.chunk]
+            batch = values.reshape(self.heads, count - dropped, self.chunk, self.head_dim)
+            parts = quantize(batch.transpose(1, 0, 2, 3), scheme=self.plain_scheme).parts()
+            for j in range(count - dropped):
+                chunks.append(
+                    {
+                        key: parts[key][j * size : (j + 1) * size]
+                        for key, (_, size) in self.part_layout.items()
+                    }
+                )
+        else:
+            for i in range(dropped, count):
                 values = pending[:, i * self.chunk : (i + 1) * self.chunk]
-                chunks.append(quantize(values, scheme=self.plain_scheme))
+                chunks.append(quantize(values, scheme=self.plain_scheme).parts())
         store = None
         if self.window is None and layout.chunks > self.slots:
             slots = max(layout.chunks, 2 * self.slots)
             store = (self._allocate(slots), slots)
         rest = np.ascontiguousarray(pending[:, len(chunks) * self.chunk :])
         return _Staged(rest, chunks, appended, layout.first_chunk, store)
+
+    def raise_out_of_range(self, values: np.ndarray, rotated: bool = False) -> None:
+        """ValueError naming the first token (of ``values``, about to be appended) past
+        :attr:`limit`."""
+        head, token, channel = (int(i) for i in np.argwhere(~(np.abs(values) <= self.limit))[0])
+        value = float(values[head, token, channel])
+        where = f"at head {head}, token {token} (position {self.appended + token})"
+        beyond = (
+            f"beyond +-{self.limit:g}, the largest magnitude {self.scheme.describe()} "
+            f"stores; {self.limit_hint}"
+        )
+        if rotated:
+            raise ValueError(f"{self.name} {where} reaches {value:g} after rotation, {beyond}")
+        raise ValueError(f"{self.name} has {value!r} {where}, channel {channel}, {beyond}")
 
     def discard(self, staged: _Staged) -> None:
         if staged.store is not None and self.pool is not None:
@@ -193,10 +252,10 @@ class TensorStream:
                 bigger[key][: self.chunks] = array[: self.chunks]
             self.release()
             self.store, self.slots = bigger, slots
-        for qt in staged.chunks:
-            if qt is not None:
+        for parts in staged.chunks:
+            if parts is not None:
                 slot = self.chunks % self.slots
-                for key, part in qt.parts().items():
+                for key, part in parts.items():
                     self.store[key][slot] = part
             self.chunks += 1
         self.pending = staged.pending
@@ -262,6 +321,17 @@ class KVCache:
     (whole chunks, so up to W + chunk - 1). ``capacity`` (tokens) preallocates and fixes the
     size (CapacityError past it); with neither, storage doubles as needed (amortised O(1) per
     token). ``pool`` supplies the chunk storage, returned when the cache is collected.
+
+    Input: k and v must be finite; NaN or +-Inf (or float64 beyond the float32 range) raises
+    ValueError naming the tensor, head, token (and its absolute position) and channel, and the
+    cache stays as it was. So does a value the scheme cannot store (:func:`value_limit`:
+    +-65504 with float16 scales), checked when it arrives even if it is quantized later.
+
+    Threads: every operation on one cache holds the cache's lock (a ``threading.RLock``), so
+    appends from several threads never corrupt it: each append is applied whole, one at a
+    time, in whichever order the threads get the lock (append from one thread when the token
+    order matters). ``keys``, ``values``, ``stats`` and ``kvq.attention`` read a consistent
+    state and wait for a running append. Separate caches share nothing and run in parallel.
     """
 
     def __init__(
@@ -304,6 +374,7 @@ class KVCache:
             for name, scheme in (("k", self.config.k), ("v", self.config.v))
         ]
         self._k, self._v = streams
+        self._lock = threading.RLock()
         if pool is not None:
             weakref.finalize(self, _release_all, streams)
 
@@ -311,19 +382,27 @@ class KVCache:
         """Append t >= 1 tokens: k and v of (num_kv_heads, t, head_dim), finite floats.
 
         Validates everything and quantizes what completes a chunk before changing anything:
-        on any error the cache is as it was.
+        on any error the cache is as it was. Appends of at most ``SERIAL_VALUES`` new values
+        (K and V together: a decode step) run their kernels on the calling thread only.
         """
-        k_new = self._check("k", k)
-        v_new = self._check("v", v)
-        if k_new.shape != v_new.shape:
-            raise ValueError(
-                f"k and v must have the same shape, got {k_new.shape} and {v_new.shape}"
-            )
-        if self.capacity is not None and len(self) + k_new.shape[1] > self.capacity:
-            raise CapacityError(
-                f"appending {k_new.shape[1]} tokens to {len(self)} would pass this cache's "
-                f"capacity of {self.capacity} tokens"
-            )
+        with self._lock:
+            k_new = self._check("k", k)
+            v_new = self._check("v", v)
+            if k_new.shape != v_new.shape:
+                raise ValueError(
+                    f"k and v must have the same shape, got {k_new.shape} and {v_new.shape}"
+                )
+            if self.capacity is not None and len(self) + k_new.shape[1] > self.capacity:
+                raise CapacityError(
+                    f"appending {k_new.shape[1]} tokens to {len(self)} would pass this "
+                    f"cache's capacity of {self.capacity} tokens"
+                )
+            if 2 * k_new.size <= SERIAL_VALUES:  # a decode step: no parallel launch
+                on_calling_thread(self._stage_and_commit, k_new, v_new)
+            else:
+                self._stage_and_commit(k_new, v_new)
+
+    def _stage_and_commit(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
         staged_k = self._k.stage(k_new)
         try:
             staged_v = self._v.stage(v_new)
@@ -348,15 +427,27 @@ class KVCache:
             raise ValueError(f"{name} must have shape {expected} with t >= 1, got {array.shape}")
         if array.shape[1] < 1:
             raise ValueError(f"{name} must hold at least one token, got shape {array.shape}")
-        values = np.ascontiguousarray(array, dtype=np.float32)
-        finite = np.isfinite(values)
-        if not finite.all():
-            head, token, channel = np.argwhere(~finite)[0]
-            raise ValueError(
-                f"{name} has {float(array[head, token, channel])!r} at head {head}, token "
-                f"{token} (position {self._k.appended + token}), channel {channel}; kvq "
-                "caches finite values only"
-            )
+        if array.dtype.itemsize == 8:  # float64 beyond float32 becomes inf: reported below
+            with np.errstate(over="ignore"):
+                values = np.ascontiguousarray(array, dtype=np.float32)
+        else:  # float16 and float32 convert exactly (errstate costs a microsecond)
+            values = np.ascontiguousarray(array, dtype=np.float32)
+        # one pass for NaN (which fails every comparison), Inf and values the scheme cannot
+        # store; a rotating stream checks its range after the rotation, in stage()
+        stream = self._k if name == "k" else self._v
+        limit = FLOAT32_MAX if stream.rotation_seed is not None else stream.limit
+        if not float(np.abs(values).max()) <= limit:
+            bad = ~np.isfinite(values)
+            if bad.any():
+                head, token, channel = (int(i) for i in np.argwhere(bad)[0])
+                value = float(array[head, token, channel])
+                what = "beyond the float32 range" if np.isfinite(value) else "non-finite"
+                raise ValueError(
+                    f"{name} has {value!r} at head {head}, token {token} (position "
+                    f"{stream.appended + token}), channel {channel} ({what}); kvq caches "
+                    "finite values only"
+                )
+            stream.raise_out_of_range(values)
         return values
 
     def __len__(self) -> int:
@@ -365,22 +456,28 @@ class KVCache:
     @property
     def held(self) -> int:
         """Tokens held (and readable); fewer than ``len(self)`` once a window drops chunks."""
-        return min(self._k.held, self._v.held)
+        with self._lock:
+            return min(self._k.held, self._v.held)
 
     @property
     def positions(self) -> np.ndarray:
         """Absolute positions (int64) of the tokens ``keys()`` and ``values()`` return."""
-        return np.arange(len(self) - self.held, len(self), dtype=np.int64)
+        with self._lock:
+            return np.arange(len(self) - self.held, len(self), dtype=np.int64)
 
     def keys(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """float32 (num_kv_heads, end - start, head_dim): held keys ``[start, end)``."""
-        start, end = self._range(start, end)
-        return self._k.read(start + self._k.held - self.held, end + self._k.held - self.held)
+        with self._lock:
+            start, end = self._range(start, end)
+            skip = self._k.held - self.held
+            return self._k.read(start + skip, end + skip)
 
     def values(self, start: int = 0, end: int | None = None) -> np.ndarray:
         """float32 (num_kv_heads, end - start, head_dim): held values ``[start, end)``."""
-        start, end = self._range(start, end)
-        return self._v.read(start + self._v.held - self.held, end + self._v.held - self.held)
+        with self._lock:
+            start, end = self._range(start, end)
+            skip = self._v.held - self.held
+            return self._v.read(start + skip, end + skip)
 
     def _range(self, start, end) -> tuple[int, int]:
         held = self.held
@@ -396,11 +493,16 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         """Bytes of data held: codes, scales and mins of held chunks, plus the residual."""
-        return self._k.nbytes + self._v.nbytes
+        with self._lock:
+            return self._k.nbytes + self._v.nbytes
 
     def stats(self) -> dict[str, float | int]:
         """Counts and bytes: appended, held, quantized and residual tokens, chunks, nbytes,
         reserved bytes, and bits per held value."""
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, float | int]:
         held_values = 2 * self.held * self.num_kv_heads * self.head_dim
         return {
             "appended": len(self),
@@ -416,13 +518,24 @@ class KVCache:
             "bits_per_value": 8 * self.nbytes / held_values if held_values else float("nan"),
         }
 
+    def __getstate__(self) -> dict:
+        """For copy and pickle: everything but the lock (each copy gets its own)."""
+        with self._lock:
+            return {key: value for key, value in self.__dict__.items() if key != "_lock"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __repr__(self) -> str:
         window = f", window={self.window}" if self.window else ""
+        with self._lock:
+            counts = f"{len(self)} tokens appended, {self.held} held{window}"
+            size = f"{self.nbytes / 2**20:.2f} MiB"
         return (
-            f"KVCache({self.num_kv_heads} heads x {self.head_dim}, {len(self)} tokens appended, "
-            f"{self.held} held{window}, K {self.config.k.describe()}, "
-            f"V {self.config.v.describe()}, residual {self.config.residual}, "
-            f"{self.nbytes / 2**20:.2f} MiB)"
+            f"KVCache({self.num_kv_heads} heads x {self.head_dim}, {counts}, "
+            f"K {self.config.k.describe()}, V {self.config.v.describe()}, "
+            f"residual {self.config.residual}, {size})"
         )
 
 

@@ -15,6 +15,8 @@ class ModelKVCache:
     ``window=sliding_window``, full-attention layers grow without bound (or to ``capacity``).
 
     ``cache[layer]`` is that layer's :class:`KVCache`; ``append(layer, k, v)`` appends to it.
+    Each layer has its own lock (see :class:`KVCache`), so different layers can be appended
+    from different threads at once.
     """
 
     def __init__(
@@ -56,8 +58,17 @@ class ModelKVCache:
         return index
 
     def append(self, layer: int, k, v) -> None:
-        """Append (num_kv_heads, t, head_dim) keys and values to ``layer``."""
-        self.layers[self._layer(layer)].append(k, v)
+        """Append (num_kv_heads, t, head_dim) keys and values to ``layer``.
+
+        Errors are :meth:`KVCache.append`'s (NaN/Inf included), prefixed with the layer; the
+        layer is left as it was.
+        """
+        index = self._layer(layer)
+        try:
+            self.layers[index].append(k, v)
+        except (TypeError, ValueError, MemoryError) as error:
+            error.args = (f"layer {index}: {error}",)
+            raise
 
     @property
     def nbytes(self) -> int:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass
 
+from kvq._validate import check_int
 from kvq.config import FULL, SLIDING, ModelConfig
 from kvq.kvcache import stream_bytes
 from kvq.scheme import QuantConfig
@@ -59,11 +59,7 @@ def plan(model_config: ModelConfig, context_len: int, config: QuantConfig | None
     """KV cache bytes of ``model_config`` after ``context_len`` tokens (see :class:`Plan`)."""
     if not isinstance(model_config, ModelConfig):
         raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
-    if isinstance(context_len, bool):
-        raise TypeError("context_len must be an integer")
-    context_len = operator.index(context_len)
-    if context_len < 0:
-        raise ValueError(f"context_len must be >= 0, got {context_len}")
+    context_len = check_int("context_len", context_len, 0)
     heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
     by_type: dict[str, int] = {}
     bf16 = 0

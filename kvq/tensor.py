@@ -206,7 +206,10 @@ def quantize(
     codes = np.empty(grid_flat.size, np.uint8)
     levels = np.float32(scheme.levels)
     half = scheme.scale_dtype == "float16"
-    if half and grid_flat.size and np.abs(grid_flat).max() > FLOAT16_MAX:
+    peak = np.abs(grid_flat).max() if half and grid_flat.size else 0.0
+    if not np.isfinite(peak):  # name the position, as without float16 scales
+        _raise_rejected(original, flat, scheme)
+    if peak > FLOAT16_MAX:
         raise ValueError(
             "x has values beyond +-65504, which float16 scales and mins cannot hold; "
             "use scale_dtype='float32'"

@@ -88,14 +88,15 @@ def test_constructor_refuses_parts_that_do_not_fit(rng):
 
 
 def test_range_reads_only_its_blocks(rng):
-    """Blocks outside the range are never read: poison them and the range is unchanged."""
+    """Blocks outside the range are never read: poison them (absurd but finite scales and mins:
+    hand-built blocks refuse NaN) and the range is unchanged."""
     x = kv_like(rng, 320)
     qb = kvq.QuantizedBlocks.quantize(x, 32)
     expected = qb.dequantize(70, 130)  # blocks 2, 3 and 4
     poisoned = kvq.QuantizedBlocks(
         codes=qb.codes,
-        scales=np.where(np.isin(np.arange(10), [2, 3, 4]), qb.scales, np.nan).astype(np.float32),
-        mins=np.where(np.isin(np.arange(10), [2, 3, 4]), qb.mins, np.nan).astype(np.float32),
+        scales=np.where(np.isin(np.arange(10), [2, 3, 4]), qb.scales, 3e37).astype(np.float32),
+        mins=np.where(np.isin(np.arange(10), [2, 3, 4]), qb.mins, -3e37).astype(np.float32),
         shape=qb.shape,
         block_size=32,
     )

@@ -309,3 +309,18 @@ def test_plan_command(capsys):
     assert "3.00 GiB" in out and "99.00 MiB" in out
     assert main(["plan", "--bits", "5"]) == 2
     assert "bits must be one of" in capsys.readouterr().err
+
+
+def test_prefill_quantizes_whole_runs_of_chunks_as_one_tensor():
+    """A long append quantizes all the chunks it completes in one call; chunk_tokens makes
+    each chunk's codes, groups and super-blocks start on their own byte, so the batch's parts
+    are the chunks' parts end to end, as one-token appends store them (1 KV head: V chunks
+    of 4 tokens, so 8 second-level groups fill a super-block)."""
+    k, v = kv_layer(1, 70, 64, seed=3)
+    for config in (kvq.QuantConfig.q4(), kvq.QuantConfig.q8(), kvq.QuantConfig.kivi(2)):
+        whole = kvq.KVCache(1, 64, config)
+        assert whole._k.batchable and whole._v.batchable
+        whole.append(k, v)
+        one = kvq.KVCache(1, 64, config)
+        feed(one, k, v, [1] * 70)
+        same_stored(whole, one)

@@ -134,8 +134,8 @@ def test_rotated_error_within_the_bound_in_l2_norm_per_row(xm, seed, bits, group
 )
 def test_search_never_makes_any_group_worse(xm, bits, group_size, data):
     """search=True keeps, per group, the candidate with the lowest squared error, min/max
-    included: no whole group's squared error exceeds plain min/max's (float rounding aside).
-    A row's shorter last group can be made worse: see the xfail test below."""
+    included: no group's squared error, a row's shorter last group included, exceeds plain
+    min/max's (float rounding aside)."""
     x, magnitude = xm
     axis = data.draw(st.integers(-x.ndim, x.ndim - 1), label="axis")
     scale_dtype = data.draw(
