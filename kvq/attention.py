@@ -91,13 +91,14 @@ def _attend(cache: KVCache, rows: np.ndarray, t_q: int, causal: bool) -> tuple:
     origin = first // block * block
     n_blocks = -(-(end - origin) // block)
     threads = numba.get_num_threads()
-    splits = max(1, min(n_blocks, 2 * threads))  # token ranges; each walks every head
+    splits = max(1, min(n_blocks, 2 * threads))  # token ranges; each walks every head,
+    head_groups = min(kv_heads, -(-2 * threads // splits))  # or a share of them when few
     tasks = kv_heads * splits
     part_max = np.empty((tasks, group * t_q), np.float32)
     part_sum = np.empty((tasks, group * t_q), np.float32)
     part_acc = np.empty((tasks, group * t_q, dim), np.float32)
     kernels.attention_blocks(
-        rows, row_first, row_last, origin, first, end, block, splits,
+        rows, row_first, row_last, origin, first, end, block, splits, head_groups,
         *_stream_arrays(k_stream),
         *_stream_arrays(v_stream),
         part_max, part_sum, part_acc,

@@ -15,6 +15,7 @@ import math
 
 import numpy as np
 
+from kvq import kernels
 from kvq._validate import as_float32, check_int, position
 from kvq.kernels import ggml
 from kvq.scheme import BITS, Scheme
@@ -60,7 +61,7 @@ def ggml_quantize(x, kind) -> np.ndarray:
         d = np.empty(n_blocks, np.float32)
         m = np.empty(n_blocks if kind_id == ggml.Q4_1 else 0, np.float32)
         blocks = flat.reshape(n_blocks, GGML_BLOCK)
-        if ggml.ggml_quantize_blocks(blocks, kind_id, out, d, m):
+        if kernels.ggml_quantize_blocks(blocks, kind_id, out, d, m):
             _raise_nonfinite(original, flat)
         out[:, 0:2] = _float16_bytes(d)
         if kind_id == ggml.Q4_1:
@@ -102,7 +103,7 @@ def ggml_dequantize(blocks, kind, shape) -> np.ndarray:
     out = np.empty((n_blocks, GGML_BLOCK), np.float32)
     if n_blocks:
         rows = np.ascontiguousarray(blocks).reshape(n_blocks, type_size)
-        ggml.ggml_dequantize_blocks(rows, kind_id, out)
+        kernels.ggml_dequantize_blocks(rows, kind_id, out)
     return out.reshape(shape)
 
 

@@ -127,6 +127,8 @@ class TensorStream:
         pool: MemoryPool | None,
     ) -> None:
         self.name = name
+        if scheme.axis >= 0:  # 1 and 2 of a (heads, tokens, head_dim) chunk; the stream
+            scheme = replace(scheme, axis=scheme.axis - 3)  # also quantizes 4-D batches
         self.scheme = scheme
         self.heads = num_kv_heads
         self.head_dim = head_dim

@@ -297,7 +297,7 @@ def _double_quantize(
     grid: np.ndarray | None = None,
     group: int = 0,
     row_groups: int = 1,
-    last_count: int = 0,
+    last_count: int = 0,  # with grid: real values in each row's last group
 ) -> DoubleQuantParams:
     """Second-level quantization of per-group (scale, min), SUPER_GROUPS groups at a time.
 
@@ -338,7 +338,7 @@ def _double_quantize(
             grid,
             group,
             row_groups,
-            last_count or group,
+            last_count,
             np.float32(levels),
             per_group(d),
             per_group(dmin),

@@ -82,7 +82,11 @@ def assert_attention_close(
     difference.
     """
     for name, value in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(value, int | float | np.floating | np.integer) and 0 <= value < np.inf):
+        if isinstance(value, bool | np.bool_) or not isinstance(
+            value, int | float | np.floating | np.integer
+        ):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+        if not 0 <= value < np.inf:
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     out = np.asarray(out)
     ref = np.asarray(ref)

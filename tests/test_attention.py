@@ -1,5 +1,7 @@
 """kvq.attention on the quantized cache against attention_reference (float64 NumPy)."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -117,6 +119,24 @@ def test_head_dims_and_ragged_lengths(dim, tokens):
         q = queries(2, 1, dim)
         ref = kvq.attention_reference(q, cache.keys(), cache.values())
         assert_matches_reference(kvq.attention(q, cache), ref)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("heads, dim", [(8, 64), (4, 48), (8, 96)])
+def test_gpt_oss_shape_vector_paths(bits, heads, dim):
+    """GPT-OSS shape (8 KV heads of 64: one-token V chunks, two 32-groups a token, vector
+    unpacking of codes and 6-bit sub-scales) and dims that are not multiples of 32 or 64
+    (the scalar paths), at every code width, against the reference: 300 tokens, so blocks,
+    ragged tails and per-channel chunks all occur."""
+    config = kvq.QuantConfig.q8() if bits == 8 else kvq.QuantConfig.q4()
+    if bits in (3, 2):
+        config = getattr(kvq.QuantConfig, f"q{bits}")()
+    if dim & (dim - 1):  # rotation needs a power of two
+        config = replace(config, k=replace(config.k, rotate=None), rotate=None)
+    cache, _, _ = build(config, heads=heads, tokens=300, dim=dim)
+    q = queries(heads * 8, 1, dim)
+    ref = kvq.attention_reference(q, cache.keys(), cache.values())
+    assert_matches_reference(kvq.attention(q, cache), ref)
 
 
 def test_scale_argument():

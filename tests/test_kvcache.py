@@ -324,3 +324,24 @@ def test_prefill_quantizes_whole_runs_of_chunks_as_one_tensor():
         one = kvq.KVCache(1, 64, config)
         feed(one, k, v, [1] * 70)
         same_stored(whole, one)
+
+
+@pytest.mark.parametrize("k_axis, v_axis", [(1, 2), (-2, -1)])
+def test_positive_axes_group_as_their_negative_twins(k_axis, v_axis):
+    """axis=1/2 name the tokens/head_dim of (heads, tokens, head_dim) chunks, also when a
+    prefill quantizes several chunks as one 4-D batch (32 heads: chunk length != heads)."""
+    k, v = kv_layer(32, 96, 8, seed=5)
+    config = kvq.QuantConfig(k=kvq.Scheme(4, 32, axis=k_axis), v=kvq.Scheme(4, 8, axis=v_axis))
+    twin = kvq.QuantConfig(k=kvq.Scheme(4, 32, axis=-2), v=kvq.Scheme(4, 8, axis=-1))
+    whole = kvq.KVCache(32, 8, config)
+    whole.append(k, v)
+    one = kvq.KVCache(32, 8, twin)
+    feed(one, k, v, [1] * 96)
+    same_stored(whole, one)
+    np.testing.assert_array_equal(whole.keys(), one.keys())
+    q = np.random.default_rng(0).standard_normal((32, 1, 8)).astype(np.float32)
+    kvq.testing.assert_attention_close(
+        kvq.attention(q, whole),
+        kvq.attention_reference(q, whole.keys(), whole.values()),
+        rtol=1e-5,
+    )

@@ -230,3 +230,10 @@ def test_attention_close_edge_cases():
         assert_attention_close(ref, ref, rtol=-1)
     with pytest.raises(AssertionError, match=r"Worst row \[0\]: (.*\n)*extra context$"):
         assert_attention_close(np.eye(2), np.ones((2, 2)), rtol=0.1, err_msg="extra context")
+
+
+@pytest.mark.parametrize("rtol", ["1e-5", True, None])
+def test_attention_close_refuses_a_tolerance_that_is_not_a_number(rtol):
+    ref = np.ones((2, 1, 4))
+    with pytest.raises(TypeError, match="rtol must be a real number"):
+        assert_attention_close(ref, ref, rtol=rtol)

@@ -50,8 +50,9 @@ def test_every_run_of_a_stream_decodes_to_numpy(bits):
         assert (out[:5] == -7.0).all() and (out[5 + RUN :] == -7.0).all(), "wrote outside"
 
 
-def test_last_run_of_a_row_reads_no_byte_past_it():
-    """The 4-bit run ending the row is decoded from a view that ends exactly there."""
+def test_last_run_of_a_row_decodes_from_a_view_ending_there():
+    """The 4-bit run ending the row decodes right from a view that ends exactly there (its
+    load is the run's 16 bytes: the LLVM vector type fixes the width)."""
     codes = np.arange(64, dtype=np.uint8) % 16
     packed = np.zeros(32, np.uint8)
     pack_codes(codes, 4, packed)

@@ -15,6 +15,7 @@ from kvq.kernels.blockwise import (
     quantize_blocks,
 )
 from kvq.kernels.convert import bf16_to_f32, mxfp4_to_f32
+from kvq.kernels.ggml import ggml_dequantize_blocks, ggml_quantize_blocks
 from kvq.kernels.packing import pack_codes, unpack_codes
 from kvq.kernels.rotate import rotate_rows
 from kvq.kernels.search import refine_subcodes, search_blocks
@@ -24,6 +25,8 @@ bf16_to_f32 = serialised(bf16_to_f32)
 dequantize_blocks = serialised(dequantize_blocks)
 encode_blocks = serialised(encode_blocks)
 extrema_blocks = serialised(extrema_blocks)
+ggml_dequantize_blocks = serialised(ggml_dequantize_blocks)
+ggml_quantize_blocks = serialised(ggml_quantize_blocks)
 mxfp4_to_f32 = serialised(mxfp4_to_f32)
 pack_codes = serialised(pack_codes)
 quantize_blocks = serialised(quantize_blocks)
@@ -39,6 +42,8 @@ __all__ = [
     "dequantize_blocks",
     "encode_blocks",
     "extrema_blocks",
+    "ggml_dequantize_blocks",
+    "ggml_quantize_blocks",
     "mxfp4_to_f32",
     "pack_codes",
     "quantize_blocks",

@@ -3,8 +3,8 @@
 ``unpack_affine_32[bits](row, index, scale, lowest, out, at)`` sets
 ``out[at:at + 32] = lowest + scale * code(row, index + i)`` for ``i < 32``, where ``row`` is a
 little-endian bit stream of ``bits``-bit codes (uint8) and ``index * bits`` is a multiple of 8.
-Lane ``i`` reads the 16-bit window at byte ``(index + i) * bits // 8`` of the run, shifts it
-by ``(index + i) * bits % 8`` and masks ``bits`` bits: a byte gather, a shift and an and per
+Lane ``i`` reads the 16-bit window at byte ``i * bits // 8`` of the run, shifts it by
+``i * bits % 8`` and masks ``bits`` bits: a byte gather, a shift and an and per
 lane, which LLVM turns into a few shuffles on AVX-512/AVX2 instead of a scalar loop.
 
 Callers guarantee the run's ``4 * bits`` bytes and ``out[at:at + 32]`` lie inside the arrays.

@@ -418,7 +418,12 @@ WORKQUEUE_PROBE = textwrap.dedent(
     from kvq import _threads, kernels
 
     assert _threads.SERIALISE and _threads.LAYER == "workqueue", _threads.LAYER
-    assert isinstance(kernels.quantize_blocks, _threads.SerialisedKernel)
+    for name in kernels.__all__:  # every parallel kernel, wherever it is called from
+        kernel = getattr(kernels, name)
+        if getattr(kernel, "targetoptions", {}).get("parallel") or hasattr(kernel, "py_func"):
+            assert isinstance(kernel, _threads.SerialisedKernel), name
+    from kvq.formats import ggml_dequantize, ggml_quantize
+
     rng = np.random.default_rng(0)
     tensors = [rng.standard_normal((8, 256, 64), dtype=np.float32) for _ in range(8)]
     queries = rng.standard_normal((16, 1, 64), dtype=np.float32)
@@ -432,6 +437,7 @@ WORKQUEUE_PROBE = textwrap.dedent(
             cache.append(x[:, t : t + 1], x[:, t : t + 1])
         out.append(kvq.attention(queries, cache))
         out.append(kvq.QuantizedKVCache.quantize(x, x).dequant_k())
+        out.append(ggml_dequantize(ggml_quantize(x, "q4_1"), "q4_1", x.shape))
         return out
 
     serial = [work(i) for i in range(8)]
