@@ -3,6 +3,8 @@ re-quantizing the whole cache, and nbytes against kvq.plan.
 
 Targets (issue 5): appending one token at 32K context within 20% of appending at 1K, and at
 least 10x cheaper than re-quantizing the cache; nbytes after N appends equal to the plan.
+Also reported, with no target: a 32K-token prefill in one append, against quantizing the
+same K and V as one tensor each (the append also validates, lays out and stores its chunks).
 
     python bench/bench_cache.py
     python bench/bench_cache.py --quick  # 1K and 4K tokens, 64 appends: a smoke run
@@ -67,11 +69,18 @@ def main() -> None:
             ),
             repeats=3,
         )
+        prefill = median_seconds(
+            lambda config=config: kvq.KVCache(HEADS, HEAD_DIM, config).append(
+                k[:, :big], v[:, :big]
+            ),
+            repeats=3,
+        )
         ratio = appends[big][0] / appends[small][0]
         rows.append(
             [name]
             + [f"{appends[n][0] * 1e6:.0f} ({appends[n][1] * 1e6:.0f})" for n in contexts]
             + [f"{ratio:.2f}", f"{requantize * 1e3:.1f}", f"{requantize / appends[big][0]:.0f}"]
+            + [f"{prefill * 1e3:.1f}", f"{prefill / requantize:.2f}"]
         )
         big_us, small_us = f"{appends[big][0] * 1e6:.0f} us", f"{appends[small][0] * 1e6:.0f} us"
         label = f"append at {big // 1024}K <= 1.2x append at {small // 1024}K"
@@ -106,6 +115,8 @@ def main() -> None:
         f"{big // 1024}K / {small // 1024}K",
         f"re-quantize {big // 1024}K (ms)",
         "re-quantize / append",
+        f"prefill {big // 1024}K in one append (ms)",
+        "prefill / re-quantize",
     ]
     lines = [
         f"# bench_cache: one-token appends to a KVCache of {HEADS} KV heads x {HEAD_DIM} "

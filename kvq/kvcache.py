@@ -106,7 +106,8 @@ def held_layout(appended: int, chunk: int, residual: int, window: int | None) ->
 @dataclass
 class _Staged:
     pending: np.ndarray
-    chunks: list[dict[str, np.ndarray] | None]  # each chunk's parts; None: never held
+    dropped: int  # chunks completed but out of the window before ever being read
+    rows: dict[str, np.ndarray]  # per part, one row per kept chunk (chunks after the dropped)
     appended: int
     first_chunk: int
     store: tuple[dict[str, np.ndarray], int] | None
@@ -204,28 +205,29 @@ class TensorStream:
         count = layout.chunks - self.chunks
         # chunks out of the window before they are ever read are never quantized
         dropped = min(count, max(0, layout.first_chunk - self.chunks))
-        chunks: list[dict[str, np.ndarray] | None] = [None] * dropped
-        if count - dropped > 1 and self.batchable:
+        kept = count - dropped
+        if kept > 1 and self.batchable:
             values = pending[:, dropped * self.chunk : count * self.chunk]
-            batch = values.reshape(self.heads, count - dropped, self.chunk, self.head_dim)
+            batch = values.reshape(self.heads, kept, self.chunk, self.head_dim)
             parts = quantize(batch.transpose(1, 0, 2, 3), scheme=self.plain_scheme).parts()
-            for j in range(count - dropped):
-                chunks.append(
-                    {
-                        key: parts[key][j * size : (j + 1) * size]
-                        for key, (_, size) in self.part_layout.items()
-                    }
-                )
+        elif kept == 0:
+            parts = {key: np.empty(0, dtype) for key, (dtype, _) in self.part_layout.items()}
         else:
-            for i in range(dropped, count):
-                values = pending[:, i * self.chunk : (i + 1) * self.chunk]
-                chunks.append(quantize(values, scheme=self.plain_scheme).parts())
+            each = [
+                quantize(
+                    pending[:, i * self.chunk : (i + 1) * self.chunk], scheme=self.plain_scheme
+                ).parts()
+                for i in range(dropped, count)
+            ]
+            parts = {key: np.concatenate([p[key] for p in each]) for key in self.part_layout}
+        # one row per kept chunk, in order
+        rows = {key: parts[key].reshape(kept, size) for key, (_, size) in self.part_layout.items()}
         store = None
         if self.window is None and layout.chunks > self.slots:
             slots = max(layout.chunks, 2 * self.slots)
             store = (self._allocate(slots), slots)
-        rest = np.ascontiguousarray(pending[:, len(chunks) * self.chunk :])
-        return _Staged(rest, chunks, appended, layout.first_chunk, store)
+        rest = np.ascontiguousarray(pending[:, count * self.chunk :])
+        return _Staged(rest, dropped, rows, appended, layout.first_chunk, store)
 
     def raise_out_of_range(self, values: np.ndarray, rotated: bool = False) -> None:
         """ValueError naming the first token (of ``values``, about to be appended) past
@@ -254,12 +256,16 @@ class TensorStream:
                 bigger[key][: self.chunks] = array[: self.chunks]
             self.release()
             self.store, self.slots = bigger, slots
-        for parts in staged.chunks:
-            if parts is not None:
-                slot = self.chunks % self.slots
-                for key, part in parts.items():
-                    self.store[key][slot] = part
-            self.chunks += 1
+        self.chunks += staged.dropped
+        kept = next(iter(staged.rows.values())).shape[0] if staged.rows else 0
+        done = 0
+        while done < kept:  # contiguous runs of slots: at most two unless a ring wraps often
+            slot = self.chunks % self.slots
+            run = min(kept - done, self.slots - slot)
+            for key, rows in staged.rows.items():
+                self.store[key][slot : slot + run] = rows[done : done + run]
+            done += run
+            self.chunks += run
         self.pending = staged.pending
         self.appended = staged.appended
         self.first_chunk = staged.first_chunk
