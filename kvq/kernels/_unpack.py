@@ -15,6 +15,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
+from kvq.kernels._simd import _is_array
+
 RUN = 32  # codes per call
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
@@ -22,15 +24,6 @@ _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatT
 
 def _vector(element, count=RUN):
     return ir.VectorType(element, count)
-
-
-def _is_row(value, dtype) -> bool:
-    return (
-        isinstance(value, types.Array)
-        and value.dtype == dtype
-        and value.ndim == 1
-        and value.layout == "C"
-    )
 
 
 def _splat(builder, scalar, count, element):
@@ -48,7 +41,7 @@ def _make(bits: int):
 
     @intrinsic
     def unpack_affine_32(typingctx, row, index, scale, lowest, out, at):
-        if not (_is_row(row, types.uint8) and _is_row(out, types.float32)):
+        if not (_is_array(row, types.uint8) and _is_array(out, types.float32)):
             return None
 
         def codegen(context, builder, signature, args):

@@ -7,7 +7,6 @@ row when rotated); search never makes a group's squared error worse; attention w
 max |reference|.
 """
 
-import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -33,16 +32,7 @@ from tests.robustness.api_strategies import (
 FEW = settings(max_examples=50, deadline=None)
 
 
-@pytest.fixture(autouse=True)
-def one_numba_thread():
-    """Run kernels on the calling thread: these tests make thousands of calls on tiny arrays,
-    and on a loaded machine each parallel launch waits milliseconds for its workers (25 s
-    against 3 s for this directory on the 2-core development machine). The contracts tested
-    here do not depend on the thread count; the kernels' own tests run them in parallel."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 def same_quantized(a: kvq.QuantizedTensor, b: kvq.QuantizedTensor) -> None:
