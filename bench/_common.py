@@ -1,8 +1,10 @@
 """Shared helpers for the benchmark scripts: peer imports, table printing, result files."""
 
 import importlib
+import json
 import os
 import platform
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -31,6 +33,15 @@ def save(name: str, text: str) -> Path:
     path = RESULTS / name
     path.write_text(text + "\n")
     return path
+
+
+def publish(name: str, lines: list[str], figures: dict) -> None:
+    """Write ``<name>.json`` (the figures behind each target, for run_all's summary) and
+    ``<name>.md`` (the report ``lines``) under bench/results/, and print the report."""
+    save(f"{name}.json", json.dumps(figures, indent=1))
+    report = "\n".join(lines)
+    print(report)
+    print(f"\n(saved to {save(f'{name}.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")
 
 
 def gbps(nbytes: int, seconds: float) -> float:

@@ -12,10 +12,8 @@ GFLOP/s beside the machine's read bandwidth measured in the same run.
 """
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,7 @@ from numba import njit, prange
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch, MLX and Numba share 2 cores
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, optional, save, verdicts, versions
+from _common import machine, markdown_table, optional, publish, verdicts, versions
 
 import kvq
 from kvq.synthetic import kv_layer
@@ -148,10 +146,7 @@ def main() -> None:
         "",
     ]
     lines += verdicts(checks)
-    save("bench_attention.json", json.dumps(figures, indent=1))
-    report = "\n".join(lines)
-    print(report)
-    print(f"\n(saved to {save('bench_attention.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")
+    publish("bench_attention", lines, figures)
 
 
 if __name__ == "__main__":

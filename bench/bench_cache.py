@@ -11,7 +11,6 @@ same K and V as one tensor each (the append also validates, lays out and stores 
 """
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, save, verdicts, versions
+from _common import machine, markdown_table, publish, verdicts, versions
 
 import kvq
 from kvq.synthetic import kv_layer
@@ -127,10 +126,7 @@ def main() -> None:
         "",
     ]
     lines += verdicts(checks)
-    save("bench_cache.json", json.dumps(figures, indent=1))
-    report = "\n".join(lines)
-    print(report)
-    print(f"\n(saved to {save('bench_cache.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")
+    publish("bench_cache", lines, figures)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,13 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, save, verdicts, versions
+from _common import machine, markdown_table, publish, verdicts, versions
 
 from kvq import kernels
 from kvq.loader import load_safetensors
@@ -133,7 +132,6 @@ def main() -> None:
         checks[2][0]: (rate("BF16 -> float32 kernel"), copy_rate),
         checks[3][0]: (rate("MXFP4 -> float32 kernel"), copy_rate),
     }
-    save("bench_loader.json", json.dumps(figures, indent=1))
     lines = [
         f"# bench_loader: {stored / 1e9:.2f} GB checkpoint in {SHARDS} shards, {tensors} tensors; "
         f"conversions to {out.nbytes / 2**20:.0f} MiB of float32",
@@ -148,9 +146,7 @@ def main() -> None:
         "",
     ]
     lines += verdicts(checks)
-    report = "\n".join(lines)
-    print(report)
-    print(f"\n(saved to {save('bench_loader.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")
+    publish("bench_loader", lines, figures)
 
 
 if __name__ == "__main__":

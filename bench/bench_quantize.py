@@ -12,18 +12,16 @@ interleaved and as medians over repeats, so ratios are what to read. Targets (is
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gbps, machine, markdown_table, optional, save, verdicts, versions
+from _common import gbps, machine, markdown_table, optional, publish, verdicts, versions
 
 import kvq
 from kvq.timing import interleaved_medians, median_seconds
@@ -204,7 +202,6 @@ def main() -> None:
         checks[4][0]: (ms("kvq quantize 2-bit"), f"{ms('MLX mx.quantize 2-bit (CPU)')} (MLX)"),
         checks[5][0]: (f"{warm:.2f} s", f"{cold:.2f} s cold cache"),
     }
-    save("bench_quantize.json", json.dumps(figures, indent=1))
     lines = [
         f"# bench_quantize: {args.mb} MB float32 (K and V, {n:,} values each), 8-bit, "
         f"blocks of {GROUP}",
@@ -220,9 +217,7 @@ def main() -> None:
     lines += verdicts(checks)
     if skipped:
         lines.append(f"- skipped peers: {', '.join(skipped)}")
-    report = "\n".join(lines)
-    print(report)
-    print(f"\n(saved to {save('bench_quantize.md', report)}; {time.strftime('%Y-%m-%d %H:%M')})")
+    publish("bench_quantize", lines, figures)
 
 
 if __name__ == "__main__":
