@@ -40,10 +40,14 @@ def attention(
     (num_q_heads,) logits that join each head's softmax denominator and carry no value
     (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim).
 
-    Memory: queries are processed in chunks, so scratch beyond q and the output stays under
-    ``SCRATCH_BYTES`` (32 MiB), or one query token's share when that is larger (about
-    4 x group x (kv_heads x splits x (head_dim + 2) + threads x (kv_heads x head_dim + 128))
-    bytes, splits <= 2 x threads: 0.9 MB for GPT-OSS's 8 KV heads of 64 on 16 threads).
+    Memory: besides the float32 output, one float32 copy of q (scaled, rotated) and, per
+    chunk of queries, scratch under ``SCRATCH_BYTES`` (32 MiB; :func:`query_chunk`), or one
+    query token's share when that is larger (about 4 x group x (kv_heads x splits x
+    (head_dim + 2) + threads x (kv_heads x head_dim + 128)) bytes, splits <= 2 x threads:
+    0.9 MB for GPT-OSS's 8 KV heads of 64 on 16 threads). Measured (tracemalloc, 2 threads)
+    on a GPT-OSS layer (64 query heads, 8 KV heads of 64) for 2,048 queries over 2,048
+    tokens: 89 MiB in all, of which 32 are the output and 32 the copy of q; before the
+    chunking, 754 MiB (the partials grow with the thread count).
 
     q, sinks and scale must be finite: NaN or +-Inf raises ValueError naming the argument and
     the position, and so does a ``q * scale`` that overflows float32. The cache's lock is held
@@ -60,14 +64,17 @@ def attention(
     start = check_int("start", start, 0)
     k_scheme, v_scheme = cache.config.k, cache.config.v
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
-        if k_scheme.rotate is not None:
-            queries = queries @ hadamard_rotation(dim, k_scheme.rotate)
-        queries = queries * np.float32(scale)
+        if k_scheme.rotate is not None:  # one copy of q: rotated and scaled together
+            rotation = hadamard_rotation(dim, k_scheme.rotate).astype(np.float32)
+            queries = queries @ (rotation * np.float32(scale))
+        else:
+            queries = queries * np.float32(scale)
     if not np.isfinite(queries).all():
         _raise_queries(original, queries, scale)
     # rows of one KV head: (query head within the group, query token)
     rows = queries.reshape(kv_heads, group, t_q, dim)
-    out = np.empty((kv_heads, group, t_q, dim), np.float64)
+    out = np.empty((kv_heads, group, t_q, dim), np.float32)
+    unrotate = None if v_scheme.rotate is None else hadamard_rotation(dim, v_scheme.rotate).T
     with cache._lock:  # a consistent state, and no append while the kernel reads the store
         positions = _query_positions(cache, t_q)
         step = query_chunk(cache, group, dim)
@@ -82,47 +89,51 @@ def attention(
             merged = _merge(
                 part_max, part_sum, part_acc, kv_heads, splits, group, hi - lo, sink_logits
             )
+            if unrotate is not None:
+                merged = merged @ unrotate
             out[:, :, lo:hi] = merged.reshape(kv_heads, group, hi - lo, dim)
-    out = out.reshape(heads, t_q, dim)
-    if v_scheme.rotate is not None:
-        out = out @ hadamard_rotation(dim, v_scheme.rotate).T
-    return np.ascontiguousarray(out, dtype=np.float32)
+            del chunk, part_max, part_sum, part_acc, merged  # before the next chunk's
+    return out.reshape(heads, t_q, dim)
 
 
 def query_chunk(cache: KVCache, group: int, dim: int) -> int:
     """Query tokens per kernel call so that its scratch fits ``SCRATCH_BYTES`` (at least 1).
 
-    Per query token (``group`` rows per KV head): the partials, float32 (kv_heads x splits,
-    rows, head_dim + 2); the kernel's accumulators, float32 (kv_heads, rows, head_dim) plus
-    (rows, block) scores in each of at most ``threads`` running tasks; the merge, two
-    float64 (kv_heads, rows, head_dim) and three float64 (kv_heads, splits, rows).
+    Per query token (``group`` rows per KV head): the rows, float32 (kv_heads, rows,
+    head_dim); the partials, float32 (kv_heads x splits, rows, head_dim + 2); the kernel's
+    accumulators, float32 (kv_heads, rows, head_dim) plus (rows, block) scores in each of at
+    most ``threads`` running tasks; the merge, two float64 (kv_heads, rows, head_dim) and at
+    most six float64 (kv_heads, splits, rows) at a time.
     """
+    return max(1, SCRATCH_BYTES // scratch_per_query(cache.num_kv_heads, group, dim))
+
+
+def scratch_per_query(kv_heads: int, group: int, dim: int) -> int:
+    """Bytes of scratch one query token costs (see :func:`query_chunk`)."""
     threads = numba.get_num_threads()
     splits = 2 * threads
-    kv = cache.num_kv_heads
-    per_token = (
-        group
-        * (4 * kv * splits * (dim + 2) + 4 * threads * (kv * dim + _MAX_BLOCK) + 16 * kv * dim)
-        + 24 * kv * splits * group
-    )
-    return max(1, SCRATCH_BYTES // per_token)
+    per_row = 4 * kv_heads * dim  # the rows
+    per_row += 4 * kv_heads * splits * (dim + 2)  # partials
+    per_row += 4 * threads * (kv_heads * dim + _MAX_BLOCK)  # kernel tasks
+    per_row += 16 * kv_heads * dim + 48 * kv_heads * splits  # merge
+    return group * per_row
 
 
 def _query_positions(cache: KVCache, t_q: int) -> np.ndarray:
     """Absolute positions of the last ``t_q`` tokens, checked to be held and servable."""
     if cache.held == 0:
         raise ValueError("the cache is empty: append keys and values before attention")
-    if t_q > cache.held:
+    end = len(cache)
+    first = end - cache.held
+    positions = np.arange(end - t_q, end, dtype=np.int64)
+    if t_q > end:
         raise ValueError(
             f"q has {t_q} query tokens but the cache holds {cache.held}: the queries' own "
             "keys and values must be appended first"
         )
-    end = len(cache)
-    first = end - cache.held
-    positions = np.arange(end - t_q, end, dtype=np.int64)
     if cache.window is not None:
-        needed = positions[0] - cache.window + 1
-        if needed < first and needed >= 0:
+        needed = max(0, positions[0] - cache.window + 1)
+        if needed < first:
             raise ValueError(
                 f"the query at position {positions[0]} needs keys from position {needed}, "
                 f"but the windowed cache dropped everything before {first}: attend each "

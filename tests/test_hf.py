@@ -6,7 +6,6 @@ dequantized keys and values to a relative error of 1e-5.
 """
 
 import copy
-import pickle
 
 import numpy as np
 import pytest
@@ -356,23 +355,3 @@ def test_registered_with_transformers():
     config = transformers.LlamaConfig(**SMALL, num_hidden_layers=1)
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="kvq")
     assert model.config._attn_implementation == "kvq"
-
-
-def test_kvcache_copy_with_pool_and_pickle():
-    pool = kvq.MemoryPool(1 << 20)
-    cache = kvq.KVCache(2, 16, kvq.QuantConfig.q4(), pool=pool)
-    k = np.random.default_rng(0).standard_normal((2, 40, 16)).astype(np.float32)
-    cache.append(k, k)
-    live = pool.stats()["live"]
-    twin = copy.copy(cache)
-    assert pool.stats()["live"] == 2 * live  # the copy's storage comes from the same pool
-    twin.append(k[:, :1], k[:, :1])
-    assert len(twin) == 41 and len(cache) == 40
-    np.testing.assert_array_equal(twin.keys(0, 40), cache.keys())
-    with pytest.raises(TypeError, match="cannot be pickled"):
-        pickle.dumps(cache)
-    del twin
-    import gc
-
-    gc.collect()
-    assert pool.stats()["live"] == live

@@ -1,6 +1,8 @@
 """KVCache, ModelKVCache and plan: streaming appends, windows, memory figures."""
 
+import copy
 import gc
+import pickle
 
 import numpy as np
 import pytest
@@ -237,13 +239,17 @@ def small_model(**changes):
 
 @pytest.mark.parametrize("config", [None, kvq.QuantConfig.q4(), kvq.QuantConfig.kivi(2)])
 @pytest.mark.parametrize("tokens", [1, 63, 64, 65, 200, 517])
-def test_model_cache_nbytes_equals_plan(config, tokens):
+@pytest.mark.parametrize("max_queries", [1, 33])
+def test_model_cache_nbytes_equals_plan(config, tokens, max_queries):
     model = small_model()
     k, v = kv_layer(2, tokens, 64, seed=tokens)
-    cache = kvq.ModelKVCache(model, config or kvq.QuantConfig())
+    cache = kvq.ModelKVCache(model, config or kvq.QuantConfig(), max_queries=max_queries)
     for layer in range(4):
         cache.append(layer, k, v)
-    assert cache.nbytes == kvq.plan(model, tokens, config or kvq.QuantConfig()).total_bytes
+    expected = kvq.plan(model, tokens, config or kvq.QuantConfig(), max_queries=max_queries)
+    assert cache.nbytes == expected.total_bytes
+    assert cache[0].held >= min(tokens, 64 + max_queries - 1)
+    np.testing.assert_array_equal(cache[0].positions, np.arange(tokens - cache[0].held, tokens))
     assert cache[0].window == 64 and cache[1].window is None
     assert cache[0].held >= min(tokens, 64) and cache[1].held == tokens
     assert "total" in cache.table() and len(cache.stats()) == 4
@@ -345,3 +351,153 @@ def test_positive_axes_group_as_their_negative_twins(k_axis, v_axis):
         kvq.attention_reference(q, whole.keys(), whole.values()),
         rtol=1e-5,
     )
+
+
+def test_per_layer_configs_in_model_cache_and_plan():
+    model = small_model()
+
+    def choose(layer, kind):
+        return kvq.QuantConfig.q4() if kind == "full_attention" else kvq.QuantConfig(residual=3)
+
+    cache = kvq.ModelKVCache(model, choose)
+    k, v = kv_layer(2, 90, 64, seed=3)
+    for layer in range(4):
+        cache.append(layer, k, v)
+    assert cache[1].config == kvq.QuantConfig.q4() and cache[0].config.residual == 3
+    assert cache.nbytes == kvq.plan(model, 90, choose).total_bytes
+    assert "per-layer" in kvq.plan(model, 90, choose).table()
+    with pytest.raises(TypeError, match=r"config\(0, 'sliding_attention'\) must return"):
+        kvq.ModelKVCache(model, lambda layer, kind: "q4")
+
+
+# --- a windowed cache serves a prefill chunk (max_queries) -------------------------------------
+
+
+@pytest.mark.parametrize("name", ["default-8bit", "q4", "kivi2-residual"])
+def test_windowed_cache_serves_chunks_of_max_queries(layer, name):
+    """Append chunks of 40 tokens to a window-16 cache built with max_queries=40, attending
+    each right after its append: every query sees its whole window (checked against the
+    float64 reference over an unwindowed twin, which holds the same chunks' codes)."""
+    k, v = layer
+    config = CONFIGS[name]
+    cache = kvq.KVCache(4, 64, config, window=16, max_queries=40)
+    twin = kvq.KVCache(4, 64, config)
+    q = np.random.default_rng(5).standard_normal((8, 203, 64)).astype(np.float32)
+    for lo in range(0, 203, 40):
+        hi = min(203, lo + 40)
+        cache.append(k[:, lo:hi], v[:, lo:hi])
+        twin.append(k[:, lo:hi], v[:, lo:hi])
+        out = kvq.attention(q[:, lo:hi], cache)
+        ref = kvq.attention_reference(q[:, lo:hi], twin.keys(), twin.values(), window=16)
+        assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5
+        assert cache.held >= min(hi, 16 + 40 - 1)
+    assert cache.held < 203  # the ring dropped what no query can see
+    expected = sum(
+        kvq.kvcache.stream_bytes(s, 4, 64, 203, config.residual, 16, 40)
+        for s in (config.k, config.v)
+    )
+    assert cache.nbytes == expected
+    # without max_queries, the chunk's first queries would miss part of their window
+    short = kvq.KVCache(4, 64, config, window=16)
+    short.append(k[:, :120], v[:, :120])
+    with pytest.raises(ValueError, match="max_queries=1"):
+        kvq.attention(q[:, 80:120], short)
+    with pytest.raises(ValueError, match="max_queries must be >= 1"):
+        kvq.KVCache(4, 64, config, window=16, max_queries=0)
+
+
+# --- truncate (transformers' crop) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_truncate_is_exact_or_refused(layer, name):
+    k, v = layer
+    config = CONFIGS[name]
+    for length in (0, 1, 31, 32, 33, 100, 150):
+        cache = kvq.KVCache(4, 64, config)
+        cache.append(k[:, :150], v[:, :150])
+        fewer = kvq.KVCache(4, 64, config)
+        if length:
+            fewer.append(k[:, :length], v[:, :length])
+        before = (cache.keys(), cache.values(), cache.nbytes)
+        try:
+            cache.truncate(length)
+        except ValueError as error:
+            assert "quantized together" in str(error)
+            np.testing.assert_array_equal(cache.keys(), before[0])
+            assert len(cache) == 150 and cache.nbytes == before[2]
+            continue
+        same_stored(cache, fewer)
+        counts = ("appended", "held", "k_quantized", "v_quantized", "k_residual", "nbytes")
+        assert [cache.stats()[c] for c in counts] == [fewer.stats()[c] for c in counts]
+        np.testing.assert_array_equal(cache.keys(), before[0][:, :length])
+        cache.append(k[:, length:160], v[:, length:160])  # and appends on
+        longer = kvq.KVCache(4, 64, config)
+        longer.append(k[:, :160], v[:, :160])
+        same_stored(cache, longer)
+    # per-token schemes without a residual truncate anywhere
+    if name == "default-8bit":
+        cache = kvq.KVCache(4, 64, config)
+        cache.append(k, v)
+        cache.truncate(77)
+        assert len(cache) == 77
+
+
+def test_truncate_refuses_what_the_window_dropped(layer):
+    k, v = layer
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig(), window=16, max_queries=4)
+    cache.append(k[:, :19], v[:, :19])
+    cache.truncate(17)  # nothing dropped yet (19 + 4 - 1 tokens kept)
+    assert len(cache) == cache.held == 17
+    cache.append(k[:, 17:100], v[:, 17:100])
+    # as transformers' sliding layers, a full window cannot roll back: 99 tokens would
+    # hold position 80, which the ring already dropped
+    with pytest.raises(ValueError, match="window already dropped"):
+        cache.truncate(99)
+    with pytest.raises(ValueError, match="exceeds the 100 tokens"):
+        cache.truncate(101)
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        cache.truncate(-1)
+    assert len(cache) == 100 and int(cache.positions[0]) == 81
+
+
+# --- copies ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy])
+def test_copies_are_deep(layer, how):
+    k, v = layer
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.q4())
+    cache.append(k[:, :70], v[:, :70])
+    twin = how(cache)
+    assert twin._lock is not cache._lock
+    assert twin._k.store["codes"] is not cache._k.store["codes"]
+    same_stored(twin, cache)
+    twin.append(k[:, 70:], v[:, 70:])
+    assert len(cache) == 70 and len(twin) == 203
+    reference = kvq.KVCache(4, 64, kvq.QuantConfig.q4())
+    reference.append(k[:, :70], v[:, :70])
+    same_stored(cache, reference)  # the original did not move
+
+
+def test_pool_backed_copies_take_storage_from_the_pool(layer):
+    k, v = layer
+    pool = kvq.MemoryPool(1 << 22)
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.q4(), pool=pool, window=32)
+    cache.append(k[:, :100], v[:, :100])
+    live = pool.stats()["live"]
+    twin = copy.copy(cache)
+    assert pool.stats()["live"] == 2 * live
+    assert twin.pool is pool and twin._k.pool is pool
+    same_stored(twin, cache)
+    before = cache.keys()
+    twin.append(k[:, 100:140], v[:, 100:140])
+    np.testing.assert_array_equal(cache.keys(), before)
+    assert len(cache) == 100 and len(twin) == 140
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(cache)
+    model_copy = copy.deepcopy(kvq.ModelKVCache(small_model(), pool=pool))
+    assert model_copy[0].pool is pool
+    del twin, model_copy
+    gc.collect()
+    assert pool.stats()["live"] == live
