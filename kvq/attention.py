@@ -40,8 +40,8 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
     scale = _check_scale(scale, dim)
     k_scheme, v_scheme = cache.config.k, cache.config.v
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
-        if k_scheme.rotate is not None:
-            queries = queries @ hadamard_rotation(dim, k_scheme.rotate)
+        if k_scheme.rotate:
+            queries = queries @ hadamard_rotation(dim, k_scheme.seed)
         queries = queries * np.float32(scale)
     if not np.isfinite(queries).all():
         _raise_queries(original, queries, scale)
@@ -50,8 +50,8 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
     with cache._lock:  # a consistent state, and no append while the kernel reads the store
         part_max, part_sum, part_acc, splits = _attend(cache, rows, t_q, causal)
     out = _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sink_logits)
-    if v_scheme.rotate is not None:
-        out = out @ hadamard_rotation(dim, v_scheme.rotate).T
+    if v_scheme.rotate:
+        out = out @ hadamard_rotation(dim, v_scheme.seed).T
     return np.ascontiguousarray(out, dtype=np.float32)
 
 

@@ -137,9 +137,9 @@ def to_mlx(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             f"MLX groups along the last axis; qt is grouped along axis {scheme.axis} of "
             f"{ndim} (scheme '{scheme.describe()}'): quantize with axis=-1"
         )
-    if scheme.rotate is not None:
+    if scheme.rotate:
         raise ValueError(
-            f"MLX has no rotation; qt is rotated (rotate={scheme.rotate}): quantize without "
+            f"MLX has no rotation; qt is rotated (seed {scheme.seed}): quantize without "
             "rotate, or rotate the inputs yourself"
         )
     if scheme.double_quant:

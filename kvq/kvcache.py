@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, replace
 
@@ -140,8 +141,8 @@ class TensorStream:
         self.chunk_shape = (num_kv_heads, self.chunk, head_dim)
         # Residual tokens wait in the scheme's rotated basis (the kernels read them with
         # rotated queries); chunks are quantized from them with rotation already applied.
-        self.rotation_seed = scheme.rotate
-        self.plain_scheme = replace(scheme, rotate=None)
+        self.rotation_seed = scheme.rotation_seed
+        self.plain_scheme = replace(scheme, rotate=False)
         self.limit, self.limit_hint = value_limit(scheme)
         template = quantize(np.zeros(self.chunk_shape, np.float32), scheme=scheme).parts()
         self.part_layout = {key: (part.dtype, part.size) for key, part in template.items()}
@@ -366,8 +367,12 @@ class KVCache:
                     f"config.{name}.axis must be -1 (per token) or -2 (per channel), "
                     f"got {scheme.axis}"
                 )
-            if scheme.rotate is not None and self.head_dim & (self.head_dim - 1):
-                raise ValueError(f"rotate needs head_dim to be a power of two, got {head_dim}")
+            if scheme.rotate and self.head_dim & (self.head_dim - 1):
+                raise ValueError(
+                    f"config.{name} rotates, which needs head_dim to be a power of two, got "
+                    f"{head_dim}: use a scheme without rotation, e.g. kvq.QuantConfig.q8("
+                    "rotate=False)"
+                )
         streams = [
             TensorStream(
                 name,
@@ -459,7 +464,8 @@ class KVCache:
         return values
 
     def __len__(self) -> int:
-        return self._k.appended
+        with self._lock:
+            return self._k.appended
 
     @property
     def held(self) -> int:
@@ -490,6 +496,8 @@ class KVCache:
     def _range(self, start, end) -> tuple[int, int]:
         held = self.held
         try:
+            if isinstance(start, bool | np.bool_) or isinstance(end, bool | np.bool_):
+                raise TypeError
             start = operator.index(start)
             end = held if end is None else operator.index(end)
         except TypeError:
@@ -504,27 +512,37 @@ class KVCache:
         with self._lock:
             return self._k.nbytes + self._v.nbytes
 
+    @property
+    def bits_per_element(self) -> float:
+        """Measured bits per held element: 8 * nbytes over the K and V elements held (NaN
+        when empty). Counts codes, scales, mins, second-level scales and residual floats."""
+        with self._lock:
+            held_values = 2 * self.held * self.num_kv_heads * self.head_dim
+            return 8 * self.nbytes / held_values if held_values else float("nan")
+
     def stats(self) -> dict[str, float | int]:
         """Counts and bytes: appended, held, quantized and residual tokens, chunks, nbytes,
-        reserved bytes, and bits per held value."""
+        reserved bytes, and ``bits_per_element`` (measured; the key ``bits_per_value`` is a
+        deprecated alias)."""
         with self._lock:
             return self._stats()
 
     def _stats(self) -> dict[str, float | int]:
-        held_values = 2 * self.held * self.num_kv_heads * self.head_dim
-        return {
-            "appended": len(self),
-            "held": self.held,
-            "k_quantized": self._k.held - self._k.pending.shape[1],
-            "v_quantized": self._v.held - self._v.pending.shape[1],
-            "k_residual": self._k.pending.shape[1],
-            "v_residual": self._v.pending.shape[1],
-            "k_chunk_tokens": self._k.chunk,
-            "v_chunk_tokens": self._v.chunk,
-            "nbytes": self.nbytes,
-            "reserved_nbytes": self._k.reserved_nbytes + self._v.reserved_nbytes,
-            "bits_per_value": 8 * self.nbytes / held_values if held_values else float("nan"),
-        }
+        return Stats(
+            {
+                "appended": len(self),
+                "held": self.held,
+                "k_quantized": self._k.held - self._k.pending.shape[1],
+                "v_quantized": self._v.held - self._v.pending.shape[1],
+                "k_residual": self._k.pending.shape[1],
+                "v_residual": self._v.pending.shape[1],
+                "k_chunk_tokens": self._k.chunk,
+                "v_chunk_tokens": self._v.chunk,
+                "nbytes": self.nbytes,
+                "reserved_nbytes": self._k.reserved_nbytes + self._v.reserved_nbytes,
+                "bits_per_element": self.bits_per_element,
+            }
+        )
 
     def __getstate__(self) -> dict:
         """For copy and pickle: everything but the lock (each copy gets its own)."""
@@ -542,9 +560,33 @@ class KVCache:
             size = f"{self.nbytes / 2**20:.2f} MiB"
         return (
             f"KVCache({self.num_kv_heads} heads x {self.head_dim}, {counts}, "
-            f"K {self.config.k.describe()}, V {self.config.v.describe()}, "
+            f"K {_label(self.config.k)}, V {_label(self.config.v)}, "
             f"residual {self.config.residual}, {size})"
         )
+
+
+def _label(scheme: Scheme) -> str:
+    """``scheme.describe()`` with the axis named for a (heads, tokens, head_dim) cache."""
+    layout = {-1: "per token", 2: "per token", -2: "per channel", 1: "per channel"}
+    return f"{scheme.describe()} ({layout.get(scheme.axis, 'axis ' + str(scheme.axis))})"
+
+
+class Stats(dict):
+    """A plain dict of :meth:`KVCache.stats`; the old key ``bits_per_value`` still reads
+    ``bits_per_element``, with a DeprecationWarning."""
+
+    def __getitem__(self, key):
+        if key == "bits_per_value":
+            warnings.warn(
+                "stats()['bits_per_value'] is deprecated: use stats()['bits_per_element']",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            key = "bits_per_element"
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self or key == "bits_per_value" else default
 
 
 def _release_all(streams: list[TensorStream]) -> None:

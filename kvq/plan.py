@@ -11,21 +11,22 @@ from kvq.scheme import QuantConfig
 
 BF16_BYTES = 2
 FLOAT32_BYTES = 4
+UNQUANTIZED = {"bf16": BF16_BYTES, "float32": FLOAT32_BYTES}  # bytes per value
 
 
 @dataclass(frozen=True)
 class Plan:
     """KV bytes of ``model`` holding ``context_len`` tokens.
 
-    total_bytes: the cache as configured (bf16 when ``config`` is None; quantized chunks plus
-    float32 residual tokens otherwise, exactly what KVCache.nbytes reports); bf16_bytes and
+    total_bytes: the cache as configured (quantized chunks plus float32 residual tokens,
+    exactly what KVCache.nbytes reports; unquantized for ``config="bf16"``); bf16_bytes and
     float32_bytes: the same tokens unquantized; by_type: bytes per layer type; per_token: full-
     attention bytes per token (sliding layers are bounded by their window).
     """
 
     model: ModelConfig
     context_len: int
-    config: QuantConfig | None
+    config: QuantConfig | str
     total_bytes: int
     bf16_bytes: int
     float32_bytes: int
@@ -34,7 +35,11 @@ class Plan:
 
     def table(self) -> str:
         """Text table of the plan."""
-        label = "bf16" if self.config is None else f"{self.config.bits_per_element:.2f}-bit kvq"
+        label = (
+            self.config
+            if isinstance(self.config, str)
+            else f"{self.config.nominal_bits_per_element:.2f}-bit kvq"
+        )
         rows = [
             f"{self.model.model_type or 'model'}: {self.context_len:,} tokens, {label}",
             f"  full layers    {self.model.num_full_layers:>3}  {_gib(self.by_type.get(FULL, 0))}",
@@ -55,11 +60,27 @@ def held_tokens(context_len: int, window: int | None) -> int:
     return context_len if window is None else min(context_len, window)
 
 
-def plan(model_config: ModelConfig, context_len: int, config: QuantConfig | None = None) -> Plan:
-    """KV cache bytes of ``model_config`` after ``context_len`` tokens (see :class:`Plan`)."""
+def plan(
+    model_config: ModelConfig, context_len: int, config: QuantConfig | str | None = None
+) -> Plan:
+    """KV cache bytes of ``model_config`` after ``context_len`` tokens (see :class:`Plan`).
+
+    ``config``: a QuantConfig, None for the default ``QuantConfig()`` (as in KVCache), or
+    ``"bf16"`` / ``"float32"`` for an unquantized cache.
+    """
     if not isinstance(model_config, ModelConfig):
         raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
     context_len = check_int("context_len", context_len, 0)
+    if config is None:
+        config = QuantConfig()
+    if isinstance(config, str):
+        if config not in UNQUANTIZED:
+            raise ValueError(
+                f"config must be a kvq.QuantConfig, None or one of {sorted(UNQUANTIZED)}, "
+                f"got {config!r}"
+            )
+    elif not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a kvq.QuantConfig, None or a string, got {config!r}")
     heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
     by_type: dict[str, int] = {}
     bf16 = 0
@@ -67,8 +88,8 @@ def plan(model_config: ModelConfig, context_len: int, config: QuantConfig | None
         window = model_config.sliding_window if kind == SLIDING else None
         tokens = held_tokens(context_len, window)
         bf16 += tokens * model_config.kv_values_per_token * BF16_BYTES
-        if config is None:
-            layer = tokens * model_config.kv_values_per_token * BF16_BYTES
+        if isinstance(config, str):
+            layer = tokens * model_config.kv_values_per_token * UNQUANTIZED[config]
         else:
             layer = sum(
                 stream_bytes(scheme, heads, head_dim, context_len, config.residual, window)
@@ -87,10 +108,10 @@ def plan(model_config: ModelConfig, context_len: int, config: QuantConfig | None
     )
 
 
-def config_for_bits(bits: int) -> QuantConfig | None:
-    """The preset for ``kvq plan --bits``: 16 is bf16 (None), 8/4/3/2 the q8/q4/q3/q2 presets."""
+def config_for_bits(bits: int) -> QuantConfig | str:
+    """The preset for ``kvq plan --bits``: 16 is "bf16", 8/4/3/2 the q8/q4/q3/q2 presets."""
     presets = {
-        16: None,
+        16: "bf16",
         8: QuantConfig.q8,
         4: QuantConfig.q4,
         3: QuantConfig.q3,
@@ -99,4 +120,4 @@ def config_for_bits(bits: int) -> QuantConfig | None:
     if bits not in presets:
         raise ValueError(f"bits must be one of {sorted(presets)}, got {bits}")
     preset = presets[bits]
-    return None if preset is None else preset()
+    return preset if isinstance(preset, str) else preset()

@@ -111,8 +111,8 @@ class QuantizedTensor:
             kernels.dequantize_blocks(codes.reshape(-1), scales, mins, group, values.reshape(-1))
         moved = values[:, :length].reshape(moved_shape)
         out = np.moveaxis(moved, -1, self.axis)
-        if self.scheme.rotate is not None:
-            out = unrotate(out, self.scheme.rotate)
+        if self.scheme.rotate:
+            out = unrotate(out, self.scheme.seed)
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def parts(self) -> dict[str, np.ndarray]:
@@ -158,24 +158,45 @@ class QuantizedTensor:
 
 def quantize(
     x,
-    bits: int = 8,
-    group_size: int = 32,
-    axis: int = -1,
-    scale_dtype="float32",
-    rotate: int | None = None,
-    double_quant: bool = False,
-    search: bool = False,
+    bits: int | None = None,
+    group_size: int | None = None,
+    axis: int | None = None,
+    scale_dtype=None,
+    rotate: bool | None = None,
+    double_quant: bool | None = None,
+    search: bool | None = None,
     scheme: Scheme | None = None,
+    seed: int | None = None,
 ) -> QuantizedTensor:
     """Quantize ``x`` group-wise: groups of ``group_size`` consecutive elements along ``axis``
     share a min and a scale = (max - min) / (2**bits - 1); codes are packed densely.
 
     Every element comes back within scale / 2 (plus float32 rounding; with ``rotate``, in the
-    rotated basis, so in L2 norm) unless ``search`` clips it. See :class:`kvq.Scheme` for the
-    options; pass ``scheme=`` instead of the keywords to reuse one.
+    rotated basis, so in L2 norm) unless ``search`` clips it. The keywords are
+    :class:`kvq.Scheme`'s, with its defaults (8 bits, groups of 32 along axis -1, float32
+    scales, no rotation, no double_quant, no search, seed 0); or pass ``scheme=`` to reuse
+    one, and no other keyword (ValueError: they would conflict).
     """
+    options = {
+        "bits": bits,
+        "group_size": group_size,
+        "axis": axis,
+        "scale_dtype": scale_dtype,
+        "rotate": rotate,
+        "double_quant": double_quant,
+        "search": search,
+        "seed": seed,
+    }
+    given = {name: value for name, value in options.items() if value is not None}
     if scheme is None:
-        scheme = Scheme(bits, group_size, axis, scale_dtype, rotate, double_quant, search)
+        scheme = Scheme(**given)
+    elif not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be a kvq.Scheme, got {scheme!r}")
+    elif given:
+        raise ValueError(
+            f"pass either scheme= or the scheme's keywords, not both: got scheme="
+            f"{scheme.describe()!r} and {', '.join(f'{k}={v!r}' for k, v in given.items())}"
+        )
     original, flat = as_float32("x", x)
     if original.ndim == 0:
         raise ValueError("x must have at least one dimension, got a 0-d array")
@@ -183,13 +204,13 @@ def quantize(
         raise ValueError(f"axis {scheme.axis} is out of range for x with {original.ndim} dims")
     axis = scheme.axis % original.ndim
     values = flat.reshape(original.shape)
-    if scheme.rotate is not None:
+    if scheme.rotate:
         if original.shape[-1] & (original.shape[-1] - 1) or not original.shape[-1]:
             raise ValueError(
                 f"rotate needs the last axis to be a power of two long, got {original.shape[-1]}"
             )
         _check_finite(original, flat)  # a rotation would smear a NaN over its row
-        values = rotate_last_axis(values, scheme.rotate)
+        values = rotate_last_axis(values, scheme.seed)
     moved = np.ascontiguousarray(np.moveaxis(values, axis, -1))
     length = moved.shape[-1]
     rows = moved.size // length if length else 0
@@ -204,7 +225,7 @@ def quantize(
     last_count = length - (row_groups - 1) * group  # real values in each row's last group
     n_groups = grid_flat.size // group if group else 0
     codes = np.empty(grid_flat.size, np.uint8)
-    levels = np.float32(scheme.levels)
+    levels = np.float32(scheme.max_code)
     half = scheme.scale_dtype == "float16"
     peak = np.abs(grid_flat).max() if half and grid_flat.size else 0.0
     if not np.isfinite(peak):  # name the position, as without float16 scales

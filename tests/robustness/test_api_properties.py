@@ -104,7 +104,7 @@ def test_rotated_error_within_the_bound_in_l2_norm_per_row(xm, seed, bits, group
     x, magnitude = xm
     axis = data.draw(st.integers(-x.ndim, x.ndim - 1), label="axis")
     double_quant = magnitude <= 1e4 and data.draw(st.booleans(), label="double_quant")
-    qt = kvq.quantize(x, bits, group_size, axis, rotate=seed, double_quant=double_quant)
+    qt = kvq.quantize(x, bits, group_size, axis, rotate=True, seed=seed, double_quant=double_quant)
     got = qt.dequantize()
     assert got.shape == x.shape and got.dtype == np.float32
     rotated = kvq.rotation.rotate(x, seed)
