@@ -7,12 +7,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kvq._format import SUB_BITS, SUPER_GROUPS
 from kvq._validate import check_int, check_scale_dtype
 
 BITS = (2, 3, 4, 8)
-#: Groups sharing one second-level (float16) scale and min when ``double_quant`` is on.
-SUPER_GROUPS = 8
-SUB_BITS = 6  # bits of each group's second-level scale code and min code
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,8 @@ class Scheme:
     quantize the group scales and mins again (6-bit codes under float16 scales per
     SUPER_GROUPS groups, as llama.cpp's k-quants do). search: choose each group's range to
     minimise squared error instead of min/max (gives up the ``scale / 2`` bound on clipped
-    values).
+    values). ``scheme.quantize(x)`` is ``kvq.quantize(x, scheme=scheme)`` (bound in kvq.tensor,
+    so that this module needs nothing from it).
     """
 
     bits: int = 8
@@ -72,12 +71,6 @@ class Scheme:
         else:
             params = 2 * 8 * np.dtype(self.scale_dtype).itemsize
         return self.bits + params / self.group_size
-
-    def quantize(self, x):
-        """``kvq.quantize(x, **this scheme)``."""
-        from kvq.tensor import quantize
-
-        return quantize(x, scheme=self)
 
     def describe(self) -> str:
         """Short label: 'int4 g32 per-channel f16 dq rot0'."""
