@@ -139,7 +139,7 @@ def _bound_check(scheme: kvq.Scheme, truth, got, truth_start: int, held_start: i
     float32 residual and must be exact. None when the scheme has no plain bound.
     """
     plain = scheme.scale_dtype == "float32" and not (
-        scheme.search or scheme.rotate is not None or scheme.double_quant
+        scheme.search or scheme.rotate or scheme.double_quant
     )
     if not plain:
         return None

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvq._bytes import human_bytes
 from kvq._validate import as_float32, check_block_size, check_scale_dtype
 from kvq.blocks import QuantizedBlocks
 from kvq.pool import MemoryPool
@@ -126,13 +127,3 @@ class QuantizedKVCache:
             f"float32={human_bytes(2 * self.size * FLOAT32_BYTES)}, "
             f"compression={self.compression_ratio():.2f}x)"
         )
-
-
-def human_bytes(nbytes: int) -> str:
-    """Bytes in binary units: '4.25 MiB'."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvq._bytes import human_bytes
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -126,15 +128,8 @@ def _plan_command(args) -> int:
     print(header)
     for context in args.context:
         cells = [plan(model, context, config).total_bytes for _, config in configs]
-        print(f"{context:>9,} " + " ".join(f"{_size(c):>12}" for c in cells))
+        print(f"{context:>9,} " + " ".join(f"{human_bytes(c):>12}" for c in cells))
     return 0
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,13 +19,15 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kvq._bytes import in_unit
+from kvq._format import FLOAT16_MAX, FLOAT32_MAX, MIN_OFFSET, SUPER_GROUPS
 from kvq._threads import on_calling_thread
-from kvq._validate import check_int
+from kvq._validate import check_finite, check_float_dtype, check_int
 from kvq.errors import KvqError
 from kvq.pool import MemoryPool
 from kvq.rotation import rotate, unrotate
-from kvq.scheme import SUPER_GROUPS, QuantConfig, Scheme
-from kvq.tensor import FLOAT16_MAX, QuantizedTensor, quantize
+from kvq.scheme import QuantConfig, Scheme
+from kvq.tensor import QuantizedTensor, quantize
 
 FLOAT32_BYTES = 4
 _INITIAL_CHUNKS = 16
@@ -33,7 +35,6 @@ _INITIAL_CHUNKS = 16
 # thread: a parallel launch for a decode step's few hundred values costs more than it saves,
 # and on a loaded machine it waits for every worker thread to be scheduled (milliseconds).
 SERIAL_VALUES = 1 << 15
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def value_limit(scheme: Scheme) -> tuple[float, str]:
@@ -47,7 +48,7 @@ def value_limit(scheme: Scheme) -> tuple[float, str]:
     if scheme.scale_dtype == "float16":
         return FLOAT16_MAX, "use scale_dtype='float32'"
     if scheme.double_quant:
-        return FLOAT16_MAX * 32, "turn double_quant off or rescale the values"
+        return FLOAT16_MAX * MIN_OFFSET, "turn double_quant off or rescale the values"
     return 2.0**126, "rescale the values"
 
 
@@ -427,10 +428,7 @@ class KVCache:
 
     def _check(self, name: str, x) -> np.ndarray:
         array = np.asarray(x)
-        if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
-            raise TypeError(
-                f"{name} must hold float16, float32 or float64 values, got {array.dtype}"
-            )
+        check_float_dtype(name, array.dtype)
         expected = (self.num_kv_heads, "t", self.head_dim)
         if (
             array.ndim != 3
@@ -450,16 +448,15 @@ class KVCache:
         stream = self._k if name == "k" else self._v
         limit = FLOAT32_MAX if stream.rotation_seed is not None else stream.limit
         if not float(np.abs(values).max()) <= limit:
-            bad = ~np.isfinite(values)
-            if bad.any():
-                head, token, channel = (int(i) for i in np.argwhere(bad)[0])
-                value = float(array[head, token, channel])
-                what = "beyond the float32 range" if np.isfinite(value) else "non-finite"
-                raise ValueError(
-                    f"{name} has {value!r} at head {head}, token {token} (position "
-                    f"{stream.appended + token}), channel {channel} ({what}); kvq caches "
-                    "finite values only"
+
+            def at(index: int) -> str:
+                head, token, channel = (int(i) for i in np.unravel_index(index, values.shape))
+                return (
+                    f"head {head}, token {token} (position {stream.appended + token}), "
+                    f"channel {channel}"
                 )
+
+            check_finite(name, values, "kvq caches finite values only", array, at=at)
             stream.raise_out_of_range(values)
         return values
 
@@ -557,7 +554,7 @@ class KVCache:
         window = f", window={self.window}" if self.window else ""
         with self._lock:
             counts = f"{len(self)} tokens appended, {self.held} held{window}"
-            size = f"{self.nbytes / 2**20:.2f} MiB"
+            size = in_unit(self.nbytes, "MiB")
         return (
             f"KVCache({self.num_kv_heads} heads x {self.head_dim}, {counts}, "
             f"K {_label(self.config.k)}, V {_label(self.config.v)}, "

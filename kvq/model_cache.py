@@ -6,6 +6,7 @@ import operator
 
 import numpy as np
 
+from kvq._bytes import in_unit
 from kvq.config import SLIDING, ModelConfig
 from kvq.kvcache import KVCache
 from kvq.pool import MemoryPool
@@ -98,8 +99,8 @@ class ModelKVCache:
                 f"{row['layer']:>5} {row['type']:<18} {row['appended']:>9} {row['held']:>7} "
                 f"{row['nbytes'] / 1024:>10.1f} {row['bits_per_element']:>7.2f}"
             )
-        lines.append(f"total {self.nbytes / 2**20:.2f} MiB")
+        lines.append(f"total {in_unit(self.nbytes, 'MiB')}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"ModelKVCache({len(self.layers)} layers, {self.nbytes / 2**20:.2f} MiB)"
+        return f"ModelKVCache({len(self.layers)} layers, {in_unit(self.nbytes, 'MiB')})"

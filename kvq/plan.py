@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvq._bytes import in_unit
 from kvq._validate import check_int
 from kvq.config import FULL, SLIDING, ModelConfig
 from kvq.kvcache import stream_bytes
@@ -52,7 +53,7 @@ class Plan:
 
 
 def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:10.3f} GiB"
+    return in_unit(nbytes, "GiB", "10.3f")
 
 
 def held_tokens(context_len: int, window: int | None) -> int:

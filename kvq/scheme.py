@@ -8,12 +8,10 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kvq._format import SUB_BITS, SUPER_GROUPS
 from kvq._validate import check_int, check_scale_dtype
 
 BITS = (2, 3, 4, 8)
-#: Groups sharing one second-level (float16) scale and min when ``double_quant`` is on.
-SUPER_GROUPS = 8
-SUB_BITS = 6  # bits of each group's second-level scale code and min code
 
 
 @dataclass(frozen=True)
@@ -32,6 +30,9 @@ class Scheme:
     clipped values). seed: the rotation's seed (used only with ``rotate``).
 
     Deprecated: an integer ``rotate`` (the seed); pass ``rotate=True, seed=N``.
+
+    ``scheme.quantize(x)`` is ``kvq.quantize(x, scheme=scheme)`` (bound in kvq.tensor, so
+    that this module needs nothing from it).
     """
 
     bits: int = 8
@@ -103,12 +104,6 @@ class Scheme:
         else:
             params = 2 * 8 * np.dtype(self.scale_dtype).itemsize
         return self.bits + params / self.group_size
-
-    def quantize(self, x):
-        """``kvq.quantize(x, scheme=self)``."""
-        from kvq.tensor import quantize
-
-        return quantize(x, scheme=self)
 
     def describe(self) -> str:
         """Short label: 'int4 g32 axis-2 dq search rot0' (rot and the seed when rotated)."""

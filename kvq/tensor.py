@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvq import kernels
-from kvq._validate import as_float32, position
+from kvq._format import FLOAT16_MAX, MIN_OFFSET, SUB_BITS, SUB_LEVELS, SUPER_GROUPS
+from kvq._validate import as_float32, check_finite
 from kvq.rotation import rotate as rotate_last_axis
 from kvq.rotation import unrotate
-from kvq.scheme import SUB_BITS, SUPER_GROUPS, Scheme
+from kvq.scheme import Scheme
 
-FLOAT16_MAX = 65504.0
-_SUB_LEVELS = (1 << SUB_BITS) - 1  # 63: largest second-level scale code
-_MIN_OFFSET = 1 << (SUB_BITS - 1)  # 32: min codes are stored as mc + 32, mc in [-32, 31]
+_FINITE_ONLY = "kvq quantizes finite values only"
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +54,7 @@ class DoubleQuantParams:
 
     def to_float32(self) -> tuple[np.ndarray, np.ndarray]:
         sc = _unpack(self.scale_codes, SUB_BITS, self.n_groups).astype(np.float32)
-        mc = _unpack(self.min_codes, SUB_BITS, self.n_groups).astype(np.float32) - _MIN_OFFSET
+        mc = _unpack(self.min_codes, SUB_BITS, self.n_groups).astype(np.float32) - MIN_OFFSET
         owner = np.arange(self.n_groups) // SUPER_GROUPS
         d = self.super_scales.astype(np.float32)[owner]
         dmin = self.super_mins.astype(np.float32)[owner]
@@ -209,7 +208,8 @@ def quantize(
             raise ValueError(
                 f"rotate needs the last axis to be a power of two long, got {original.shape[-1]}"
             )
-        _check_finite(original, flat)  # a rotation would smear a NaN over its row
+        # a rotation would smear a NaN over its row
+        check_finite("x", flat, _FINITE_ONLY, original=original)
         values = rotate_last_axis(values, scheme.seed)
     moved = np.ascontiguousarray(np.moveaxis(values, axis, -1))
     length = moved.shape[-1]
@@ -232,8 +232,8 @@ def quantize(
         _raise_rejected(original, flat, scheme)
     if peak > FLOAT16_MAX:
         raise ValueError(
-            "x has values beyond +-65504, which float16 scales and mins cannot hold; "
-            "use scale_dtype='float32'"
+            f"x has values beyond +-{FLOAT16_MAX:g}, which float16 scales and mins cannot "
+            "hold; use scale_dtype='float32'"
         )
     scales = np.empty(n_groups, np.float32)
     mins = np.empty(n_groups, np.float32)
@@ -290,6 +290,15 @@ def quantize(
     )
 
 
+def _quantize_with(scheme: Scheme, x) -> QuantizedTensor:
+    """``kvq.quantize(x, scheme=scheme)``."""
+    return quantize(x, scheme=scheme)
+
+
+# bound here, not defined in kvq.scheme, so that kvq.scheme imports nothing from this module
+Scheme.quantize = _quantize_with
+
+
 def _moved_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     rest = shape[:axis] + shape[axis + 1 :]
     return (*rest, shape[axis])
@@ -341,19 +350,19 @@ def _double_quantize(
         return a.repeat(SUPER_GROUPS)[:n]
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        dmin = _f16_round(np.abs(per_super(mins)).max(axis=1) / _MIN_OFFSET, down=False)
+        dmin = _f16_round(np.abs(per_super(mins)).max(axis=1) / MIN_OFFSET, down=False)
         mc = np.floor(np.where(per_group(dmin) > 0, mins / per_group(dmin), 0))
-        mc = np.clip(mc, -_MIN_OFFSET, _MIN_OFFSET - 1)
+        mc = np.clip(mc, -MIN_OFFSET, MIN_OFFSET - 1)
         needed = (tops - per_group(dmin) * mc) / levels
-        d = _f16_round(per_super(needed).max(axis=1) / _SUB_LEVELS, down=False)
-        sc = np.clip(np.ceil(np.where(per_group(d) > 0, needed / per_group(d), 0)), 0, 63)
+        d = _f16_round(per_super(needed).max(axis=1) / SUB_LEVELS, down=False)
+        sc = np.clip(np.ceil(np.where(per_group(d) > 0, needed / per_group(d), 0)), 0, SUB_LEVELS)
     if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
         raise ValueError(
             "x spans a range too wide for double_quant's float16 second-level scales "
             f"(largest group min {np.abs(mins).max():.3g}, scale {scales.max():.3g}); "
             "turn double_quant off"
         )
-    sc, mc = sc.astype(np.int64), (mc + _MIN_OFFSET).astype(np.int64)
+    sc, mc = sc.astype(np.int64), (mc + MIN_OFFSET).astype(np.int64)
     if grid is not None:
         kernels.refine_subcodes(
             grid,
@@ -398,20 +407,7 @@ def _unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return codes
 
 
-def _check_finite(original: np.ndarray, flat: np.ndarray) -> None:
-    if not np.isfinite(flat).all():
-        _raise_rejected(original, flat, None)
-
-
-def _raise_rejected(original: np.ndarray, flat: np.ndarray, scheme: Scheme | None) -> None:
+def _raise_rejected(original: np.ndarray, flat: np.ndarray, scheme: Scheme) -> None:
     """ValueError naming the first non-finite element, or the range that overflowed."""
-    bad = np.flatnonzero(~np.isfinite(flat))
-    if bad.size:
-        index = int(bad[0])
-        value = float(original.reshape(-1)[index])
-        what = "beyond the float32 range kvq computes in" if np.isfinite(value) else "non-finite"
-        raise ValueError(
-            f"x has {value!r} at flat index {position(index, original.shape)} ({what}); "
-            "kvq quantizes finite values only"
-        )
+    check_finite("x", flat, _FINITE_ONLY, original=original)
     raise ValueError("x has a group whose max - min exceeds 2**127 (1.7e38); rescale the tensor")
