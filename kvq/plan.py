@@ -8,6 +8,7 @@ from kvq._bytes import in_unit
 from kvq._validate import check_int
 from kvq.config import FULL, SLIDING, ModelConfig
 from kvq.kvcache import stream_bytes
+from kvq.model_cache import LayerConfigs, layer_config
 from kvq.scheme import QuantConfig
 
 BF16_BYTES = 2
@@ -27,7 +28,7 @@ class Plan:
 
     model: ModelConfig
     context_len: int
-    config: QuantConfig | str
+    config: LayerConfigs | str
     total_bytes: int
     bf16_bytes: int
     float32_bytes: int
@@ -36,11 +37,12 @@ class Plan:
 
     def table(self) -> str:
         """Text table of the plan."""
-        label = (
-            self.config
-            if isinstance(self.config, str)
-            else f"{self.config.nominal_bits_per_element:.2f}-bit kvq"
-        )
+        if isinstance(self.config, str):
+            label = self.config
+        elif isinstance(self.config, QuantConfig):
+            label = f"{self.config.nominal_bits_per_element:.2f}-bit kvq"
+        else:
+            label = "kvq, per-layer configs"
         rows = [
             f"{self.model.model_type or 'model'}: {self.context_len:,} tokens, {label}",
             f"  full layers    {self.model.num_full_layers:>3}  {_gib(self.by_type.get(FULL, 0))}",
@@ -62,39 +64,45 @@ def held_tokens(context_len: int, window: int | None) -> int:
 
 
 def plan(
-    model_config: ModelConfig, context_len: int, config: QuantConfig | str | None = None
+    model_config: ModelConfig,
+    context_len: int,
+    config: LayerConfigs | str | None = None,
+    max_queries: int = 1,
 ) -> Plan:
     """KV cache bytes of ``model_config`` after ``context_len`` tokens (see :class:`Plan`).
 
-    ``config``: a QuantConfig, None for the default ``QuantConfig()`` (as in KVCache), or
-    ``"bf16"`` / ``"float32"`` for an unquantized cache.
+    ``config``: one QuantConfig, a callable ``(layer_idx, layer_type) -> QuantConfig`` (as
+    :class:`ModelKVCache` takes), None for the default ``QuantConfig()`` (as in KVCache), or
+    ``"bf16"`` / ``"float32"`` for an unquantized cache. ``max_queries``: what the sliding
+    layers' caches were built with (they keep ``window + max_queries - 1`` tokens).
     """
     if not isinstance(model_config, ModelConfig):
         raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
     context_len = check_int("context_len", context_len, 0)
+    max_queries = check_int("max_queries", max_queries)
     if config is None:
         config = QuantConfig()
-    if isinstance(config, str):
-        if config not in UNQUANTIZED:
-            raise ValueError(
-                f"config must be a kvq.QuantConfig, None or one of {sorted(UNQUANTIZED)}, "
-                f"got {config!r}"
-            )
-    elif not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a kvq.QuantConfig, None or a string, got {config!r}")
+    if isinstance(config, str) and config not in UNQUANTIZED:
+        raise ValueError(
+            f"config must be a kvq.QuantConfig, a callable, None or one of "
+            f"{sorted(UNQUANTIZED)}, got {config!r}"
+        )
     heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
     by_type: dict[str, int] = {}
     bf16 = 0
-    for kind in model_config.layer_types:
+    for index, kind in enumerate(model_config.layer_types):
         window = model_config.sliding_window if kind == SLIDING else None
         tokens = held_tokens(context_len, window)
         bf16 += tokens * model_config.kv_values_per_token * BF16_BYTES
         if isinstance(config, str):
             layer = tokens * model_config.kv_values_per_token * UNQUANTIZED[config]
         else:
+            chosen = layer_config(config, index, kind)
             layer = sum(
-                stream_bytes(scheme, heads, head_dim, context_len, config.residual, window)
-                for scheme in (config.k, config.v)
+                stream_bytes(
+                    scheme, heads, head_dim, context_len, chosen.residual, window, max_queries
+                )
+                for scheme in (chosen.k, chosen.v)
             )
         by_type[kind] = by_type.get(kind, 0) + layer
     return Plan(
