@@ -8,7 +8,7 @@ import numba
 import numpy as np
 
 from kvq import kernels
-from kvq._validate import check_int, position
+from kvq._validate import check_finite, check_float_dtype, check_int
 from kvq.kvcache import KVCache, TensorStream
 from kvq.rotation import hadamard_rotation
 
@@ -64,8 +64,8 @@ def attention(
     start = check_int("start", start, 0)
     k_scheme, v_scheme = cache.config.k, cache.config.v
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
-        if k_scheme.rotate is not None:  # one copy of q: rotated and scaled together
-            rotation = hadamard_rotation(dim, k_scheme.rotate).astype(np.float32)
+        if k_scheme.rotate:  # one copy of q: rotated and scaled together
+            rotation = hadamard_rotation(dim, k_scheme.seed).astype(np.float32)
             queries = queries @ (rotation * np.float32(scale))
         else:
             queries = queries * np.float32(scale)
@@ -74,7 +74,7 @@ def attention(
     # rows of one KV head: (query head within the group, query token)
     rows = queries.reshape(kv_heads, group, t_q, dim)
     out = np.empty((kv_heads, group, t_q, dim), np.float32)
-    unrotate = None if v_scheme.rotate is None else hadamard_rotation(dim, v_scheme.rotate).T
+    unrotate = hadamard_rotation(dim, v_scheme.seed).T if v_scheme.rotate else None
     with cache._lock:  # a consistent state, and no append while the kernel reads the store
         positions = _query_positions(cache, t_q)
         step = query_chunk(cache, group, dim)
@@ -248,8 +248,7 @@ def _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sinks):
 def _check_queries(q, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
     """(q as given, q as float32 C-contiguous); finiteness is checked after scaling."""
     array = np.asarray(q)
-    if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
-        raise TypeError(f"q must hold float16, float32 or float64 values, got {array.dtype}")
+    check_float_dtype("q", array.dtype)
     if array.ndim != 3:
         raise ValueError(f"q must have shape (num_q_heads, t_q, head_dim), got {array.shape}")
     heads, t_q, dim = array.shape
@@ -271,14 +270,12 @@ def _raise_queries(original: np.ndarray, queries: np.ndarray, scale: float) -> N
     """ValueError for the first non-finite query value, or for an overflowing q * scale."""
     with np.errstate(over="ignore", invalid="ignore"):
         converted = np.asarray(original, dtype=np.float32)
-    for source, what in ((original, "non-finite"), (converted, "beyond the float32 range")):
-        bad = np.argwhere(~np.isfinite(source))
-        if bad.size:
-            head, token, channel = (int(i) for i in bad[0])
-            raise ValueError(
-                f"q has {float(original[head, token, channel])!r} at head {head}, token "
-                f"{token}, channel {channel} ({what}); queries must be finite"
-            )
+
+    def at(index: int) -> str:
+        head, token, channel = (int(i) for i in np.unravel_index(index, converted.shape))
+        return f"head {head}, token {token}, channel {channel}"
+
+    check_finite("q", converted, "queries must be finite", original, at=at)
     head, token = (int(i) for i in np.argwhere(~np.isfinite(queries))[0][:2])
     raise ValueError(
         f"q * scale overflows float32 at head {head}, token {token} (scale {scale!r}, largest "
@@ -298,7 +295,7 @@ def _check_sinks(sinks, heads: int) -> np.ndarray | None:
         raise ValueError(
             f"sinks must have shape ({heads},), one per query head, got {values.shape}"
         )
-    _check_finite("sinks", values, "sinks must be finite (pass sinks=None for no sinks)")
+    check_finite("sinks", values, "sinks must be finite (pass sinks=None for no sinks)")
     return values
 
 
@@ -315,16 +312,6 @@ def _check_scale(scale, dim: int) -> float:
     return value
 
 
-def _check_finite(name: str, values: np.ndarray, rule: str) -> None:
-    """ValueError naming ``name``'s first non-finite element and its N-d position."""
-    if not np.isfinite(values).all():
-        index = int(np.flatnonzero(~np.isfinite(values.reshape(-1)))[0])
-        raise ValueError(
-            f"{name} has {float(values.reshape(-1)[index])!r} at flat index "
-            f"{position(index, values.shape)}; {rule}"
-        )
-
-
 def _reference_array(name: str, x, ndim: int) -> np.ndarray:
     """``x`` as float64 with ``ndim`` dims, real-valued and finite."""
     array = np.asarray(x)
@@ -333,7 +320,7 @@ def _reference_array(name: str, x, ndim: int) -> np.ndarray:
     if array.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
     values = array.astype(np.float64)
-    _check_finite(name, values, f"{name} must be finite")
+    check_finite(name, values, f"{name} must be finite")
     return values
 
 

@@ -14,10 +14,12 @@ from kvq.testing import assert_attention_close
 attention_module = importlib.import_module("kvq.attention")  # kvq.attention is the function
 
 CONFIGS = {
-    "8bit": kvq.QuantConfig(),
+    "8bit": kvq.QuantConfig.original(),
     "q8": kvq.QuantConfig.q8(),
     "q4": kvq.QuantConfig.q4(),
-    "q3-rot": kvq.QuantConfig(k=kvq.Scheme(3, 32, axis=-2), v=kvq.Scheme(3, 32), rotate=1),
+    "q3-rot": kvq.QuantConfig(
+        k=kvq.Scheme(3, 32, axis=-2, rotate=True, seed=1), v=kvq.Scheme(3, 32, rotate=True, seed=1)
+    ),
     "q2-kivi-res": kvq.QuantConfig.kivi(2, residual=20),
     "f16-per-token-k": kvq.QuantConfig(
         k=kvq.Scheme(4, 16, scale_dtype="float16"), v=kvq.Scheme(8, 64, axis=-2), residual=5

@@ -12,10 +12,13 @@ from kvq.kvcache import chunk_tokens
 from kvq.synthetic import kv_layer
 
 CONFIGS = {
-    "default-8bit": kvq.QuantConfig(),
+    "original-8bit": kvq.QuantConfig.original(),
+    "default-q8": kvq.QuantConfig(),
     "q4": kvq.QuantConfig.q4(),
     "kivi2-residual": kvq.QuantConfig.kivi(2, residual=16),
-    "q3-rotated": kvq.QuantConfig(k=kvq.Scheme(3, 32, axis=-2), v=kvq.Scheme(3, 64), rotate=5),
+    "q3-rotated": kvq.QuantConfig(
+        k=kvq.Scheme(3, 32, axis=-2, rotate=True, seed=5), v=kvq.Scheme(3, 64, rotate=True, seed=5)
+    ),
     "f16-per-token-residual": kvq.QuantConfig(
         k=kvq.Scheme(4, 32, scale_dtype="float16"), v=kvq.Scheme(8, 32), residual=3
     ),
@@ -186,7 +189,7 @@ def test_constructor_arguments():
     with pytest.raises(ValueError, match="axis must be -1"):
         kvq.KVCache(8, 64, kvq.QuantConfig(k=kvq.Scheme(axis=0)))
     with pytest.raises(ValueError, match="power of two"):
-        kvq.KVCache(8, 48, kvq.QuantConfig(rotate=1))
+        kvq.KVCache(8, 48, kvq.QuantConfig(k=kvq.Scheme(rotate=True)))
 
 
 def test_range_errors(layer):
@@ -258,14 +261,16 @@ def test_model_cache_nbytes_equals_plan(config, tokens, max_queries):
 def test_plan_gpt_oss_20b_by_hand():
     model = kvq.ModelConfig.gpt_oss_20b()
     for context in (1, 128, 4096, 32768, 131072):
-        p = kvq.plan(model, context)
+        p = kvq.plan(model, context, "bf16")
         full = 12 * context * 2 * 8 * 64 * 2  # layers x tokens x K,V x heads x dim x bf16
         sliding = 12 * min(context, 128) * 2 * 8 * 64 * 2
         assert p.total_bytes == p.bf16_bytes == full + sliding
         assert p.float32_bytes == 2 * p.bf16_bytes
         assert p.by_type == {"full_attention": full, "sliding_attention": sliding}
-    assert kvq.plan(model, 131072).total_bytes == 3 * 2**30 + 3 * 2**20  # 3 GiB + 3 MiB
-    assert kvq.plan(model, 4096).per_token_bytes == 24 * 1024  # 24 KiB per token
+    assert kvq.plan(model, 131072, "bf16").total_bytes == 3 * 2**30 + 3 * 2**20  # 3 GiB + 3 MiB
+    assert kvq.plan(model, 4096, "bf16").per_token_bytes == 24 * 1024  # 24 KiB per token
+    float32 = kvq.plan(model, 4096, "float32")
+    assert float32.total_bytes == float32.float32_bytes == 2 * (12 * 4096 + 12 * 128) * 2048
 
 
 def test_plan_quantized_gpt_oss_by_hand():
@@ -293,10 +298,22 @@ def test_plan_llama_style_config():
         head_dim=128,
         hidden_size=4096,
     )
-    p = kvq.plan(model, 8192)
+    p = kvq.plan(model, 8192, "bf16")
     assert p.total_bytes == 32 * 8192 * 2 * 8 * 128 * 2 == 2**30
     q8 = kvq.plan(model, 8192, kvq.QuantConfig.q8())
     assert q8.total_bytes == pytest.approx(p.total_bytes * 8.5 / 16, rel=1e-9)
+
+
+def test_config_none_means_the_default_everywhere():
+    """None is QuantConfig() (= q8) in plan, KVCache and ModelKVCache alike."""
+    model = small_model()
+    assert kvq.QuantConfig() == kvq.QuantConfig.q8()
+    assert kvq.plan(model, 100).total_bytes == kvq.plan(model, 100, kvq.QuantConfig()).total_bytes
+    assert kvq.plan(model, 100).config == kvq.QuantConfig.q8()
+    assert kvq.KVCache(2, 64).config == kvq.QuantConfig.q8()
+    assert kvq.ModelKVCache(model).config == kvq.QuantConfig.q8()
+    with pytest.raises(ValueError, match="bf16"):
+        kvq.plan(model, 100, "int8")
 
 
 def test_plan_arguments():
@@ -373,7 +390,7 @@ def test_per_layer_configs_in_model_cache_and_plan():
 # --- a windowed cache serves a prefill chunk (max_queries) -------------------------------------
 
 
-@pytest.mark.parametrize("name", ["default-8bit", "q4", "kivi2-residual"])
+@pytest.mark.parametrize("name", ["original-8bit", "q4", "kivi2-residual"])
 def test_windowed_cache_serves_chunks_of_max_queries(layer, name):
     """Append chunks of 40 tokens to a window-16 cache built with max_queries=40, attending
     each right after its append: every query sees its whole window (checked against the
@@ -436,7 +453,7 @@ def test_truncate_is_exact_or_refused(layer, name):
         longer.append(k[:, :160], v[:, :160])
         same_stored(cache, longer)
     # per-token schemes without a residual truncate anywhere
-    if name == "default-8bit":
+    if name == "original-8bit":
         cache = kvq.KVCache(4, 64, config)
         cache.append(k, v)
         cache.truncate(77)
@@ -445,7 +462,7 @@ def test_truncate_is_exact_or_refused(layer, name):
 
 def test_truncate_refuses_what_the_window_dropped(layer):
     k, v = layer
-    cache = kvq.KVCache(4, 64, kvq.QuantConfig(), window=16, max_queries=4)
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.original(), window=16, max_queries=4)
     cache.append(k[:, :19], v[:, :19])
     cache.truncate(17)  # nothing dropped yet (19 + 4 - 1 tokens kept)
     assert len(cache) == cache.held == 17
