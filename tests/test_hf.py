@@ -429,3 +429,19 @@ def test_gpt_oss_logits_equal_eager_when_nothing_is_quantized(models):
     scale = float(expected.abs().max())
     assert float((logits - expected).abs().max()) <= 1e-5 * scale
     assert float((shifted - expected).abs().max()) > 0.1 * scale
+
+
+def test_bad_states_leave_every_row_as_it_was(models):
+    model = models["llama"]
+    cache = kvq.hf.KVQCache(model)
+    forward_chunks(model, cache, torch.ones(2, 4, dtype=torch.long), [4])
+    k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    k[1, 0, 0, 3] = float("nan")
+    key, value = cache.update(k, v, 0)
+    with pytest.raises(ValueError, match=r"layer 0, batch row 1: k has nan at head 0, token 0"):
+        hf_attention.kvq_attention(
+            model.model.layers[0].self_attn, torch.randn(2, 4, 1, 16), key, value, None
+        )
+    assert [len(cache.kv(0, row)) for row in range(2)] == [4, 4]
+    forward_chunks(model, cache, torch.ones(2, 1, dtype=torch.long), [1])  # and it goes on
+    assert cache.get_seq_length() == 5
