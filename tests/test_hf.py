@@ -343,6 +343,8 @@ def test_misuse_is_refused(models):
         kvq.hf.KVQCache(meta)
     with pytest.raises(TypeError, match="QuantConfig"):
         kvq.hf.KVQCache(model, config="q4")
+    with pytest.raises(ValueError, match="max_queries must be >= 1"):
+        kvq.hf.KVQCache(model, max_queries=0)
     cache = kvq.hf.KVQCache(model)
     forward_chunks(model, cache, torch.ones(2, 4, dtype=torch.long), [4])
     with pytest.raises(ValueError, match="a batch of 1 rows"):
