@@ -466,10 +466,16 @@ class KVCache:
         with self._lock:
             k_new, v_new = self._check_pair(k, v)
             for stream, new in ((self._k, k_new), (self._v, v_new)):
-                if stream.rotation_seed is not None:  # the range after rotation, as stage()
-                    rotated = rotate(new, stream.rotation_seed)
-                    if not float(np.abs(rotated).max()) <= stream.limit:
-                        stream.raise_out_of_range(rotated, rotated=True)
+                if stream.rotation_seed is None:
+                    continue
+                # the range after rotation, as stage() checks it; a rotation keeps each
+                # row's L2 norm, so rows within the limit in norm need no rotating here
+                norms = np.sqrt(np.einsum("htd,htd->ht", new, new, dtype=np.float64))
+                if float(norms.max()) <= stream.limit:
+                    continue
+                rotated = rotate(new, stream.rotation_seed)
+                if not float(np.abs(rotated).max()) <= stream.limit:
+                    stream.raise_out_of_range(rotated, rotated=True)
 
     def _check_pair(self, k, v) -> tuple[np.ndarray, np.ndarray]:
         k_new = self._check("k", k)
