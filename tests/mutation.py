@@ -183,23 +183,33 @@ class PatternError(RuntimeError):
     pass
 
 
-def apply(mutant: Mutant, root: Path) -> None:
-    """Apply ``mutant``'s edits to the copy at ``root``; each snippet must occur exactly once."""
+def mutated(mutant: Mutant, root: Path) -> str:
+    """The text of ``mutant``'s file under ``root`` with its edits applied; each snippet must
+    occur exactly once (PatternError otherwise) and change the text."""
     path = root / mutant.path
     if not path.is_file():
         raise PatternError(f"mutant {mutant.name}: file {mutant.path} not found")
-    text = path.read_text()
+    text = original = path.read_text()
     for snippet, replacement in mutant.edits:
         count = text.count(snippet)
         if count != 1:
             found = "pattern not found" if count == 0 else f"pattern found {count} times"
             raise PatternError(f"mutant {mutant.name}: {found} in {mutant.path}: {snippet!r}")
         text = text.replace(snippet, replacement)
-    path.write_text(text)
+    if text == original:
+        raise PatternError(f"mutant {mutant.name}: its edits change nothing")
+    return text
+
+
+def apply(mutant: Mutant, root: Path) -> None:
+    """Apply ``mutant``'s edits to the copy at ``root`` (see :func:`mutated`)."""
+    (root / mutant.path).write_text(mutated(mutant, root))
 
 
 def copy_tree(target: Path) -> Path:
-    ignore = shutil.ignore_patterns(".git", "__pycache__", ".pytest_cache", ".ruff_cache", "*.nbi")
+    ignore = shutil.ignore_patterns(
+        ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "results", "*.nbi"
+    )
     shutil.copytree(ROOT, target, ignore=ignore, symlinks=True)
     return target
 
@@ -258,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         scratch = Path(scratch)
         # every pattern is checked before anything runs: a refactor fails fast and loudly
         for m in mutants:
-            probe = copy_tree(scratch / "probe")
-            apply(m, probe)
-            shutil.rmtree(probe)
+            mutated(m, ROOT)
         if not args.no_baseline:
             tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
             base = copy_tree(scratch / "base")
