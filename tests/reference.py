@@ -106,3 +106,190 @@ def quantize_groups(x, bits: int, group_size: int, axis: int, scale_dtype="float
     scales = np.concatenate(all_scales) if all_scales else np.zeros(0, np.float32)
     mins = np.concatenate(all_mins) if all_mins else np.zeros(0, np.float32)
     return pack_bits(codes, bits) if bits < 8 else codes, scales, mins
+
+
+# --- range search (kvq/kernels/search.py) -------------------------------------------------------
+
+#: The range shrink factors kvq's search is documented to try around each group's centre.
+SEARCH_SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
+#: A denser grid of shrinks and centre offsets (fractions of the span) for the brute force.
+DENSE_SHRINKS = tuple(np.linspace(0.3, 1.0, 36))
+DENSE_SHIFTS = tuple(np.linspace(-0.3, 0.3, 13))
+
+
+def grid_sse(values: np.ndarray, scale: float, lowest: float, levels: float) -> float:
+    """Squared error (float64) of ``values`` on the grid ``lowest + scale * [0, levels]``:
+    each value takes its nearest code, clipped to the grid's ends."""
+    v = np.asarray(values, np.float64)
+    if scale > 0:
+        q = np.clip(np.rint((v - lowest) / scale), 0, levels)
+    else:
+        q = np.zeros_like(v)
+    return float(((v - (lowest + scale * q)) ** 2).sum())
+
+
+def _stored(scale: float, lowest: float, half: bool) -> tuple[float, float]:
+    """(scale, min) as stored: float16 with ``half`` (scale rounded up, min down)."""
+    if half:
+        s = float(float16_round_up(np.array([scale], np.float32))[0])
+        m = float(float16_round_down(np.array([lowest], np.float32))[0])
+        return s, m
+    return float(np.float32(scale)), float(np.float32(lowest))
+
+
+def _affine_fit(values: np.ndarray, scale: float, lowest: float, levels: float):
+    """Least-squares (scale, min) of ``values`` given their codes on the current grid, or
+    None when the fit is degenerate (all codes equal, or a non-positive slope)."""
+    v = np.asarray(values, np.float64)
+    q = np.clip(np.rint((v - lowest) / scale), 0, levels)
+    if np.ptp(q) == 0:
+        return None
+    slope, intercept = np.polyfit(q, v, 1)
+    return (float(slope), float(intercept)) if slope > 0 else None
+
+
+def search_group(
+    values: np.ndarray,
+    levels: float,
+    half: bool = False,
+    shrinks=SEARCH_SHRINKS,
+    shifts=(0.0,),
+    refine_steps: int = 2,
+) -> float:
+    """Brute-force least-squares range fit of one group: the lowest squared error over
+    min/max and, for every shrink and centre shift, the range ``shrink * span`` around
+    ``centre + shift * span`` refined ``refine_steps`` times by an affine least-squares fit
+    of the values to their codes. Every candidate is rounded as it would be stored.
+
+    values: the group's real values (no padding); returns the best squared error (float64).
+    """
+    v = np.asarray(values, np.float32)
+    lo, hi = float(v.min()), float(v.max())
+    if half:
+        low = float(float16_round_down(np.array([lo], np.float32))[0])
+        best = grid_sse(v, *_stored((hi - low) / levels, low, True), levels)
+    else:
+        best = grid_sse(v, (hi - lo) / levels, lo, levels)
+    span, centre = hi - lo, 0.5 * (lo + hi)
+    if span == 0:
+        return best
+    for shrink in shrinks:
+        for shift in shifts:
+            scale = span * shrink / levels
+            lowest = centre + shift * span - 0.5 * span * shrink
+            for _ in range(refine_steps + 1):
+                scale, lowest = _stored(scale, lowest, half)
+                if scale <= 0:
+                    break
+                best = min(best, grid_sse(v, scale, lowest, levels))
+                fit = _affine_fit(v, scale, lowest, levels)
+                if fit is None:
+                    break
+                scale, lowest = fit
+    return best
+
+
+def row_groups(x: np.ndarray, group_size: int) -> list[np.ndarray]:
+    """The real values of each group of a 2-D (rows, length) array, row by row (a row's
+    short last group is its own, shorter group)."""
+    return [
+        row[start : start + group_size]
+        for row in np.asarray(x, np.float32)
+        for start in range(0, row.size, group_size)
+    ]
+
+
+# --- second-level scales (double_quant, kvq/tensor.py) -------------------------------------------
+
+#: Groups per float16 super-group step, and the 6-bit code range of scale and min codes.
+DQ_SUPER_GROUPS = 8
+DQ_SCALE_CODE_MAX = 63
+DQ_MIN_CODE_OFFSET = 32
+
+
+def double_quant_params(x: np.ndarray, group_size: int, levels: float):
+    """Second-level quantized scales and mins of a 2-D (rows, length) array's min/max
+    groups, written out from the format's definition, one super-group at a time.
+
+    Per group g: min m_g, scale s_g = (max - min) / levels and top t_g = m_g + levels * s_g
+    (float32, so t_g is the max to rounding). Per super-group
+    of 8 groups: ``dmin`` = max |m_g| / 32 rounded up to float16; min code
+    ``mc_g = clip(floor(m_g / dmin), -32, 31)``; the scale the group needs so that its grid
+    still reaches its max, ``n_g = (t_g - dmin * mc_g) / levels``; ``d`` = max n_g / 63
+    rounded up to float16; scale code ``sc_g = clip(ceil(n_g / d), 0, 63)``.
+
+    Returns (sc int64[groups], mc + 32 int64[groups], d float32[supers], dmin float32[supers]).
+    """
+    groups = row_groups(x, group_size)
+    lows = np.array([g.min() for g in groups], np.float32)
+    highs = np.array([g.max() for g in groups], np.float32)
+    sc = np.zeros(lows.size, np.int64)
+    mc = np.zeros(lows.size, np.int64)
+    n_super = -(-lows.size // DQ_SUPER_GROUPS)
+    d_all = np.zeros(n_super, np.float32)
+    dmin_all = np.zeros(n_super, np.float32)
+    for s in range(n_super):
+        part = slice(s * DQ_SUPER_GROUPS, (s + 1) * DQ_SUPER_GROUPS)
+        m = lows[part]
+        # the top of the group's first-level grid, min + levels * scale, in float32
+        top = m + np.float32(levels) * ((highs[part] - m) / np.float32(levels))
+        dmin = float16_round_up(np.array([np.abs(m).max() / DQ_MIN_CODE_OFFSET], np.float32))[0]
+        codes_m = np.floor(m / dmin) if dmin > 0 else np.zeros(m.size)
+        codes_m = np.clip(codes_m, -DQ_MIN_CODE_OFFSET, DQ_MIN_CODE_OFFSET - 1)
+        needed = (top - dmin * codes_m.astype(np.float32)) / np.float32(levels)
+        d = float16_round_up(np.array([needed.max() / DQ_SCALE_CODE_MAX], np.float32))[0]
+        codes_s = np.ceil(needed / d) if d > 0 else np.zeros(m.size)
+        sc[part] = np.clip(codes_s, 0, DQ_SCALE_CODE_MAX)
+        mc[part] = codes_m.astype(np.int64) + DQ_MIN_CODE_OFFSET
+        d_all[s], dmin_all[s] = d, dmin
+    return sc, mc, d_all, dmin_all
+
+
+def double_quant_error_bound(x: np.ndarray, group_size: int, levels: float) -> np.ndarray:
+    """Per-group bound on |x - x_hat| for min/max double_quant, from the INPUT alone.
+
+    The stored min lies at most ``dmin`` below the group's min (floor), and the stored scale
+    at most ``d`` above the needed scale (ceil), so the stored scale is at most
+    ``(max - min + dmin) / levels + d`` and every value is within half of that, plus float32
+    rounding (1e-6 of the group's largest magnitude and grid end). d and dmin are the super-group
+    steps computed here from the input's groups (float64 of the format's definition).
+    """
+    groups = row_groups(x, group_size)
+    lows = np.array([g.min() for g in groups], np.float64)
+    highs = np.array([g.max() for g in groups], np.float64)
+    owner = np.arange(lows.size) // DQ_SUPER_GROUPS
+    dmin = (
+        np.array([np.abs(lows[owner == s]).max() for s in range(owner.max() + 1)])
+        / DQ_MIN_CODE_OFFSET
+    )
+    dmin = dmin * (1 + 2.0**-10)  # float16 rounding up: at most one ulp (2**-10 relative)
+    needed = (highs - lows + dmin[owner]) / levels
+    d = np.array([needed[owner == s].max() for s in range(owner.max() + 1)]) / DQ_SCALE_CODE_MAX
+    d = d * (1 + 2.0**-10)
+    largest = np.maximum(np.abs(lows), np.abs(highs)) + dmin[owner] + levels * d[owner]
+    return (needed + d[owner]) / 2 + 1e-6 * largest
+
+
+# --- the windowed KVCache ring (kvq/kvcache.py) ------------------------------------------------
+
+
+def held_positions(appends, chunk: int, residual: int, window: int | None) -> np.ndarray:
+    """Absolute positions a KVCache stream holds after ``appends`` (token counts), token by
+    token: a token waits in the float32 residual; whenever ``residual + chunk`` tokens wait,
+    the oldest ``chunk`` of them become a quantized chunk; with a window, a quantized chunk is
+    dropped once every one of its tokens is older than the last ``window`` tokens."""
+    chunks: list[list[int]] = []  # quantized chunks, oldest first, as their positions
+    waiting: list[int] = []
+    appended = 0
+    for count in appends:
+        for _ in range(count):
+            waiting.append(appended)
+            appended += 1
+            if len(waiting) >= residual + chunk:
+                chunks.append(waiting[:chunk])
+                waiting = waiting[chunk:]
+        if window is not None:
+            while chunks and max(chunks[0]) < appended - window:
+                chunks.pop(0)
+    held = [p for c in chunks for p in c] + waiting
+    return np.array(held, np.int64)

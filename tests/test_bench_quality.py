@@ -14,10 +14,7 @@ import quality
 import real_kv
 
 import kvq
-
-needs_kvq = pytest.mark.skipif(
-    not hasattr(kvq, "quantize") or not hasattr(kvq, "Scheme"), reason="kvq.quantize not there"
-)
+from tests import reference
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +79,35 @@ def test_mlx_bits():
             assert x_hat.shape == x.shape
 
 
-@needs_kvq
+def mean_relative_error(approx, exact) -> float:
+    """Mean over slices (axis 0) of the relative Frobenius error, in float64."""
+    a = approx.astype(np.float64).reshape(len(exact), -1)
+    e = exact.astype(np.float64).reshape(len(exact), -1)
+    return float(np.mean(np.linalg.norm(a - e, axis=1) / np.linalg.norm(e, axis=1)))
+
+
+def softmax_attention(q, k, v):
+    scores = q.astype(np.float64) @ np.swapaxes(k, -1, -2).astype(np.float64)
+    scores /= np.sqrt(q.shape[-1])
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)) @ v.astype(np.float64)
+
+
+def half_scale_bound(x, bits: int) -> float:
+    """Mean over slices of sqrt(sum of (scale / 2)**2 over elements) / ||x||: the relative
+    error min/max quantization cannot exceed, from the input's groups of 32 along the last
+    axis (float16 scales: rounded up, at most one float16 ulp, and the min rounded down)."""
+    groups = x.astype(np.float64).reshape(len(x), -1, 32)
+    span = groups.max(-1) - groups.min(-1)
+    scale = (span + 2**-10 * np.abs(groups).max(-1)) / (2**bits - 1) * (1 + 2**-10)
+    per_slice = np.sqrt((32 * (scale / 2) ** 2).sum(-1))
+    return float(np.mean(per_slice / np.linalg.norm(x.reshape(len(x), -1), axis=1)))
+
+
 def test_kvq_bits_per_element_and_error_order(tiny):
+    """Bits per element, and K, V and attention errors equal to an independent computation:
+    codes from tests/reference.py, errors and attention in plain float64 NumPy; K and V
+    within the half-scale bound from the input; errors shrink with bits."""
     ev = quality.Evaluator(tiny)
     results = {}
     for bits in (2, 4, 8):
@@ -92,14 +116,34 @@ def test_kvq_bits_per_element_and_error_order(tiny):
         v_hat, v_bits = quality.kvq_roundtrip(tiny.v, scheme)
         assert k_bits == v_bits == bits + 1.0  # float16 scale and min per 32 values
         results[bits] = ev.errors(k_hat, v_hat)
+        ref = {}
+        for name, x in (("k", tiny.k), ("v", tiny.v)):
+            codes, scales, mins = reference.quantize_groups(x, bits, 32, -1, "float16")
+            unpacked = np.frombuffer(codes.tobytes(), np.uint8)
+            if bits < 8:  # little-endian bit stream -> one code per element
+                stream = np.unpackbits(unpacked, bitorder="little")
+                unpacked = (
+                    stream[: x.size * bits].reshape(-1, bits) << np.arange(bits, dtype=np.uint8)
+                ).sum(1)
+            ref[name] = reference.dequantize_blocks(unpacked, scales, mins, 32).reshape(x.shape)
+        expected = (
+            mean_relative_error(ref["k"], tiny.k),
+            mean_relative_error(ref["v"], tiny.v),
+            mean_relative_error(
+                softmax_attention(tiny.q, ref["k"], ref["v"]),
+                softmax_attention(tiny.q, tiny.k, tiny.v),
+            ),
+        )
+        np.testing.assert_allclose(results[bits], expected, rtol=1e-4)
+        assert results[bits][0] <= half_scale_bound(tiny.k, bits)
+        assert results[bits][1] <= half_scale_bound(tiny.v, bits)
     for i in range(3):  # K, V and attention errors all shrink with bits
-        assert 0 < results[8][i] < results[4][i] < results[2][i] < 1
+        assert results[8][i] < results[4][i] < results[2][i]
     assert results[8][2] < 0.02
     dq = kvq.Scheme(4, 32, axis=-1, double_quant=True)
     assert quality.kvq_roundtrip(tiny.k, dq)[1] == pytest.approx(4.5)
 
 
-@needs_kvq
 def test_run_source_grid_and_targets(tiny):
     problems = []
     grid = {"bits_list": (4, 8), "groups": (32, 64, 128), "flags": ((False, False),)}

@@ -1,5 +1,7 @@
 """Fixtures shared by the robustness tests."""
 
+import sys
+
 import numba
 import pytest
 
@@ -14,3 +16,13 @@ def one_numba_thread():
     numba.set_num_threads(1)
     yield
     numba.set_num_threads(previous)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Name the loader fuzz's seed after every run that imported it, failed or not, so any
+    run can be replayed (KVQ_FUZZ_SEED=... KVQ_FUZZ_SECONDS=...)."""
+    fuzz = sys.modules.get("tests.robustness.test_fuzz_loader")
+    if fuzz is not None:
+        terminalreporter.write_line(
+            f"loader fuzz: KVQ_FUZZ_SEED={fuzz.SEED} KVQ_FUZZ_SECONDS={fuzz.SECONDS:g}"
+        )

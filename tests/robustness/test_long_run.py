@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import long_run
 
 import kvq
+from kvq.testing import assert_dequantized_close
 
 MIB = 2**20
 
@@ -58,9 +59,37 @@ def test_chunked_schemes_stay_exact_over_many_wraps(config):
     assert cache._k.chunks > 10 * cache._k.slots  # the ring wrapped many times
     check = long_run.check_cache(cache, tokens)
     assert check["same_as_fresh"]
-    assert check["k_bound"] is None  # searched, rotated or float16: no plain bound to check
+    # searched, rotated or float16 keys have no plain bound (k_bound is None): check every
+    # held chunk against the tokens with kvq.testing's bound, which knows those schemes
+    assert_held_chunks_within_bound(cache, tokens)
     assert check["k_rel"] < 0.3 and check["v_rel"] < 0.6
     assert check["attention_rel"] <= 1e-5
+
+
+def assert_held_chunks_within_bound(cache: kvq.KVCache, tokens: long_run.Tokens) -> None:
+    """Each quantized chunk the cache holds dequantizes within kvq's error bound of the
+    tokens it was made from (one chunk at a time, so ring wrap-around needs no care)."""
+    end = len(cache)
+    for name, stream in (("k", cache._k), ("v", cache._v)):
+        chunk = stream.chunk
+        first = stream.first_chunk * chunk
+        truth = tokens.last(first, end)[0 if name == "k" else 1]
+        for c in range(stream.first_chunk, stream.chunks):
+            qt = stream.chunk_view(c, c + 1)
+            at = c * chunk - first
+            part = truth[:, at : at + chunk][None]  # (1, heads, chunk, head_dim) as stored
+            assert_dequantized_close(part, qt, err_msg=f"{name} chunk {c}")
+
+
+def test_held_chunk_bound_check_can_fail():
+    cache = kvq.KVCache(8, 64, kvq.QuantConfig.q4(), window=100)
+    tokens = long_run.Tokens(8, 64, keep=100 + 4 * 32)
+    long_run.stream(cache, tokens, 400, warmup=400, samples=1)
+    assert_held_chunks_within_bound(cache, tokens)
+    slot = (cache._k.chunks - 1) % cache._k.slots
+    cache._k.store["codes"][slot, :64] ^= 0x11  # codes of one chunk changed
+    with pytest.raises(AssertionError, match="k chunk"):
+        assert_held_chunks_within_bound(cache, tokens)
 
 
 def test_checks_catch_a_corrupted_code():

@@ -367,7 +367,11 @@ def test_layer_choice_follows_numba_priority_without_a_safe_layer():
 def test_serialised_kernel_holds_the_lock_and_forwards_attributes():
     wrapped = _threads.serialised(kernels.dequantize_blocks, force=True)
     assert wrapped.py_func is kernels.dequantize_blocks.py_func
-    assert _threads.serialised(len) is len or _threads.SERIALISE
+    # unforced, a kernel is wrapped exactly when launches must be serialised (workqueue),
+    # and kvq's exported kernels follow the same rule
+    assert (_threads.serialised(len) is len) is (not _threads.SERIALISE)
+    assert isinstance(_threads.serialised(len), _threads.SerialisedKernel) is _threads.SERIALISE
+    assert isinstance(kernels.attention_blocks, _threads.SerialisedKernel) is _threads.SERIALISE
     codes = np.arange(64, dtype=np.uint8)
     out = np.empty(64, np.float32)
     finished = []

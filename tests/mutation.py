@@ -1,0 +1,302 @@
+"""Mutation check: each named mutant of kvq must make some of its tests fail.
+
+    python -m tests.mutation            # every mutant (about 6 minutes on 2 cores)
+    python -m tests.mutation -k search  # mutants whose name contains "search"
+    python -m tests.mutation --list     # names, files and tests
+
+For each mutant: copy the working tree (without .git) to a temporary directory, apply the
+mutant's textual patch there (each snippet must occur exactly once, or the run stops with
+"mutant X: pattern not found"), and run ``pytest -x -q`` on the mutant's test files in the
+copy, with a fresh NUMBA_CACHE_DIR (so no kernel compiled from unmutated source is reused).
+A mutant is *caught* when pytest fails. First the same tests run once on an unmutated copy,
+which must pass. Exit status 0 only when the baseline passes and every mutant is caught.
+
+``--noop`` adds a control mutant that changes nothing but a comment: it must survive, so the
+run must then exit 1 (a check of the check).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # file under the repository root
+    edits: tuple[tuple[str, str], ...]  # (snippet, replacement), each snippet exactly once
+    tests: tuple[str, ...]  # pytest arguments (files or node ids), run with -x -q
+    what: str
+
+
+MUTANTS = (
+    Mutant(
+        "search-f16-scale-min-swapped",
+        "kvq/kernels/search.py",
+        (
+            (
+                "return float16_round_up(scale), float16_round_down(lowest)",
+                "return float16_round_down(lowest), float16_round_up(scale)",
+            ),
+        ),
+        ("tests/test_search.py",),
+        "search's float16 branch returns (min, scale) for (scale, min): search is a no-op",
+    ),
+    Mutant(
+        "double-quant-step-twice-as-coarse",
+        "kvq/tensor.py",
+        (("per_super(needed).max(axis=1)", "2 * per_super(needed).max(axis=1)"),),
+        ("tests/test_double_quant.py",),
+        "the float16 super-group scale step d is twice what the groups need",
+    ),
+    Mutant(
+        "search-short-group-padded",
+        "kvq/kernels/search.py",
+        (
+            (
+                "prange(scales.shape[0]):\n        count = last_count if",
+                "prange(scales.shape[0]):\n        count = block_size if",
+            ),
+        ),
+        ("tests/test_search.py",),
+        "search fits a row's short last group with its padding, not its real values alone",
+    ),
+    Mutant(
+        "search-short-group-off-by-one",
+        "kvq/kernels/search.py",
+        (
+            (
+                "prange(scales.shape[0]):\n        count = last_count if (b + 1) % row_blocks",
+                "prange(scales.shape[0]):\n        count = last_count if b % row_blocks",
+            ),
+        ),
+        ("tests/test_search.py",),
+        "off-by-one group index: the first group of each row is taken as the short one",
+    ),
+    Mutant(
+        "dequantize-min-of-previous-group",
+        "kvq/kernels/blockwise.py",
+        (
+            (
+                "lowest = mins[b]\n        if block_size == SIMD_BLOCK:",
+                "lowest = mins[b - 1]\n        if block_size == SIMD_BLOCK:",
+            ),
+        ),
+        ("tests/test_quantize.py::test_codes_and_params_equal_reference",),
+        "off-by-one group index: dequantize takes each block's min from the block before",
+    ),
+    Mutant(
+        "quantize-floor-for-rint",
+        "kvq/kernels/blockwise.py",
+        (
+            (
+                "level = np.rint((block[i] - lowest) * inverse)\n"
+                "            block_codes[i] = np.uint8(min(level, levels))",
+                "level = np.floor((block[i] - lowest) * inverse)\n"
+                "            block_codes[i] = np.uint8(min(level, levels))",
+            ),
+        ),
+        ("tests/test_quantize.py::test_codes_and_params_equal_reference",),
+        "quantize (groups other than 32) rounds codes down instead of to nearest",
+    ),
+    Mutant(
+        "encode-floor-for-rint",
+        "kvq/kernels/blockwise.py",
+        (
+            (
+                "level = np.rint((block[i] - lowest) * inverse)\n"
+                "                block_codes[i] = np.uint8(min(max(",
+                "level = np.floor((block[i] - lowest) * inverse)\n"
+                "                block_codes[i] = np.uint8(min(max(",
+            ),
+        ),
+        ("tests/test_double_quant.py",),
+        "encode (double_quant and search) rounds codes down instead of to nearest",
+    ),
+    Mutant(
+        "attention-causal-diagonal-dropped",
+        "kvq/kernels/attention.py",
+        (("hi = min(row_last[r] - start + 1, width)", "hi = min(row_last[r] - start, width)"),),
+        ("tests/test_attention.py",),
+        "causal mask position < p instead of <= p: a query no longer sees its own token",
+    ),
+    Mutant(
+        "attention-first-position-dropped",
+        "kvq/kernels/attention.py",
+        (("lo = max(row_first[r] - start, 0)", "lo = max(row_first[r] - start + 1, 0)"),),
+        ("tests/test_attention.py",),
+        "window bound shifted: each query loses its oldest visible position",
+    ),
+    Mutant(
+        "unpack-scale-min-swapped",
+        "kvq/kernels/_unpack.py",
+        (
+            (
+                "row_value, index_value, scale_value, lowest_value, out_value, at_value = args",
+                "row_value, index_value, lowest_value, scale_value, out_value, at_value = args",
+            ),
+        ),
+        ("tests/test_attention.py",),
+        "the packed-code unpacker computes scale + min * code",
+    ),
+    Mutant(
+        "attention-decode-scale-min-swapped",
+        "kvq/kernels/attention.py",
+        (("values_out[d] = m + s * codes_out[d]", "values_out[d] = s + m * codes_out[d]"),),
+        ("tests/test_attention.py",),
+        "attention's per-token decode computes scale + min * code",
+    ),
+    Mutant(
+        "ring-drops-a-chunk-early",
+        "kvq/kvcache.py",
+        (
+            (
+                "first = min(chunks, max(0, (appended - window) // chunk))",
+                "first = min(chunks, max(0, (appended - window) // chunk + 1))",
+            ),
+        ),
+        ("tests/test_ring.py",),
+        "the windowed ring drops a chunk that still holds tokens inside the window",
+    ),
+)
+
+NOOP = Mutant(
+    "noop-control",
+    "kvq/kernels/search.py",
+    (("_REFINE_STEPS = 2", "_REFINE_STEPS = 2  # mutated"),),
+    ("tests/test_search.py",),
+    "changes a comment only: must survive (checks that the check can fail)",
+)
+
+
+class PatternError(RuntimeError):
+    pass
+
+
+def mutated(mutant: Mutant, root: Path) -> str:
+    """The text of ``mutant``'s file under ``root`` with its edits applied; each snippet must
+    occur exactly once (PatternError otherwise) and change the text."""
+    path = root / mutant.path
+    if not path.is_file():
+        raise PatternError(f"mutant {mutant.name}: file {mutant.path} not found")
+    text = original = path.read_text()
+    for snippet, replacement in mutant.edits:
+        count = text.count(snippet)
+        if count != 1:
+            found = "pattern not found" if count == 0 else f"pattern found {count} times"
+            raise PatternError(f"mutant {mutant.name}: {found} in {mutant.path}: {snippet!r}")
+        text = text.replace(snippet, replacement)
+    if text == original:
+        raise PatternError(f"mutant {mutant.name}: its edits change nothing")
+    return text
+
+
+def apply(mutant: Mutant, root: Path) -> None:
+    """Apply ``mutant``'s edits to the copy at ``root`` (see :func:`mutated`)."""
+    (root / mutant.path).write_text(mutated(mutant, root))
+
+
+def copy_tree(target: Path) -> Path:
+    ignore = shutil.ignore_patterns(
+        ".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".hypothesis", "results", "*.nbi"
+    )
+    shutil.copytree(ROOT, target, ignore=ignore, symlinks=True)
+    return target
+
+
+def run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool, str, float]:
+    """(passed, last lines of output, seconds) of pytest -x -q on ``tests`` in ``root``."""
+    with tempfile.TemporaryDirectory(prefix="kvq-numba-") as cache:
+        env = dict(os.environ, PYTHONPATH=str(root), NUMBA_CACHE_DIR=cache)
+        env.pop("NUMBA_BOUNDSCHECK", None)
+        check = (
+            "import kvq, pathlib, sys; "
+            f"sys.exit(0 if pathlib.Path(kvq.__file__).is_relative_to({str(root)!r}) else 3)"
+        )
+        if subprocess.run([sys.executable, "-c", check], cwd=root, env=env).returncode:
+            raise RuntimeError(f"kvq does not import from the copy at {root}")
+        command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider"]
+        start = time.perf_counter()
+        try:
+            done = subprocess.run(
+                [*command, *tests],
+                cwd=root,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return False, "timed out", time.perf_counter() - start
+        seconds = time.perf_counter() - start
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    summary = failed[0] if failed else (lines[-1] if lines else "")
+    return done.returncode == 0, summary, seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-k", default="", help="run only mutants whose name contains this")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    parser.add_argument("--noop", action="store_true", help="add a no-op control mutant")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds per pytest run")
+    args = parser.parse_args(argv)
+    mutants = [m for m in MUTANTS if args.k in m.name]
+    if args.noop:
+        mutants.append(NOOP)
+    if args.list:
+        for m in mutants:
+            print(f"{m.name:38s} {m.path:28s} {' '.join(m.tests)}\n    {m.what}")
+        return 0
+    if not mutants:
+        print(f"no mutant matches -k {args.k!r}")
+        return 2
+    total_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="kvq-mutation-") as scratch:
+        scratch = Path(scratch)
+        # every pattern is checked before anything runs: a refactor fails fast and loudly
+        for m in mutants:
+            mutated(m, ROOT)
+        if not args.no_baseline:
+            tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
+            base = copy_tree(scratch / "base")
+            passed, summary, seconds = run_tests(base, tests, args.timeout)
+            outcome = "pass" if passed else "FAIL"
+            print(f"{'baseline (unmutated)':38s} {outcome:8s} {seconds:6.1f}s", flush=True)
+            if not passed:
+                print(f"    {summary}\nthe unmutated tests must pass first")
+                return 2
+        rows = []
+        for m in mutants:
+            root = copy_tree(scratch / m.name)
+            apply(m, root)
+            passed, summary, seconds = run_tests(root, m.tests, args.timeout)
+            shutil.rmtree(root)
+            status = "survived" if passed else "caught"
+            rows.append((m, status, seconds))
+            print(f"{m.name:38s} {status:8s} {seconds:6.1f}s  {summary}", flush=True)
+    survived = [m.name for m, status, _ in rows if status == "survived"]
+    print(
+        f"{len(rows) - len(survived)} of {len(rows)} mutants caught in "
+        f"{time.perf_counter() - total_start:.0f}s"
+    )
+    if survived:
+        print("survived: " + ", ".join(survived))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""double_quant's second-level scales against the format written out in NumPy from the input."""
+
+import numpy as np
+import pytest
+
+import kvq
+from kvq.synthetic import kv_layer
+from kvq.tensor import DoubleQuantParams, _unpack
+from tests import reference
+
+
+def as_rows(x: np.ndarray, axis: int) -> np.ndarray:
+    """2-D (rows, length) view of x with its grouping axis last, as kvq.quantize groups it."""
+    return np.ascontiguousarray(np.moveaxis(x, axis, -1)).reshape(-1, x.shape[axis])
+
+
+def stored_codes(qt: kvq.QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
+    p = qt.params
+    assert isinstance(p, DoubleQuantParams)
+    sc = _unpack(p.scale_codes, 6, p.n_groups).astype(np.int64)
+    mc = _unpack(p.min_codes, 6, p.n_groups).astype(np.int64)
+    return sc, mc
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("axis", [-1, -2])
+@pytest.mark.parametrize("group_size", [32, 7])
+def test_second_level_codes_and_steps_equal_reference(bits, axis, group_size):
+    """The 6-bit scale and min codes (exactly) and the float16 super-group steps (bit for bit)
+    equal the format's definition computed in NumPy from the input's groups."""
+    k, _ = kv_layer(4, 300, 64, seed=3)
+    qt = kvq.quantize(k, bits, group_size, axis, double_quant=True)
+    rows = as_rows(k, axis)
+    sc, mc, d, dmin = reference.double_quant_params(rows, group_size, 2**bits - 1)
+    got_sc, got_mc = stored_codes(qt)
+    np.testing.assert_array_equal(got_sc, sc)
+    np.testing.assert_array_equal(got_mc, mc)
+    np.testing.assert_array_equal(qt.params.super_scales.astype(np.float32), d)
+    np.testing.assert_array_equal(qt.params.super_mins.astype(np.float32), dmin)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("axis", [-1, -2])
+def test_error_within_the_bound_from_the_input(bits, axis):
+    """Every element within half the largest scale the format may store for its group,
+    computed from the group's min and max and the super-group's steps (not from the stored
+    scale); measured at 0.995-0.999 of that bound, so a coarser step shows."""
+    k, _ = kv_layer(4, 300, 64, seed=3)
+    qt = kvq.quantize(k, bits, 32, axis, double_quant=True)
+    rows = as_rows(k, axis)
+    got = as_rows(qt.dequantize(), axis)
+    bound = reference.double_quant_error_bound(rows, 32, 2**bits - 1)
+    errors = reference.row_groups(np.abs(got.astype(np.float64) - rows), 32)
+    worst = np.array([e.max() for e in errors])
+    assert np.all(worst <= bound), float((worst / bound).max())
+
+
+def test_bound_is_the_input_scale_plus_the_steps():
+    """Check the reference bound itself on a hand-made case: two groups, 2 bits."""
+    x = np.array([[0.0, 1.0, 2.0, 3.0], [-1.0, 0.0, 1.0, 5.0]], np.float32)
+    bound = reference.double_quant_error_bound(x, 4, 3)
+    # dmin = 1 / 32 (one ulp up); needed = (3 + dmin) / 3 and (6 + dmin) / 3; d = max / 63
+    dmin = 1 / 32 * (1 + 2**-10)
+    needed = (np.array([3.0, 6.0]) + dmin) / 3
+    d = needed.max() / 63 * (1 + 2**-10)
+    np.testing.assert_allclose(bound, (needed + d) / 2, rtol=1e-5)
