@@ -15,16 +15,35 @@ from kvq.rotation import hadamard_rotation
 _DUMMY = np.zeros((1, 1), np.uint8)
 
 
-def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal: bool = True):
+# Scratch for one kernel call (partial softmaxes, the kernel's per-task accumulators, the
+# float64 merge) stays under this many bytes: the queries are taken in chunks that fit.
+SCRATCH_BYTES = 32 << 20
+
+
+def attention(
+    q,
+    cache: KVCache,
+    scale: float | None = None,
+    sinks=None,
+    causal: bool = True,
+    start: int = 0,
+):
     """Attention of queries ``q`` over everything ``cache`` holds, read from its codes.
 
     q: (num_q_heads, t_q, head_dim), num_q_heads a multiple of the cache's num_kv_heads
     (grouped-query attention: query head h reads KV head h // (num_q_heads / num_kv_heads)).
     The queries sit at the cache's last t_q positions (append a prefill chunk's K/V first):
     with ``causal`` a query at position p sees positions <= p, and a windowed cache limits
-    that to p - window < position. ``scale`` defaults to 1/sqrt(head_dim). ``sinks``:
+    that to p - window < position (a windowed cache serves up to its ``max_queries`` query
+    tokens). ``start``: positions below it are never attended (left padding); a query before
+    ``start`` sees nothing and gets zeros. ``scale`` defaults to 1/sqrt(head_dim). ``sinks``:
     (num_q_heads,) logits that join each head's softmax denominator and carry no value
     (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim).
+
+    Memory: queries are processed in chunks, so scratch beyond q and the output stays under
+    ``SCRATCH_BYTES`` (32 MiB), or one query token's share when that is larger (about
+    4 x group x (kv_heads x splits x (head_dim + 2) + threads x (kv_heads x head_dim + 128))
+    bytes, splits <= 2 x threads: 0.9 MB for GPT-OSS's 8 KV heads of 64 on 16 threads).
 
     q, sinks and scale must be finite: NaN or +-Inf raises ValueError naming the argument and
     the position, and so does a ``q * scale`` that overflows float32. The cache's lock is held
@@ -38,6 +57,7 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
     group = heads // kv_heads
     sink_logits = _check_sinks(sinks, heads)
     scale = _check_scale(scale, dim)
+    start = check_int("start", start, 0)
     k_scheme, v_scheme = cache.config.k, cache.config.v
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
         if k_scheme.rotate is not None:
@@ -46,19 +66,50 @@ def attention(q, cache: KVCache, scale: float | None = None, sinks=None, causal:
     if not np.isfinite(queries).all():
         _raise_queries(original, queries, scale)
     # rows of one KV head: (query head within the group, query token)
-    rows = np.ascontiguousarray(queries.reshape(kv_heads, group * t_q, dim), dtype=np.float32)
+    rows = queries.reshape(kv_heads, group, t_q, dim)
+    out = np.empty((kv_heads, group, t_q, dim), np.float64)
     with cache._lock:  # a consistent state, and no append while the kernel reads the store
-        part_max, part_sum, part_acc, splits = _attend(cache, rows, t_q, causal)
-    out = _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sink_logits)
+        positions = _query_positions(cache, t_q)
+        step = query_chunk(cache, group, dim)
+        for lo in range(0, t_q, step):
+            hi = min(t_q, lo + step)
+            chunk = np.ascontiguousarray(
+                rows[:, :, lo:hi].reshape(kv_heads, group * (hi - lo), dim), dtype=np.float32
+            )
+            part_max, part_sum, part_acc, splits = _attend(
+                cache, chunk, positions[lo:hi], causal, start
+            )
+            merged = _merge(
+                part_max, part_sum, part_acc, kv_heads, splits, group, hi - lo, sink_logits
+            )
+            out[:, :, lo:hi] = merged.reshape(kv_heads, group, hi - lo, dim)
+    out = out.reshape(heads, t_q, dim)
     if v_scheme.rotate is not None:
         out = out @ hadamard_rotation(dim, v_scheme.rotate).T
     return np.ascontiguousarray(out, dtype=np.float32)
 
 
-def _attend(cache: KVCache, rows: np.ndarray, t_q: int, causal: bool) -> tuple:
-    """Run the kernel over the held tokens: (part_max, part_sum, part_acc, splits)."""
-    kv_heads, group_rows, dim = rows.shape
-    group = group_rows // t_q
+def query_chunk(cache: KVCache, group: int, dim: int) -> int:
+    """Query tokens per kernel call so that its scratch fits ``SCRATCH_BYTES`` (at least 1).
+
+    Per query token (``group`` rows per KV head): the partials, float32 (kv_heads x splits,
+    rows, head_dim + 2); the kernel's accumulators, float32 (kv_heads, rows, head_dim) plus
+    (rows, block) scores in each of at most ``threads`` running tasks; the merge, two
+    float64 (kv_heads, rows, head_dim) and three float64 (kv_heads, splits, rows).
+    """
+    threads = numba.get_num_threads()
+    splits = 2 * threads
+    kv = cache.num_kv_heads
+    per_token = (
+        group
+        * (4 * kv * splits * (dim + 2) + 4 * threads * (kv * dim + _MAX_BLOCK) + 16 * kv * dim)
+        + 24 * kv * splits * group
+    )
+    return max(1, SCRATCH_BYTES // per_token)
+
+
+def _query_positions(cache: KVCache, t_q: int) -> np.ndarray:
+    """Absolute positions of the last ``t_q`` tokens, checked to be held and servable."""
     if cache.held == 0:
         raise ValueError("the cache is empty: append keys and values before attention")
     if t_q > cache.held:
@@ -68,28 +119,50 @@ def _attend(cache: KVCache, rows: np.ndarray, t_q: int, causal: bool) -> tuple:
         )
     end = len(cache)
     first = end - cache.held
-    query_positions = np.arange(end - t_q, end, dtype=np.int64)
-    last = query_positions if causal else np.full(t_q, end - 1, np.int64)
-    lowest = np.full(t_q, first, np.int64)
+    positions = np.arange(end - t_q, end, dtype=np.int64)
     if cache.window is not None:
-        needed = query_positions - cache.window + 1
-        if needed[0] < first and needed[0] >= 0:
+        needed = positions[0] - cache.window + 1
+        if needed < first and needed >= 0:
             raise ValueError(
-                f"the query at position {query_positions[0]} needs keys from position "
-                f"{needed[0]}, but the windowed cache dropped everything before {first}: "
-                f"attend each chunk right after appending it, in chunks of at most "
-                f"{cache.held - cache.window + 1} tokens"
+                f"the query at position {positions[0]} needs keys from position {needed}, "
+                f"but the windowed cache dropped everything before {first}: attend each "
+                f"chunk right after appending it, in chunks of at most "
+                f"{cache.held - cache.window + 1} tokens (KVCache max_queries="
+                f"{cache.max_queries})"
             )
-        lowest = np.maximum(lowest, needed)
-    k_scheme = cache.config.k
+    return positions
+
+
+_MAX_BLOCK = 128  # tokens per kernel block (per-channel keys: a multiple of their chunk)
+
+
+def _attend(
+    cache: KVCache, rows: np.ndarray, positions: np.ndarray, causal: bool, start: int
+) -> tuple:
+    """Run the kernel for query rows at ``positions``: (part_max, part_sum, part_acc, splits).
+
+    rows: float32 (kv_heads, group * len(positions), head_dim), group-major.
+    """
+    kv_heads, group_rows, dim = rows.shape
+    t_q = positions.size
+    group = group_rows // t_q
+    end = len(cache)
+    first = end - cache.held
+    last = positions if causal else np.full(t_q, end - 1, np.int64)
+    lowest = np.full(t_q, max(first, start), np.int64)
+    if cache.window is not None:
+        lowest = np.maximum(lowest, positions - cache.window + 1)
     row_first = np.tile(lowest, group)
     row_last = np.tile(last, group)
 
     k_stream, v_stream = cache._k, cache._v
     k_chunk = k_stream.chunk
-    block = k_chunk * max(1, 128 // k_chunk) if k_scheme.axis in (-2, 1) else 128
-    origin = first // block * block
-    n_blocks = -(-(end - origin) // block)
+    per_channel = cache.config.k.axis in (-2, 1)
+    block = k_chunk * max(1, _MAX_BLOCK // k_chunk) if per_channel else _MAX_BLOCK
+    # walk only the blocks some row sees (no key before the lowest nor after the last)
+    stop = max(int(last.max()) + 1, first + 1)
+    origin = max(first, min(int(lowest.min()), stop - 1)) // block * block
+    n_blocks = -(-(stop - origin) // block)
     threads = numba.get_num_threads()
     splits = max(1, min(n_blocks, 2 * threads))  # token ranges; each walks every head,
     head_groups = min(kv_heads, -(-2 * threads // splits))  # or a share of them when few
@@ -98,7 +171,7 @@ def _attend(cache: KVCache, rows: np.ndarray, t_q: int, causal: bool) -> tuple:
     part_sum = np.empty((tasks, group * t_q), np.float32)
     part_acc = np.empty((tasks, group * t_q, dim), np.float32)
     kernels.attention_blocks(
-        rows, row_first, row_last, origin, first, end, block, splits, head_groups,
+        rows, row_first, row_last, origin, first, stop, block, splits, head_groups,
         *_stream_arrays(k_stream),
         *_stream_arrays(v_stream),
         part_max, part_sum, part_acc,
@@ -137,20 +210,27 @@ def _stream_arrays(stream: TensorStream) -> tuple:
 
 
 def _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sinks):
-    """Combine the tasks' partial softmaxes (and the sinks) into (heads, t_q, head_dim)."""
+    """Combine the tasks' partial softmaxes (and the sinks) into float64 (heads, t_q, head_dim).
+
+    One split at a time, so the float64 scratch is two (kv_heads, rows, head_dim) arrays.
+    """
     dim = part_acc.shape[-1]
     m = part_max.reshape(kv_heads, splits, group * t_q).astype(np.float64)
     s = part_sum.reshape(kv_heads, splits, group * t_q).astype(np.float64)
-    acc = part_acc.reshape(kv_heads, splits, group * t_q, dim).astype(np.float64)
+    acc = part_acc.reshape(kv_heads, splits, group * t_q, dim)
     top = m.max(axis=1)
     if sinks is not None:
         sink = np.repeat(sinks.reshape(kv_heads, group), t_q, axis=1)
         top = np.maximum(top, sink)
-    weight = np.where(np.isfinite(m), np.exp(m - top[:, None, :]), 0.0)
+    with np.errstate(invalid="ignore"):  # -inf - -inf for rows that see nothing
+        weight = np.where(np.isfinite(m), np.exp(m - top[:, None, :]), 0.0)
     total = (s * weight).sum(axis=1)
     if sinks is not None:
         total += np.exp(sink - top)
-    out = (acc * weight[..., None]).sum(axis=1) / np.where(total > 0, total, 1.0)[..., None]
+    out = np.zeros((kv_heads, group * t_q, dim), np.float64)
+    for split in range(splits):
+        out += acc[:, split] * weight[:, split, :, None]
+    out /= np.where(total > 0, total, 1.0)[..., None]
     return out.reshape(kv_heads * group, t_q, dim)
 
 

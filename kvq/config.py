@@ -140,6 +140,25 @@ class ModelConfig:
             raise ConfigError(f"{file}: not valid JSON ({error})") from None
         return cls.from_dict(config, source=str(file))
 
+    @classmethod
+    def from_transformers(cls, config: Any) -> ModelConfig:
+        """Build from a ``transformers`` PretrainedConfig (or a model holding one as
+        ``.config``): its decoder text config's ``to_dict()``, read as :meth:`from_dict` reads
+        config.json. Needs no transformers import (duck-typed)."""
+        config = getattr(config, "config", config)  # a model
+        if hasattr(config, "get_text_config"):
+            config = config.get_text_config(decoder=True)
+        if not hasattr(config, "to_dict"):
+            raise TypeError(
+                f"expected a transformers PretrainedConfig or model, got {type(config).__name__}"
+            )
+        values = config.to_dict()
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            values["layer_types"] = list(layer_types)
+        name = type(config).__name__
+        return cls.from_dict(values, source=f"{name}({values.get('model_type', '?')})")
+
     # --- derived figures ---------------------------------------------------------------------
 
     @property

@@ -11,6 +11,7 @@ store is a ring and chunks that fall wholly out of the window are dropped.
 
 from __future__ import annotations
 
+import copy
 import operator
 import threading
 import weakref
@@ -190,6 +191,48 @@ class TensorStream:
     def reserved_nbytes(self) -> int:
         return sum(array.nbytes for array in self.store.values())
 
+    def clone(self) -> TensorStream:
+        """An independent copy: its own store (from the same pool, if any) and residual."""
+        twin = copy.copy(self)
+        twin.store = self._allocate(self.slots)
+        for key, array in self.store.items():
+            twin.store[key][...] = array
+        twin.pending = self.pending.copy()
+        return twin
+
+    def truncation(self, length: int) -> HeldLayout | str:
+        """The layout after keeping only the first ``length`` tokens, or why that is not exact.
+
+        Exact means no quantized token is cut out of its chunk (and later re-quantized) and no
+        token the window already dropped is needed again: the result is what appending just
+        those ``length`` tokens would have held.
+        """
+        target = held_layout(length, self.chunk, self.residual_target, self.window)
+        if target.first_chunk < self.first_chunk:
+            return (
+                f"the window already dropped the tokens before position {self.first_position} "
+                f"that {length} tokens would still hold"
+            )
+        cut = min(length, self.chunks * self.chunk)
+        if target.chunks < self.chunks and cut > target.chunks * self.chunk:
+            return (
+                f"{self.name} tokens {target.chunks * self.chunk} to {cut - 1} are quantized "
+                f"together with later ones ({self.chunk}-token chunks, "
+                f"{self.residual_target} float32 residual tokens)"
+            )
+        return target
+
+    def truncate(self, target: HeldLayout) -> None:
+        """Apply a :meth:`truncation` layout."""
+        keep = target.appended - target.chunks * self.chunk
+        if target.chunks == self.chunks:
+            self.pending = np.ascontiguousarray(self.pending[:, :keep])
+        else:
+            self.pending = np.empty((self.heads, 0, self.head_dim), np.float32)
+        self.chunks = target.chunks
+        self.first_chunk = target.first_chunk
+        self.appended = target.appended
+
     # --- appending ----------------------------------------------------------------------------
 
     def stage(self, new: np.ndarray) -> _Staged:
@@ -325,10 +368,17 @@ class KVCache:
     ``append(k, v)`` with float arrays of (num_kv_heads, t, head_dim); ``keys(start, end)`` and
     ``values(...)`` give float32 (num_kv_heads, end - start, head_dim) of the tokens held
     (indices into what is held; ``positions`` maps them to absolute positions); ``len()`` is
-    the number of tokens appended. ``window=W`` keeps at least the last W tokens in a ring
-    (whole chunks, so up to W + chunk - 1). ``capacity`` (tokens) preallocates and fixes the
-    size (CapacityError past it); with neither, storage doubles as needed (amortised O(1) per
-    token). ``pool`` supplies the chunk storage, returned when the cache is collected.
+    the number of tokens appended. ``window=W`` keeps at least the last W + max_queries - 1
+    tokens in a ring (whole chunks, so up to chunk - 1 more): enough for
+    :func:`kvq.attention` of up to ``max_queries`` query tokens (a prefill chunk) right after
+    they are appended, each seeing the last W positions, itself included. ``capacity``
+    (tokens) preallocates and fixes the size (CapacityError past it); with neither, storage
+    doubles as needed (amortised O(1) per token). ``pool`` supplies the chunk storage,
+    returned when the cache is collected.
+
+    Copies: ``copy.copy`` and ``copy.deepcopy`` both give an independent cache with its own
+    data and lock; a pool-backed cache's copy takes its storage from the same pool. Pickling
+    a pool-backed cache raises TypeError (a pool does not travel between processes).
 
     Input: k and v must be finite; NaN or +-Inf (or float64 beyond the float32 range) raises
     ValueError naming the tensor, head, token (and its absolute position) and channel, and the
@@ -350,6 +400,7 @@ class KVCache:
         capacity: int | None = None,
         window: int | None = None,
         pool: MemoryPool | None = None,
+        max_queries: int = 1,
     ) -> None:
         self.num_kv_heads = check_int("num_kv_heads", num_kv_heads)
         self.head_dim = check_int("head_dim", head_dim)
@@ -358,6 +409,8 @@ class KVCache:
             raise TypeError(f"config must be a kvq.QuantConfig, got {self.config!r}")
         self.capacity = None if capacity is None else check_int("capacity", capacity)
         self.window = None if window is None else check_int("window", window)
+        self.max_queries = check_int("max_queries", max_queries)
+        self.pool = pool
         if self.capacity is not None and self.window is not None:
             raise ValueError("give capacity or window, not both: a windowed cache is a ring")
         for name, scheme in (("k", self.config.k), ("v", self.config.v)):
@@ -375,7 +428,7 @@ class KVCache:
                 self.num_kv_heads,
                 self.head_dim,
                 self.config.residual,
-                self.window,
+                kept_window(self.window, self.max_queries),
                 self.capacity,
                 pool,
             )
@@ -526,13 +579,65 @@ class KVCache:
             "bits_per_value": 8 * self.nbytes / held_values if held_values else float("nan"),
         }
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first ``length`` tokens appended (``transformers``' ``crop``).
+
+        Exact or refused: ValueError, leaving the cache as it was, when a token to remove is
+        quantized in the same chunk as a token to keep (cut at a chunk boundary, or within
+        the float32 residual), or when a window already dropped a token that ``length``
+        tokens would hold. Afterwards the cache is what appending those tokens would give.
+        """
+        with self._lock:
+            targets = self._truncation(length)
+            self._k.truncate(targets[0])
+            self._v.truncate(targets[1])
+
+    def check_truncate(self, length: int) -> None:
+        """Raise what :meth:`truncate` would raise for ``length``, changing nothing."""
+        with self._lock:
+            self._truncation(length)
+
+    def _truncation(self, length) -> list[HeldLayout]:
+        length = check_int("length", length, 0)
+        if length > len(self):
+            raise ValueError(f"length {length} exceeds the {len(self)} tokens appended")
+        targets = [stream.truncation(length) for stream in (self._k, self._v)]
+        for target in targets:
+            if isinstance(target, str):
+                raise ValueError(
+                    f"cannot truncate {len(self)} tokens to {length} exactly: {target}"
+                )
+        return targets
+
+    def __copy__(self) -> KVCache:
+        return self.__deepcopy__({})
+
+    def __deepcopy__(self, memo: dict) -> KVCache:
+        """An independent cache: copied data, its own lock, storage from the same pool."""
+        with self._lock:
+            twin = object.__new__(type(self))
+            twin.__dict__.update(self.__dict__)
+            twin._k, twin._v = self._k.clone(), self._v.clone()
+            twin._lock = threading.RLock()
+        if self.pool is not None:
+            weakref.finalize(twin, _release_all, [twin._k, twin._v])
+        memo[id(self)] = twin
+        return twin
+
     def __getstate__(self) -> dict:
-        """For copy and pickle: everything but the lock (each copy gets its own)."""
+        """For pickle: everything but the lock (each copy gets its own)."""
+        if self.pool is not None:
+            raise TypeError(
+                "a KVCache whose storage comes from a MemoryPool cannot be pickled; copy it "
+                "with copy.deepcopy (same pool), or build it without a pool"
+            )
         with self._lock:
             return {key: value for key, value in self.__dict__.items() if key != "_lock"}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self.__dict__.setdefault("max_queries", 1)  # pickled before these attributes
+        self.__dict__.setdefault("pool", None)
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:
@@ -552,11 +657,23 @@ def _release_all(streams: list[TensorStream]) -> None:
         stream.release()
 
 
+def kept_window(window: int | None, max_queries: int) -> int | None:
+    """Tokens a windowed stream must keep: the window of the first of ``max_queries`` queries
+    appended together reaches back ``window + max_queries - 1`` tokens."""
+    return None if window is None else window + max_queries - 1
+
+
 def stream_bytes(
-    scheme: Scheme, num_kv_heads: int, head_dim: int, appended: int, residual: int, window
+    scheme: Scheme,
+    num_kv_heads: int,
+    head_dim: int,
+    appended: int,
+    residual: int,
+    window,
+    max_queries: int = 1,
 ) -> int:
     """Bytes one stream holds after ``appended`` tokens (what TensorStream.nbytes reports)."""
     chunk = chunk_tokens(scheme, num_kv_heads, head_dim)
-    layout = held_layout(appended, chunk, residual, window)
+    layout = held_layout(appended, chunk, residual, kept_window(window, max_queries))
     template = quantize(np.zeros((num_kv_heads, chunk, head_dim), np.float32), scheme=scheme)
     return layout.held_chunks * template.nbytes + layout.residual * num_kv_heads * head_dim * 4

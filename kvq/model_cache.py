@@ -3,28 +3,53 @@
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 from kvq.config import SLIDING, ModelConfig
 from kvq.kvcache import KVCache
 from kvq.pool import MemoryPool
 from kvq.scheme import QuantConfig
 
+LayerConfigs = QuantConfig | Callable[[int, str], QuantConfig]
+
+
+def layer_config(config: LayerConfigs | None, layer: int, kind: str) -> QuantConfig:
+    """The QuantConfig of one layer: ``config`` itself, or ``config(layer, kind)`` when it is
+    a callable; the default QuantConfig() when None."""
+    if config is None:
+        return QuantConfig()
+    if isinstance(config, QuantConfig):
+        return config
+    if not callable(config):
+        raise TypeError(
+            "config must be a kvq.QuantConfig or a callable (layer_idx, layer_type) -> "
+            f"QuantConfig, got {config!r}"
+        )
+    chosen = config(layer, kind)
+    if not isinstance(chosen, QuantConfig):
+        raise TypeError(f"config({layer}, {kind!r}) must return a kvq.QuantConfig, got {chosen!r}")
+    return chosen
+
 
 class ModelKVCache:
     """Per-layer caches for ``model_config``: sliding-attention layers get
-    ``window=sliding_window``, full-attention layers grow without bound (or to ``capacity``).
+    ``window=sliding_window`` (and ``max_queries``, see :class:`KVCache`), full-attention
+    layers grow without bound (or to ``capacity``).
 
-    ``cache[layer]`` is that layer's :class:`KVCache`; ``append(layer, k, v)`` appends to it.
-    Each layer has its own lock (see :class:`KVCache`), so different layers can be appended
-    from different threads at once.
+    ``config`` is one QuantConfig for every layer, or a callable ``(layer_idx, layer_type)
+    -> QuantConfig``. ``cache[layer]`` is that layer's :class:`KVCache`; ``append(layer, k,
+    v)`` appends to it. Each layer has its own lock (see :class:`KVCache`), so different
+    layers can be appended from different threads at once. ``copy.deepcopy`` copies every
+    layer (see :class:`KVCache` for pools).
     """
 
     def __init__(
         self,
         model_config: ModelConfig,
-        config: QuantConfig | None = None,
+        config: LayerConfigs | None = None,
         capacity: int | None = None,
         pool: MemoryPool | None = None,
+        max_queries: int = 1,
     ) -> None:
         if not isinstance(model_config, ModelConfig):
             raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
@@ -34,12 +59,13 @@ class ModelKVCache:
             KVCache(
                 model_config.num_key_value_heads,
                 model_config.head_dim,
-                self.config,
+                layer_config(self.config, i, kind),
                 capacity=None if kind == SLIDING else capacity,
                 window=model_config.sliding_window if kind == SLIDING else None,
                 pool=pool,
+                max_queries=max_queries,
             )
-            for kind in model_config.layer_types
+            for i, kind in enumerate(model_config.layer_types)
         ]
 
     def __getitem__(self, layer: int) -> KVCache:

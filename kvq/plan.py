@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from kvq._validate import check_int
 from kvq.config import FULL, SLIDING, ModelConfig
 from kvq.kvcache import stream_bytes
+from kvq.model_cache import LayerConfigs, layer_config
 from kvq.scheme import QuantConfig
 
 BF16_BYTES = 2
@@ -25,7 +26,7 @@ class Plan:
 
     model: ModelConfig
     context_len: int
-    config: QuantConfig | None
+    config: LayerConfigs | None
     total_bytes: int
     bf16_bytes: int
     float32_bytes: int
@@ -34,7 +35,12 @@ class Plan:
 
     def table(self) -> str:
         """Text table of the plan."""
-        label = "bf16" if self.config is None else f"{self.config.bits_per_element:.2f}-bit kvq"
+        if self.config is None:
+            label = "bf16"
+        elif isinstance(self.config, QuantConfig):
+            label = f"{self.config.bits_per_element:.2f}-bit kvq"
+        else:
+            label = "kvq, per-layer configs"
         rows = [
             f"{self.model.model_type or 'model'}: {self.context_len:,} tokens, {label}",
             f"  full layers    {self.model.num_full_layers:>3}  {_gib(self.by_type.get(FULL, 0))}",
@@ -55,24 +61,38 @@ def held_tokens(context_len: int, window: int | None) -> int:
     return context_len if window is None else min(context_len, window)
 
 
-def plan(model_config: ModelConfig, context_len: int, config: QuantConfig | None = None) -> Plan:
-    """KV cache bytes of ``model_config`` after ``context_len`` tokens (see :class:`Plan`)."""
+def plan(
+    model_config: ModelConfig,
+    context_len: int,
+    config: LayerConfigs | None = None,
+    max_queries: int = 1,
+) -> Plan:
+    """KV cache bytes of ``model_config`` after ``context_len`` tokens (see :class:`Plan`).
+
+    ``config``: one QuantConfig, a callable ``(layer_idx, layer_type) -> QuantConfig`` (as
+    :class:`ModelKVCache` takes), or None for bf16. ``max_queries``: what the sliding layers'
+    caches were built with (they keep ``window + max_queries - 1`` tokens).
+    """
     if not isinstance(model_config, ModelConfig):
         raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
     context_len = check_int("context_len", context_len, 0)
+    max_queries = check_int("max_queries", max_queries)
     heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
     by_type: dict[str, int] = {}
     bf16 = 0
-    for kind in model_config.layer_types:
+    for index, kind in enumerate(model_config.layer_types):
         window = model_config.sliding_window if kind == SLIDING else None
         tokens = held_tokens(context_len, window)
         bf16 += tokens * model_config.kv_values_per_token * BF16_BYTES
         if config is None:
             layer = tokens * model_config.kv_values_per_token * BF16_BYTES
         else:
+            chosen = layer_config(config, index, kind)
             layer = sum(
-                stream_bytes(scheme, heads, head_dim, context_len, config.residual, window)
-                for scheme in (config.k, config.v)
+                stream_bytes(
+                    scheme, heads, head_dim, context_len, chosen.residual, window, max_queries
+                )
+                for scheme in (chosen.k, chosen.v)
             )
         by_type[kind] = by_type.get(kind, 0) + layer
     return Plan(

@@ -1,0 +1,378 @@
+"""kvq.hf: KVQCache and the "kvq" attention inside transformers, on tiny random models.
+
+The target check: in every layer and call (prefill chunks and decode steps), the "kvq"
+attention output equals float64 attention (kvq.attention_reference) over the same cache's
+dequantized keys and values to a relative error of 1e-5.
+"""
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="kvq.hf needs torch (the 'hf' extra)")
+transformers = pytest.importorskip("transformers", reason="kvq.hf needs transformers")
+
+import kvq  # noqa: E402
+import kvq.hf  # noqa: E402
+from kvq.hf import attention as hf_attention  # noqa: E402
+
+TOLERANCE = 1e-5
+SMALL = {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+SMALL |= {"intermediate_size": 64, "vocab_size": 97, "pad_token_id": 0}
+
+
+def make(name: str):
+    """A tiny random model (float32, eval mode) with attn_implementation "kvq"."""
+    torch.manual_seed(0)
+    if name == "llama":
+        model = transformers.LlamaForCausalLM(
+            transformers.LlamaConfig(**SMALL, num_hidden_layers=2)
+        )
+    elif name == "qwen3":
+        config = transformers.Qwen3Config(**SMALL, num_hidden_layers=2)
+        model = transformers.Qwen3ForCausalLM(config)
+    else:  # GPT-OSS: alternating sliding (window 8) and full layers, sinks
+        config = transformers.GptOssConfig(
+            **SMALL, num_hidden_layers=4, sliding_window=8, num_local_experts=4,
+            num_experts_per_tok=2,
+        )  # fmt: skip
+        model = transformers.GptOssForCausalLM(config)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.sinks.normal_()  # initialised to zeros otherwise
+    model.eval()
+    model.set_attn_implementation("kvq")
+    return model
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: make(name) for name in ("llama", "qwen3", "gpt_oss")}
+
+
+class Checker:
+    """Wraps the registered "kvq" attention: after each call, compares every batch row with
+    float64 attention over what the row's cache holds (dequantized), from the first unpadded
+    position; ``shadow`` also keeps an unwindowed twin of each cache (same chunks, same
+    codes) to check prefill chunks longer than a sliding layer's max_queries."""
+
+    def __init__(self, shadow: bool = False):
+        self.errors: list[tuple[int, int, int, float]] = []  # (layer, row, t_q, error)
+        self.shadow = {} if shadow else None
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        layer = key._kvq_layer
+        k_new, v_new = key.detach().numpy().copy(), value.detach().numpy().copy()
+        out, weights = hf_attention.kvq_attention(
+            module, query, key, value, attention_mask, **kwargs
+        )
+        owner, index = layer.owner, layer.layer_idx
+        sinks = kwargs.get("s_aux")
+        sinks = None if sinks is None else sinks.detach().numpy()
+        for row in range(len(owner.rows)):
+            cache = owner.kv(index, row)
+            if self.shadow is not None:
+                twin = self.shadow.setdefault(
+                    (index, row), kvq.KVCache(cache.num_kv_heads, cache.head_dim, cache.config)
+                )
+                twin.append(k_new[row], v_new[row])
+                keys, values, first = twin.keys(), twin.values(), 0
+            else:
+                keys, values, first = cache.keys(), cache.values(), int(cache.positions[0])
+            start = 0
+            if attention_mask is not None:
+                start = int(np.argmax(attention_mask[row].numpy()))
+            # queries at padded positions see nothing (zeros); the rest see from ``start``
+            t_q = query.shape[2]
+            padded = max(0, start - (len(cache) - t_q))
+            got = out[row].transpose(0, 1).numpy()
+            assert not got[:, :padded].any()
+            skip = max(0, start - first)
+            ref = kvq.attention_reference(
+                query[row, :, padded:].numpy(), keys[:, skip:], values[:, skip:],
+                scale=kwargs.get("scaling"), sinks=sinks, window=cache.window,
+            )  # fmt: skip
+            error = float(np.abs(got[:, padded:] - ref).max() / np.abs(ref).max())
+            self.errors.append((index, row, query.shape[2], error))
+        return out, weights
+
+
+@pytest.fixture
+def checker(monkeypatch):
+    def install(shadow=False):
+        check = Checker(shadow)
+        monkeypatch.setitem(transformers.AttentionInterface._global_mapping, "kvq", check)
+        return check
+
+    return install
+
+
+def forward_chunks(model, cache, ids, sizes, mask=None):
+    """Feed ``ids`` through the model in chunks of ``sizes`` tokens; the last logits."""
+    at = 0
+    with torch.no_grad():
+        for size in sizes:
+            kwargs = {} if mask is None else {"attention_mask": mask[:, : at + size]}
+            out = model(input_ids=ids[:, at : at + size], cache=cache, use_cache=True, **kwargs)
+            at += size
+    return out.logits
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt_oss"])
+def test_every_layer_matches_float64_attention(models, checker, name):
+    model = models[name]
+    check = checker()
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q4(), max_queries=16)
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    # prefill chunks of 16 and 5, then decode steps well past GPT-OSS's window of 8
+    sizes = [16, 5] + [1] * 19
+    forward_chunks(model, cache, ids, sizes)
+    layers = model.config.num_hidden_layers
+    assert len(check.errors) == 2 * layers * len(sizes)
+    worst = max(error for *_, error in check.errors)
+    assert worst <= TOLERANCE, [e for e in check.errors if e[-1] > TOLERANCE][:5]
+    assert cache.get_seq_length() == 40 and len(cache.kv(0, 1)) == 40
+
+
+def test_long_prefill_on_sliding_layers(models, checker):
+    """A 40-token prefill on window-8 layers with max_queries=16: attended in pieces."""
+    model = models["gpt_oss"]
+    check = checker(shadow=True)
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig(), max_queries=16)
+    ids = torch.randint(1, 97, (1, 43), generator=torch.Generator().manual_seed(2))
+    forward_chunks(model, cache, ids, [40, 1, 1, 1])
+    assert max(error for *_, error in check.errors) <= TOLERANCE
+    sliding = cache.kv(0)
+    assert sliding.window == 8 and sliding.held < 43  # the ring dropped old chunks
+
+
+def test_left_padding_is_masked(models, checker):
+    model = models["gpt_oss"]
+    check = checker()
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q8(), max_queries=32)
+    ids = torch.randint(1, 97, (2, 14), generator=torch.Generator().manual_seed(3))
+    ids[1, :5] = 0
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=6, do_sample=False
+        )
+    assert out.shape == (2, 20)
+    assert max(error for *_, error in check.errors) <= TOLERANCE
+    # a hole in the mask (not left padding) is refused
+    hole = torch.ones(1, 6, dtype=torch.long)
+    hole[0, 3] = 0
+    with pytest.raises(ValueError, match="left padding only"):
+        forward_chunks(model, kvq.hf.KVQCache(model), ids[:1, :6], [6], mask=hole)
+
+
+def test_generate_q4_llama(models):
+    model = models["llama"]
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q4())
+    ids = torch.randint(1, 97, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, cache=cache, max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 20)
+    assert cache.get_seq_length() == 19  # the last token is generated, not fed back
+    assert cache.nbytes == cache.plan().total_bytes > 0
+
+
+def test_generate_matches_float_cache_closely(models):
+    """With 8-bit codes, logits stay close to transformers' sdpa on float32 keys."""
+    model = models["qwen3"]
+    ids = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(5))
+    logits = forward_chunks(model, kvq.hf.KVQCache(model), ids, [16, 8])
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[:, -1:]
+    finally:
+        model.set_attn_implementation("kvq")
+    assert torch.allclose(logits[:, -1:], expected, atol=0.05 * expected.abs().max())
+
+
+def test_beam_search_and_reorder(models):
+    model = models["gpt_oss"]
+    ids = torch.randint(1, 97, (1, 10), generator=torch.Generator().manual_seed(6))
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q4())
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, cache=cache, max_new_tokens=12, num_beams=2, do_sample=False
+        )
+    assert out.shape == (1, 22)
+    assert cache.batch_rows == 2
+    # reorder_cache: rows [1, 1]; the repeated row is a separate copy
+    second = cache.kv(1, 1).keys()
+    cache.reorder_cache(torch.tensor([1, 1]))
+    assert cache.kv(1, 0) is not cache.kv(1, 1)
+    np.testing.assert_array_equal(cache.kv(1, 0).keys(), second)
+    np.testing.assert_array_equal(cache.kv(1, 1).keys(), second)
+    with pytest.raises(IndexError, match="outside"):
+        cache.reorder_cache(torch.tensor([0, 2]))
+
+
+def test_batch_rows_repeat_and_select(models):
+    model = models["llama"]
+    cache = kvq.hf.KVQCache(model)
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(7))
+    forward_chunks(model, cache, ids, [9])
+    rows = [cache.kv(0, r).keys() for r in range(2)]
+    cache.batch_repeat_interleave(2)
+    assert cache.batch_rows == 4
+    for r, source in enumerate([0, 0, 1, 1]):
+        np.testing.assert_array_equal(cache.kv(0, r).keys(), rows[source])
+    cache.batch_select_indices(torch.tensor([3, 0]))
+    np.testing.assert_array_equal(cache.kv(0, 0).keys(), rows[1])
+    np.testing.assert_array_equal(cache.kv(0, 1).keys(), rows[0])
+    forward_chunks(model, cache, ids[:, :1], [1])  # the selected rows keep decoding
+    assert cache.get_seq_length() == 10
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.batch_rows == 0
+
+
+def test_crop_is_exact_or_refused(models):
+    model = models["llama"]
+    ids = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(8))
+    # per-token schemes: any crop is exact, and equals having fed fewer tokens
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig())
+    forward_chunks(model, cache, ids, [40])
+    keys, values = cache.kv(1).keys(), cache.kv(1).values()
+    cache.crop(-3)
+    shorter = kvq.hf.KVQCache(model, kvq.QuantConfig())
+    forward_chunks(model, shorter, ids[:, :37], [37])
+    assert cache.get_seq_length() == 37
+    np.testing.assert_array_equal(cache.kv(1).keys(), keys[:, :37])
+    np.testing.assert_array_equal(cache.kv(1).values(), values[:, :37])
+    assert cache.nbytes == shorter.nbytes == cache.plan().total_bytes
+    forward_chunks(model, cache, ids[:, 37:], [3])  # and it decodes on
+    assert cache.get_seq_length() == 40
+    # q8's keys are quantized per channel in chunks of 32 tokens: cutting one is refused
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q8())
+    forward_chunks(model, cache, ids, [33])
+    cache.crop(-1)  # token 32 waits in float32: exact
+    assert cache.get_seq_length() == 32
+    before = cache.kv(0).keys()
+    with pytest.raises(ValueError, match="quantized together"):
+        cache.crop(-1)
+    assert cache.get_seq_length() == 32
+    np.testing.assert_array_equal(cache.kv(0).keys(), before)
+    with pytest.raises(ValueError, match="negative"):
+        cache.crop(5)
+
+
+def test_stats_and_nbytes_equal_plan(models):
+    model = models["gpt_oss"]
+    config = kvq.QuantConfig.q4()
+    cache = kvq.hf.KVQCache(model, config, max_queries=16)
+    ids = torch.randint(1, 97, (2, 30), generator=torch.Generator().manual_seed(9))
+    forward_chunks(model, cache, ids, [16, 14])
+    expected = kvq.plan(cache.model_config, 30, config, max_queries=16)
+    assert cache.nbytes == 2 * expected.total_bytes
+    by_type: dict[str, int] = {}
+    for row in cache.stats():
+        if row["row"] == 0:
+            by_type[row["type"]] = by_type.get(row["type"], 0) + row["nbytes"]
+    assert by_type == expected.by_type
+    assert cache.model_config == kvq.ModelConfig.from_transformers(model.config)
+    assert cache.model_config.layer_types == tuple(model.config.layer_types)
+
+
+def test_per_layer_configs(models):
+    model = models["gpt_oss"]
+
+    def choose(layer_idx, layer_type):
+        return kvq.QuantConfig() if layer_type == "sliding_attention" else kvq.QuantConfig.q4()
+
+    cache = kvq.hf.KVQCache(model, choose)
+    forward_chunks(model, cache, torch.ones(1, 5, dtype=torch.long), [5])
+    assert cache.kv(0).config == kvq.QuantConfig() and cache.kv(1).config == kvq.QuantConfig.q4()
+    assert cache.nbytes == cache.plan().total_bytes
+    with pytest.raises(TypeError, match=r"must return a kvq\.QuantConfig"):
+        kvq.hf.KVQCache(model, lambda i, kind: 4).update(
+            torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0
+        )
+
+
+def test_copies_are_independent(models):
+    model = models["llama"]
+    cache = kvq.hf.KVQCache(model)
+    ids = torch.randint(1, 97, (1, 6), generator=torch.Generator().manual_seed(10))
+    forward_chunks(model, cache, ids, [6])
+    twin = copy.deepcopy(cache)
+    assert twin.kv(0) is not cache.kv(0) and twin.hf_config is cache.hf_config
+    forward_chunks(model, twin, ids[:, :1], [1])
+    assert twin.get_seq_length() == 7 and cache.get_seq_length() == 6
+
+
+def test_misuse_is_refused(models):
+    model = models["llama"]
+    ids = torch.ones(1, 4, dtype=torch.long)
+    model.set_attn_implementation("sdpa")
+    try:
+        with pytest.raises(ValueError, match="attn_implementation='kvq'"):
+            forward_chunks(model, kvq.hf.KVQCache(model), ids, [4])
+    finally:
+        model.set_attn_implementation("kvq")
+    with pytest.raises(ValueError, match=r"reads a kvq\.hf\.KVQCache"), torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    with pytest.raises(ValueError, match=r"reads a kvq\.hf\.KVQCache"), torch.no_grad():
+        model(input_ids=ids, cache=transformers.DynamicCache(config=model.config))
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    with pytest.raises(TypeError, match="float32 model"):
+        kvq.hf.KVQCache(half)
+    meta = copy.deepcopy(model).to("meta")
+    with pytest.raises(ValueError, match="runs on CPU"):
+        kvq.hf.KVQCache(meta)
+    with pytest.raises(TypeError, match="QuantConfig"):
+        kvq.hf.KVQCache(model, config="q4")
+    cache = kvq.hf.KVQCache(model)
+    forward_chunks(model, cache, torch.ones(2, 4, dtype=torch.long), [4])
+    with pytest.raises(ValueError, match="a batch of 1 rows"):
+        forward_chunks(model, cache, ids, [4])
+    with pytest.raises(IndexError, match="no rows"):
+        kvq.hf.KVQCache(model).kv(0)
+
+
+def test_mask_sizes_both_signatures(models):
+    model = models["gpt_oss"]
+    cache = kvq.hf.KVQCache(model)
+    forward_chunks(model, cache, torch.ones(1, 10, dtype=torch.long), [10])
+    assert cache.get_mask_sizes(3, 1) == (13, 0)  # full layer
+    assert cache.get_mask_sizes(3, 0) == (10, 3)  # sliding: window 8 -> 7 past + 3 new
+    assert cache.get_mask_sizes(torch.arange(10, 13), 0) == (10, 3)  # cache_position form
+    dynamic = transformers.DynamicCache(config=model.config)
+    for layer in range(4):
+        dynamic.update(torch.zeros(1, 2, 10, 16), torch.zeros(1, 2, 10, 16), layer)
+        assert dynamic.get_mask_sizes(3, layer) == cache.get_mask_sizes(3, layer)
+
+
+def test_registered_with_transformers():
+    assert transformers.AttentionInterface._global_mapping["kvq"] is hf_attention.kvq_attention
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    assert ALL_MASK_ATTENTION_FUNCTIONS["kvq"] is hf_attention.kvq_mask
+    config = transformers.LlamaConfig(**SMALL, num_hidden_layers=1)
+    model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="kvq")
+    assert model.config._attn_implementation == "kvq"
+
+
+def test_kvcache_copy_with_pool_and_pickle():
+    pool = kvq.MemoryPool(1 << 20)
+    cache = kvq.KVCache(2, 16, kvq.QuantConfig.q4(), pool=pool)
+    k = np.random.default_rng(0).standard_normal((2, 40, 16)).astype(np.float32)
+    cache.append(k, k)
+    live = pool.stats()["live"]
+    twin = copy.copy(cache)
+    assert pool.stats()["live"] == 2 * live  # the copy's storage comes from the same pool
+    twin.append(k[:, :1], k[:, :1])
+    assert len(twin) == 41 and len(cache) == 40
+    np.testing.assert_array_equal(twin.keys(0, 40), cache.keys())
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(cache)
+    del twin
+    import gc
+
+    gc.collect()
+    assert pool.stats()["live"] == live
