@@ -76,21 +76,6 @@ def make_cache(model, kind: str):
     return spec.make(model), spec.attn
 
 
-def fill(cache, model, tokens: int, seed: int = 0) -> None:
-    """Fill every layer of ``cache`` with ``tokens`` random K/V (unit normal) via update()."""
-    import torch
-
-    text = model.config.get_text_config(decoder=True)
-    heads = text.num_key_value_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    generator = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():
-        for layer in range(text.num_hidden_layers):
-            k = torch.randn(1, heads, tokens, head_dim, generator=generator)
-            v = torch.randn(1, heads, tokens, head_dim, generator=generator)
-            cache.update(k, v, layer)
-
-
 @contextlib.contextmanager
 def timed_attention(names: tuple[str, ...]):
     """Wrap the registered attention functions ``names``; yields a list that collects the
@@ -150,7 +135,7 @@ def decode_run(model, kind: str, context: int, steps: int) -> dict:
     and peak-RSS growth (MiB) over filling and decoding."""
     import torch
 
-    from kvq.hf.evaluate import cache_bytes
+    from kvq.hf.evaluate import cache_bytes, fill_cache
 
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     gc.collect()
@@ -159,7 +144,7 @@ def decode_run(model, kind: str, context: int, steps: int) -> dict:
     cache, attn = make_cache(model, kind)
     if model.config._attn_implementation != attn:
         model.set_attn_implementation(attn)
-    fill(cache, model, context)
+    fill_cache(model, cache, context)
     token = torch.tensor([[42]])
     forward(model, token, cache)  # warm-up (compiles, allocates)
     times, attention = [], []

@@ -110,6 +110,42 @@ def test_peer_rows_and_sizes(tiny_llama, ids):
     assert table.count("\n") == 5 and "q4_0+had" in table
 
 
+def test_kvq_presets_run_through_kvqcache(tiny_llama, ids):
+    import kvq
+    from kvq.hf import KVQCache
+
+    rows = ev.evaluate(tiny_llama, None, ids, ["q8", "q2", kvq.QuantConfig.mlx(4)], context=96)
+    base, q8, q2, mlx = rows
+    assert [q8.name, q2.name] == ["kvq q8", "kvq q2"]
+    assert mlx.name == "kvq int4 g64 per-token f16"
+    assert tiny_llama.config._attn_implementation == "sdpa"  # switched back
+    assert q8.kld < 1e-4 and q8.top1 >= 0.95 and q8.kld < q2.kld
+    assert q8.bits_per_element == kvq.QuantConfig.q8().bits_per_element
+    # cache bytes as the cache reports them after the same tokens
+    cache = KVQCache(tiny_llama, kvq.QuantConfig.q8())
+    tiny_llama.set_attn_implementation("kvq")
+    try:
+        ev.run_logits(tiny_llama, ids[None, :96], cache, 64)
+    finally:
+        tiny_llama.set_attn_implementation("sdpa")
+    assert q8.cache_bytes == cache.nbytes < base.cache_bytes / 3
+
+
+def test_fill_cache_for_timing(tiny_llama):
+    from transformers.cache_utils import DynamicCache
+
+    import kvq
+    from kvq.hf import KVQCache
+
+    dynamic = DynamicCache(config=tiny_llama.config)
+    ev.fill_cache(tiny_llama, dynamic, 40)
+    assert dynamic.get_seq_length() == 40
+    cache = KVQCache(tiny_llama, kvq.QuantConfig.q4())
+    ev.fill_cache(tiny_llama, cache, 40)
+    assert cache.get_seq_length() == 41 and len(cache.kv(1)) == 41
+    assert tiny_llama.config._attn_implementation == "sdpa"
+
+
 def test_unknown_config_and_short_text_are_refused(tiny_llama, ids):
     with pytest.raises(ValueError, match=r"configs\[1\] must be a kvq preset .*'q9'"):
         ev.evaluate(tiny_llama, None, ids, ["q8_0", "q9"], context=64)
@@ -268,3 +304,51 @@ def test_cli_eval_bad_input(tiny_checkpoint, tmp_path, capsys):
     argv = ["eval", "--model", str(root), "--text", str(text), "--context", "500"]
     assert main([*argv, "--configs", "q8_0"]) == 2
     assert "fewer than context=500" in capsys.readouterr().err
+
+
+# --- the real model -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        path = models.smollm2_path()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    import kvq.hf
+
+    if not hasattr(kvq.hf, "KVQCache"):
+        pytest.skip("kvq.hf.KVQCache is not built yet")
+    return models.load_model(path)
+
+
+def test_smollm2_q8_is_close_to_float32_and_generates(smollm2):
+    import kvq
+    import kvq.hf
+
+    model, tokenizer = smollm2
+    text = models.reference_text()
+    if "GPL" in models.reference_text_source():
+        assert len(tokenizer(text, add_special_tokens=False).input_ids) == 11_713
+    base, q8 = ev.evaluate(model, tokenizer, text, ["q8"], context=128, chunk=64)
+    assert 1.5 < base.perplexity < 30  # a real model on real English text
+    assert abs(q8.delta_ppl_pct) < 0.5
+    assert q8.kld < 1e-3 and q8.top1 >= 0.97
+    assert model.config._attn_implementation == "sdpa"  # evaluate switched back
+
+    inputs = tokenizer("The GNU General Public License is", return_tensors="pt")
+    greedy = {"max_new_tokens": 8, "do_sample": False}
+    want = model.generate(**inputs, **greedy)
+    model.set_attn_implementation("kvq")
+    try:
+        cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q8())
+        got = model.generate(**inputs, past_key_values=cache, **greedy)
+    finally:
+        model.set_attn_implementation("sdpa")
+    assert got.shape == want.shape == (1, inputs.input_ids.shape[1] + 8)
+    assert cache.get_seq_length() == got.shape[1] - 1
+    # q8's next-token agreement is >= 97% above; greedy text agrees on its first tokens
+    assert (
+        got[0, : inputs.input_ids.shape[1] + 4].tolist()
+        == want[0, : inputs.input_ids.shape[1] + 4].tolist()
+    )

@@ -323,6 +323,36 @@ def compare(reference_logits, logits, ids) -> tuple[float, float, float]:
     return math.exp(nll / n), kld / n, agree / n
 
 
+def fill_cache(model, cache, tokens: int, seed: int = 0) -> None:
+    """Fill every layer of a fresh ``cache`` with ``tokens`` random (unit normal) K/V, for
+    timing decode steps at a context length without a prefill. Transformers caches take them
+    through ``update``; a :class:`kvq.hf.KVQCache` (whose ``update`` hands new tokens to the
+    "kvq" attention) gets one forward of token 0 under attention "kvq" first, then appends
+    to each ``cache.kv(layer)``, so it holds ``tokens + 1``."""
+    import torch
+
+    text = model.config.get_text_config(decoder=True)
+    heads = text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    generator = torch.Generator().manual_seed(seed)
+    is_kvq = hasattr(cache, "kv") and hasattr(cache, "rows")
+    if is_kvq:
+        original = model.config._attn_implementation
+        model.set_attn_implementation("kvq")
+        try:
+            run_logits(model, torch.zeros((1, 1), dtype=torch.int64), cache, 1)
+        finally:
+            model.set_attn_implementation(original)
+    with torch.inference_mode():
+        for layer in range(text.num_hidden_layers):
+            k = torch.randn(1, heads, tokens, head_dim, generator=generator)
+            v = torch.randn(1, heads, tokens, head_dim, generator=generator)
+            if is_kvq:
+                cache.kv(layer).append(k[0].numpy(), v[0].numpy())
+            else:
+                cache.update(k, v, layer)
+
+
 def cache_bytes(cache) -> int:
     """Bytes a transformers cache holds: its ``nbytes`` when it has one; otherwise the sum
     over the tensors in its layers (quanto/HQQ quantized states included)."""
