@@ -12,8 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from kvq.hf import evaluate as ev  # noqa: E402
+import importlib  # noqa: E402
+
 from kvq.hf import models  # noqa: E402
+
+# kvq.hf.evaluate is the function (re-exported); the module behind it:
+ev = importlib.import_module("kvq.hf.evaluate")
 
 VOCAB = 96
 
@@ -223,6 +227,12 @@ def test_quantized_cache_bytes_are_measured(tiny_llama, ids):
 
 
 # --- models ---------------------------------------------------------------------------------
+
+
+def test_evaluate_is_exported():
+    import kvq.hf
+
+    assert kvq.hf.evaluate is ev.evaluate
 
 
 def test_missing_smollm2_names_the_pip_command(monkeypatch):
