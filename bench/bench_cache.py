@@ -51,7 +51,7 @@ def main() -> None:
     contexts, steps = ((1024, 4096), 64) if args.quick else (CONTEXTS, STEPS)
     k, v = kv_layer(HEADS, max(contexts) + steps, HEAD_DIM, seed=0)
     configs = {
-        "8-bit per token (default)": kvq.QuantConfig(),
+        "8-bit per token (original)": kvq.QuantConfig.original(),
         "q8 preset": kvq.QuantConfig.q8(),
         "q4 preset": kvq.QuantConfig.q4(),
         "kivi 2-bit, residual 128": kvq.QuantConfig.kivi(2),

@@ -139,7 +139,7 @@ def _bound_check(scheme: kvq.Scheme, truth, got, truth_start: int, held_start: i
     float32 residual and must be exact. None when the scheme has no plain bound.
     """
     plain = scheme.scale_dtype == "float32" and not (
-        scheme.search or scheme.rotate is not None or scheme.double_quant
+        scheme.search or scheme.rotate or scheme.double_quant
     )
     if not plain:
         return None
@@ -158,7 +158,7 @@ def _bound_check(scheme: kvq.Scheme, truth, got, truth_start: int, held_start: i
         lo, hi = grid.min(2), grid.max(2)
         big = np.abs(grid).max(2)
         spread = lambda a: np.repeat(a, g, axis=1)[:, :tokens]  # noqa: E731
-    bound = spread((hi - lo) / scheme.levels / 2 + 1e-6 * big) + 2.0**-140
+    bound = spread((hi - lo) / scheme.max_code / 2 + 1e-6 * big) + 2.0**-140
     error = np.abs(got.astype(np.float64) - x[:, held_start - truth_start :])
     bound = bound[:, held_start - truth_start :]
     if exact:

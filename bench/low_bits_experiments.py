@@ -98,7 +98,7 @@ def main() -> None:
     evaluate = quality.Evaluator(source)
     k, v = source.k, source.v
     k_hat = kvq.quantize(k, axis=-2, **BASE).dequantize()
-    v_hat = kvq.quantize(v, axis=-1, rotate=0, **BASE).dequantize()
+    v_hat = kvq.quantize(v, axis=-1, rotate=True, **BASE).dequantize()
     q4_0 = evaluate.attn_error(*(ggml_roundtrip(x, "q4_0") for x in (k, v)))
     rows = [("baseline (kvq, 3.5 bits)", 3.5, *evaluate.errors(k_hat, v_hat))]
 

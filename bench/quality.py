@@ -33,7 +33,7 @@ head_dim, per channel = groups across tokens):
     and biases: bits + 32/group bits);
   - kvq ``kvq.quantize``: a grid over bits 2/3/4/8, groups 32/64/128, float16 scales or
     double_quant, with and without search; K per token or per channel, each with and without
-    rotate=0; V per token with and without rotate=0. K and V use the same bits, group and
+    rotate=True; V per token with and without rotate=True. K and V use the same bits, group and
     flags, and the few best K and V schemes of each bits are also paired across bits.
     Bits per element are kvq's own ``bits_per_element``, averaged over K and V.
 
@@ -262,8 +262,8 @@ FLAGS = ((False, False), (False, True), (True, False), (True, True))  # (double_
 def kvq_grid(head_dim: int, bits_list=KVQ_BITS, groups=KVQ_GROUPS, flags=FLAGS):
     """Blocks of (K schemes, V schemes) sharing bits, group, double_quant and search.
 
-    K: per token or per channel, each with and without rotate=0; V: per token, with and
-    without rotate=0, its group capped at head_dim (so that per-channel K at groups of 64 or
+    K: per token or per channel, each with and without rotate=True; V: per token, with and
+    without rotate=True, its group capped at head_dim (so that per-channel K at groups of 64 or
     128 still gets a partner when head_dim is 32).
     """
     for bits, (double_quant, search), group in itertools.product(bits_list, flags, groups):
@@ -276,12 +276,12 @@ def kvq_grid(head_dim: int, bits_list=KVQ_BITS, groups=KVQ_GROUPS, flags=FLAGS):
         k_schemes = [
             kvq.Scheme(group_size=group, axis=axis, rotate=rotate, **common)
             for axis in (-1, -2)
-            for rotate in (None, 0)
+            for rotate in (False, True)
         ]
         v_group = min(group, head_dim)
         v_schemes = [
             kvq.Scheme(group_size=v_group, axis=-1, rotate=rotate, **common)
-            for rotate in (None, 0)
+            for rotate in (False, True)
         ]
         yield k_schemes, v_schemes
 

@@ -1,6 +1,8 @@
 """Input checks shared by the public API. Each raises with the argument's name and value."""
 
+import math
 import operator
+from collections.abc import Callable
 
 import numpy as np
 
@@ -16,16 +18,52 @@ def as_float32(name: str, x) -> tuple[np.ndarray, np.ndarray]:
     copied. Raises TypeError for other dtypes.
     """
     original = np.asarray(x)
-    dtype = original.dtype
+    check_float_dtype(name, original.dtype)
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, reported later
+        # C-contiguous and aligned ("CA"): kernels load whole vectors assuming 4-byte alignment
+        flat = np.require(original, np.float32, requirements="CA").reshape(-1)
+    return original, flat
+
+
+def check_float_dtype(name: str, dtype: np.dtype) -> None:
+    """TypeError unless ``dtype`` is float16, float32 or float64 (either byte order)."""
     if dtype.newbyteorder("=") not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must hold float16, float32 or float64 values, got dtype {dtype}; "
             f"convert it first, e.g. {name}.astype(np.float32)"
         )
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, reported later
-        # C-contiguous and aligned ("CA"): kernels load whole vectors assuming 4-byte alignment
-        flat = np.require(original, np.float32, requirements="CA").reshape(-1)
-    return original, flat
+
+
+def check_finite(
+    name: str,
+    values: np.ndarray,
+    rule: str,
+    original: np.ndarray | None = None,
+    shape: tuple[int, ...] | None = None,
+    at: Callable[[int], str] | None = None,
+) -> None:
+    """ValueError naming ``name``'s first non-finite element of ``values``, else nothing.
+
+    The message: '{name} has {value} at {where}[ ({why})]; {rule}'. ``original``: the array as
+    given, of the same size, when ``values`` is its float32 conversion: the value shown is the
+    original one, and ``why`` says 'non-finite' or 'beyond the float32 range'. ``where`` is
+    ``at(flat index)`` if given, else 'flat index i (position ...)' in ``shape`` (default: the
+    shape of ``original``, else of ``values``).
+    """
+    flat = values.reshape(-1)
+    if np.isfinite(flat).all():
+        return
+    index = int(np.flatnonzero(~np.isfinite(flat))[0])
+    source = values if original is None else np.asarray(original)
+    value = float(source.reshape(-1)[index])
+    if at is not None:
+        where = at(index)
+    else:
+        where = f"flat index {position(index, source.shape if shape is None else shape)}"
+    why = ""
+    if original is not None:
+        why = " (beyond the float32 range)" if math.isfinite(value) else " (non-finite)"
+    raise ValueError(f"{name} has {value!r} at {where}{why}; {rule}")
 
 
 def check_int(name: str, value, minimum: int = 1) -> int:

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 
 from kvq import kernels
-from kvq._validate import check_int, position
+from kvq._validate import check_finite, check_float_dtype, check_int
 from kvq.kvcache import KVCache, TensorStream
 from kvq.rotation import hadamard_rotation
 
@@ -40,10 +40,14 @@ def attention(
     (num_q_heads,) logits that join each head's softmax denominator and carry no value
     (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim).
 
-    Memory: queries are processed in chunks, so scratch beyond q and the output stays under
-    ``SCRATCH_BYTES`` (32 MiB), or one query token's share when that is larger (about
-    4 x group x (kv_heads x splits x (head_dim + 2) + threads x (kv_heads x head_dim + 128))
-    bytes, splits <= 2 x threads: 0.9 MB for GPT-OSS's 8 KV heads of 64 on 16 threads).
+    Memory: besides the float32 output, one float32 copy of q (scaled, rotated) and, per
+    chunk of queries, scratch under ``SCRATCH_BYTES`` (32 MiB; :func:`query_chunk`), or one
+    query token's share when that is larger (about 4 x group x (kv_heads x splits x
+    (head_dim + 2) + threads x (kv_heads x head_dim + 128)) bytes, splits <= 2 x threads:
+    0.9 MB for GPT-OSS's 8 KV heads of 64 on 16 threads). Measured (tracemalloc, 2 threads)
+    on a GPT-OSS layer (64 query heads, 8 KV heads of 64) for 2,048 queries over 2,048
+    tokens: 89 MiB in all, of which 32 are the output and 32 the copy of q; before the
+    chunking, 754 MiB (the partials grow with the thread count).
 
     q, sinks and scale must be finite: NaN or +-Inf raises ValueError naming the argument and
     the position, and so does a ``q * scale`` that overflows float32. The cache's lock is held
@@ -60,14 +64,17 @@ def attention(
     start = check_int("start", start, 0)
     k_scheme, v_scheme = cache.config.k, cache.config.v
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
-        if k_scheme.rotate is not None:
-            queries = queries @ hadamard_rotation(dim, k_scheme.rotate)
-        queries = queries * np.float32(scale)
+        if k_scheme.rotate:  # one copy of q: rotated and scaled together
+            rotation = hadamard_rotation(dim, k_scheme.seed).astype(np.float32)
+            queries = queries @ (rotation * np.float32(scale))
+        else:
+            queries = queries * np.float32(scale)
     if not np.isfinite(queries).all():
         _raise_queries(original, queries, scale)
     # rows of one KV head: (query head within the group, query token)
     rows = queries.reshape(kv_heads, group, t_q, dim)
-    out = np.empty((kv_heads, group, t_q, dim), np.float64)
+    out = np.empty((kv_heads, group, t_q, dim), np.float32)
+    unrotate = hadamard_rotation(dim, v_scheme.seed).T if v_scheme.rotate else None
     with cache._lock:  # a consistent state, and no append while the kernel reads the store
         positions = _query_positions(cache, t_q)
         step = query_chunk(cache, group, dim)
@@ -82,47 +89,51 @@ def attention(
             merged = _merge(
                 part_max, part_sum, part_acc, kv_heads, splits, group, hi - lo, sink_logits
             )
+            if unrotate is not None:
+                merged = merged @ unrotate
             out[:, :, lo:hi] = merged.reshape(kv_heads, group, hi - lo, dim)
-    out = out.reshape(heads, t_q, dim)
-    if v_scheme.rotate is not None:
-        out = out @ hadamard_rotation(dim, v_scheme.rotate).T
-    return np.ascontiguousarray(out, dtype=np.float32)
+            del chunk, part_max, part_sum, part_acc, merged  # before the next chunk's
+    return out.reshape(heads, t_q, dim)
 
 
 def query_chunk(cache: KVCache, group: int, dim: int) -> int:
     """Query tokens per kernel call so that its scratch fits ``SCRATCH_BYTES`` (at least 1).
 
-    Per query token (``group`` rows per KV head): the partials, float32 (kv_heads x splits,
-    rows, head_dim + 2); the kernel's accumulators, float32 (kv_heads, rows, head_dim) plus
-    (rows, block) scores in each of at most ``threads`` running tasks; the merge, two
-    float64 (kv_heads, rows, head_dim) and three float64 (kv_heads, splits, rows).
+    Per query token (``group`` rows per KV head): the rows, float32 (kv_heads, rows,
+    head_dim); the partials, float32 (kv_heads x splits, rows, head_dim + 2); the kernel's
+    accumulators, float32 (kv_heads, rows, head_dim) plus (rows, block) scores in each of at
+    most ``threads`` running tasks; the merge, two float64 (kv_heads, rows, head_dim) and at
+    most six float64 (kv_heads, splits, rows) at a time.
     """
+    return max(1, SCRATCH_BYTES // scratch_per_query(cache.num_kv_heads, group, dim))
+
+
+def scratch_per_query(kv_heads: int, group: int, dim: int) -> int:
+    """Bytes of scratch one query token costs (see :func:`query_chunk`)."""
     threads = numba.get_num_threads()
     splits = 2 * threads
-    kv = cache.num_kv_heads
-    per_token = (
-        group
-        * (4 * kv * splits * (dim + 2) + 4 * threads * (kv * dim + _MAX_BLOCK) + 16 * kv * dim)
-        + 24 * kv * splits * group
-    )
-    return max(1, SCRATCH_BYTES // per_token)
+    per_row = 4 * kv_heads * dim  # the rows
+    per_row += 4 * kv_heads * splits * (dim + 2)  # partials
+    per_row += 4 * threads * (kv_heads * dim + _MAX_BLOCK)  # kernel tasks
+    per_row += 16 * kv_heads * dim + 48 * kv_heads * splits  # merge
+    return group * per_row
 
 
 def _query_positions(cache: KVCache, t_q: int) -> np.ndarray:
     """Absolute positions of the last ``t_q`` tokens, checked to be held and servable."""
     if cache.held == 0:
         raise ValueError("the cache is empty: append keys and values before attention")
-    if t_q > cache.held:
+    end = len(cache)
+    first = end - cache.held
+    positions = np.arange(end - t_q, end, dtype=np.int64)
+    if t_q > end:
         raise ValueError(
             f"q has {t_q} query tokens but the cache holds {cache.held}: the queries' own "
             "keys and values must be appended first"
         )
-    end = len(cache)
-    first = end - cache.held
-    positions = np.arange(end - t_q, end, dtype=np.int64)
     if cache.window is not None:
-        needed = positions[0] - cache.window + 1
-        if needed < first and needed >= 0:
+        needed = max(0, positions[0] - cache.window + 1)
+        if needed < first:
             raise ValueError(
                 f"the query at position {positions[0]} needs keys from position {needed}, "
                 f"but the windowed cache dropped everything before {first}: attend each "
@@ -237,8 +248,7 @@ def _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sinks):
 def _check_queries(q, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
     """(q as given, q as float32 C-contiguous); finiteness is checked after scaling."""
     array = np.asarray(q)
-    if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
-        raise TypeError(f"q must hold float16, float32 or float64 values, got {array.dtype}")
+    check_float_dtype("q", array.dtype)
     if array.ndim != 3:
         raise ValueError(f"q must have shape (num_q_heads, t_q, head_dim), got {array.shape}")
     heads, t_q, dim = array.shape
@@ -260,14 +270,12 @@ def _raise_queries(original: np.ndarray, queries: np.ndarray, scale: float) -> N
     """ValueError for the first non-finite query value, or for an overflowing q * scale."""
     with np.errstate(over="ignore", invalid="ignore"):
         converted = np.asarray(original, dtype=np.float32)
-    for source, what in ((original, "non-finite"), (converted, "beyond the float32 range")):
-        bad = np.argwhere(~np.isfinite(source))
-        if bad.size:
-            head, token, channel = (int(i) for i in bad[0])
-            raise ValueError(
-                f"q has {float(original[head, token, channel])!r} at head {head}, token "
-                f"{token}, channel {channel} ({what}); queries must be finite"
-            )
+
+    def at(index: int) -> str:
+        head, token, channel = (int(i) for i in np.unravel_index(index, converted.shape))
+        return f"head {head}, token {token}, channel {channel}"
+
+    check_finite("q", converted, "queries must be finite", original, at=at)
     head, token = (int(i) for i in np.argwhere(~np.isfinite(queries))[0][:2])
     raise ValueError(
         f"q * scale overflows float32 at head {head}, token {token} (scale {scale!r}, largest "
@@ -287,7 +295,7 @@ def _check_sinks(sinks, heads: int) -> np.ndarray | None:
         raise ValueError(
             f"sinks must have shape ({heads},), one per query head, got {values.shape}"
         )
-    _check_finite("sinks", values, "sinks must be finite (pass sinks=None for no sinks)")
+    check_finite("sinks", values, "sinks must be finite (pass sinks=None for no sinks)")
     return values
 
 
@@ -304,16 +312,6 @@ def _check_scale(scale, dim: int) -> float:
     return value
 
 
-def _check_finite(name: str, values: np.ndarray, rule: str) -> None:
-    """ValueError naming ``name``'s first non-finite element and its N-d position."""
-    if not np.isfinite(values).all():
-        index = int(np.flatnonzero(~np.isfinite(values.reshape(-1)))[0])
-        raise ValueError(
-            f"{name} has {float(values.reshape(-1)[index])!r} at flat index "
-            f"{position(index, values.shape)}; {rule}"
-        )
-
-
 def _reference_array(name: str, x, ndim: int) -> np.ndarray:
     """``x`` as float64 with ``ndim`` dims, real-valued and finite."""
     array = np.asarray(x)
@@ -322,7 +320,7 @@ def _reference_array(name: str, x, ndim: int) -> np.ndarray:
     if array.ndim != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {array.shape}")
     values = array.astype(np.float64)
-    _check_finite(name, values, f"{name} must be finite")
+    check_finite(name, values, f"{name} must be finite")
     return values
 
 

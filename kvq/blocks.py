@@ -10,10 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvq import kernels
+from kvq._format import FLOAT16_MAX
 from kvq._validate import (
     SCALE_DTYPES,
     as_float32,
     check_block_size,
+    check_finite,
     check_out,
     check_range,
     check_scale_dtype,
@@ -21,7 +23,6 @@ from kvq._validate import (
 )
 from kvq.pool import MemoryPool
 
-FLOAT16_MAX = 65504.0
 CODE_LEVELS = np.float32(255.0)  # 8-bit codes
 
 
@@ -80,13 +81,8 @@ class QuantizedBlocks:
                 f"{self.mins.dtype}"
             )
         for name in ("scales", "mins"):
-            array = getattr(self, name)
-            bad = np.flatnonzero(~np.isfinite(array))
-            if bad.size:
-                raise ValueError(
-                    f"{name} has {array[bad[0]]!r} at block {bad[0]}; scales and mins must "
-                    "be finite"
-                )
+            rule = "scales and mins must be finite"
+            check_finite(name, getattr(self, name), rule, at=lambda b: f"block {b}")
 
     @classmethod
     def quantize(
@@ -243,26 +239,18 @@ def _pieces(start: int, end: int, block_size: int) -> Iterator[tuple[int, int, i
 def _raise_rejected(name, original, flat, block_size, half) -> None:
     """Raise ValueError naming the first element that made the kernel reject a block."""
     shape = original.shape
-    nonfinite = np.flatnonzero(~np.isfinite(flat))
-    if nonfinite.size:
-        index = int(nonfinite[0])
-        value = float(original.reshape(-1)[index])
-        if np.isfinite(value):
-            raise ValueError(
-                f"{name} has {value!r} at flat index {position(index, shape)}, beyond the "
-                "float32 range kvq computes in (|x| <= 3.4e38)"
-            )
-        raise ValueError(
-            f"{name} has {value!r} at flat index {position(index, shape)}; kvq quantizes "
-            "finite values only (replace or mask NaN/Inf first, e.g. with np.nan_to_num)"
-        )
+    rule = (
+        "kvq quantizes finite values only (replace or mask NaN/Inf first, e.g. with np.nan_to_num)"
+    )
+    check_finite(name, flat, rule, original)
     starts = np.arange(0, flat.size, block_size)
     lows = np.minimum.reduceat(flat, starts)
     highs = np.maximum.reduceat(flat, starts)
     if half:
         bad = (lows < -FLOAT16_MAX) | (highs > FLOAT16_MAX)
         limit = (
-            "float16 scales and mins need every value within +-65504; use scale_dtype='float32'"
+            f"float16 scales and mins need every value within +-{FLOAT16_MAX:g}; "
+            "use scale_dtype='float32'"
         )
     else:
         bad = ~(highs.astype(np.float64) - lows <= float(kernels.MAX_RANGE_F32))

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvq._bytes import human_bytes
 from kvq._validate import as_float32, check_block_size, check_scale_dtype
 from kvq.blocks import QuantizedBlocks
 from kvq.pool import MemoryPool
@@ -16,6 +17,11 @@ FLOAT32_BYTES = 4
 @dataclass(frozen=True, eq=False)
 class QuantizedKVCache:
     """Keys and values of one shape, each quantized in flat blocks of ``block_size`` elements.
+
+    This is the original design's (phase 3) interface -- ``block_size``, ``dequant_k`` /
+    ``dequant_v`` over flat element ranges, ``compression_ratio()`` -- over the same 8-bit
+    min/max kernels as ``kvq.quantize(x, bits=8, group_size=block_size)`` on the flattened
+    tensor; ``group_size`` and ``bits_per_element`` give it the rest of kvq's vocabulary.
 
     Each block stores uint8 codes, a min and ``scale = (max - min) / 255`` (float32, or float16
     with ``scale_dtype="float16"``). Dequantized elements are within ``scale / 2`` of the input,
@@ -71,7 +77,18 @@ class QuantizedKVCache:
 
     @property
     def block_size(self) -> int:
+        """Elements per block (this phase's word for kvq's ``group_size``)."""
         return self.k.block_size
+
+    @property
+    def group_size(self) -> int:
+        """:attr:`block_size` under the name the rest of kvq uses."""
+        return self.k.block_size
+
+    @property
+    def bits_per_element(self) -> float:
+        """Measured bits per stored element, K and V together (NaN for an empty cache)."""
+        return 8 * self.nbytes / (2 * self.size) if self.size else float("nan")
 
     @property
     def scale_dtype(self) -> np.dtype:
@@ -110,13 +127,3 @@ class QuantizedKVCache:
             f"float32={human_bytes(2 * self.size * FLOAT32_BYTES)}, "
             f"compression={self.compression_ratio():.2f}x)"
         )
-
-
-def human_bytes(nbytes: int) -> str:
-    """Bytes in binary units: '4.25 MiB'."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
-        value /= 1024
-    raise AssertionError("unreachable")

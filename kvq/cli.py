@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvq._bytes import human_bytes
+
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -21,7 +23,15 @@ def _build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--heads", type=int, default=8, help="KV heads (default 8)")
     demo.add_argument("--tokens", type=int, default=4096, help="cached tokens (default 4096)")
     demo.add_argument("--head-dim", type=int, default=64, help="head dimension (default 64)")
-    demo.add_argument("--block-size", type=int, default=32, help="block size (default 32)")
+    demo.add_argument(
+        "--group-size",
+        "--block-size",  # deprecated spelling: the original design's block_size
+        dest="group_size",
+        type=int,
+        default=32,
+        help="elements per group sharing a scale and min (default 32; --block-size is a "
+        "deprecated alias)",
+    )
     demo.add_argument(
         "--scale-dtype", choices=["float32", "float16"], default="float32", help="scale/min dtype"
     )
@@ -177,7 +187,7 @@ def _plan_command(args) -> int:
         print("kvq plan: --context must be >= 0", file=sys.stderr)
         return 2
     header = f"{'context':>9} " + " ".join(
-        f"{'bf16' if bits == 16 else f'{config.bits_per_element:.2f}-bit':>12}"
+        f"{'bf16' if bits == 16 else f'{config.nominal_bits_per_element:.2f}-bit':>12}"
         for bits, config in configs
     )
     print(
@@ -189,15 +199,8 @@ def _plan_command(args) -> int:
     print(header)
     for context in args.context:
         cells = [plan(model, context, config).total_bytes for _, config in configs]
-        print(f"{context:>9,} " + " ".join(f"{_size(c):>12}" for c in cells))
+        print(f"{context:>9,} " + " ".join(f"{human_bytes(c):>12}" for c in cells))
     return 0
-
-
-def _size(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if nbytes >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from kvq.demo import run_demo
 
-        for name in ("heads", "tokens", "head_dim", "block_size", "repeats"):
+        for name in ("heads", "tokens", "head_dim", "group_size", "repeats"):
             if getattr(args, name) < 1:
                 print(f"kvq demo: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
                 return 2
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.heads,
                 args.tokens,
                 args.head_dim,
-                args.block_size,
+                args.group_size,
                 args.scale_dtype,
                 args.repeats,
             )

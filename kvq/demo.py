@@ -13,14 +13,14 @@ def run_demo(
     num_kv_heads: int = 8,
     tokens: int = 4096,
     head_dim: int = 64,
-    block_size: int = 32,
+    group_size: int = 32,
     scale_dtype: str = "float32",
     repeats: int = 7,
 ) -> str:
     """Return the demo's report (also what ``kvq demo`` prints)."""
     k, v = kv_layer(num_kv_heads, tokens, head_dim)
     start = time.perf_counter()
-    cache = QuantizedKVCache.quantize(k, v, block_size, scale_dtype)
+    cache = QuantizedKVCache.quantize(k, v, group_size, scale_dtype)
     cache.dequant_k(0, 1)
     first_call = time.perf_counter() - start
 
@@ -28,7 +28,7 @@ def run_demo(
     k_out, v_out = np.empty(k.size, np.float32), np.empty(v.size, np.float32)
     times = interleaved_medians(
         {
-            "quantize": lambda: QuantizedKVCache.quantize(k, v, block_size, scale_dtype),
+            "quantize": lambda: QuantizedKVCache.quantize(k, v, group_size, scale_dtype),
             "dequantize": lambda: (cache.dequant_k(out=k_out), cache.dequant_v(out=v_out)),
             "copyto": lambda: (np.copyto(k_out, k.reshape(-1)), np.copyto(v_out, v.reshape(-1))),
         },
@@ -44,7 +44,7 @@ def run_demo(
         f"kvq demo: synthetic K/V of one GPT-OSS-20B layer, {num_kv_heads} KV heads x "
         f"{tokens} tokens x {head_dim}",
         f"  shape             {cache.shape} per tensor, {cache.size:,} values each",
-        f"  scheme            uint8 codes, blocks of {block_size}, {scale_dtype} scale and min",
+        f"  scheme            uint8 codes, groups of {group_size}, {scale_dtype} scale and min",
         f"  stored            {human_bytes(cache.nbytes)} vs {human_bytes(input_bytes)} float32"
         f"  ->  {cache.compression_ratio():.2f}x",
     ]

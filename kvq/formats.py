@@ -16,7 +16,7 @@ import math
 import numpy as np
 
 from kvq import kernels
-from kvq._validate import as_float32, check_int, position
+from kvq._validate import as_float32, check_finite, check_int
 from kvq.kernels import ggml
 from kvq.scheme import BITS, Scheme
 from kvq.tensor import QuantizedTensor
@@ -62,7 +62,7 @@ def ggml_quantize(x, kind) -> np.ndarray:
         m = np.empty(n_blocks if kind_id == ggml.Q4_1 else 0, np.float32)
         blocks = flat.reshape(n_blocks, GGML_BLOCK)
         if kernels.ggml_quantize_blocks(blocks, kind_id, out, d, m):
-            _raise_nonfinite(original, flat)
+            check_finite("x", flat, "GGML blocks hold finite values only", original)
         out[:, 0:2] = _float16_bytes(d)
         if kind_id == ggml.Q4_1:
             out[:, 2:4] = _float16_bytes(m)
@@ -137,9 +137,9 @@ def to_mlx(qt: QuantizedTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             f"MLX groups along the last axis; qt is grouped along axis {scheme.axis} of "
             f"{ndim} (scheme '{scheme.describe()}'): quantize with axis=-1"
         )
-    if scheme.rotate is not None:
+    if scheme.rotate:
         raise ValueError(
-            f"MLX has no rotation; qt is rotated (rotate={scheme.rotate}): quantize without "
+            f"MLX has no rotation; qt is rotated (seed {scheme.seed}): quantize without "
             "rotate, or rotate the inputs yourself"
         )
     if scheme.double_quant:
@@ -221,12 +221,7 @@ def from_mlx(w, scales, biases, group_size: int, bits: int) -> QuantizedTensor:
     scales = np.ascontiguousarray(scales, dtype=dtype).reshape(-1)
     biases = np.ascontiguousarray(biases, dtype=dtype).reshape(-1)
     for name, array in (("scales", scales), ("biases", biases)):
-        bad = np.flatnonzero(~np.isfinite(array))
-        if bad.size:
-            raise ValueError(
-                f"{name} has {float(array[bad[0]])!r} at flat index "
-                f"{position(int(bad[0]), (*lead, n_groups))}; kvq holds finite values only"
-            )
+        check_finite(name, array, "kvq holds finite values only", shape=(*lead, n_groups))
     codes = np.ascontiguousarray(w, dtype="<u4").reshape(-1).view(np.uint8).copy()
     scheme = Scheme(bits, group_size, axis=-1, scale_dtype=str(dtype))
     shape = (*lead, n_groups * group_size)
@@ -273,14 +268,3 @@ def _as_numpy(a) -> np.ndarray:
         if a.dtype == mx.bfloat16:
             a = a.astype(mx.float32)
     return np.asarray(a)
-
-
-def _raise_nonfinite(original: np.ndarray, flat: np.ndarray) -> None:
-    bad = np.flatnonzero(~np.isfinite(flat))
-    index = int(bad[0])
-    value = float(original.reshape(-1)[index])
-    what = "beyond the float32 range" if np.isfinite(value) else "non-finite"
-    raise ValueError(
-        f"x has {value!r} at flat index {position(index, original.shape)} ({what}); "
-        "GGML blocks hold finite values only"
-    )

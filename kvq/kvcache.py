@@ -14,18 +14,21 @@ from __future__ import annotations
 import copy
 import operator
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass, replace
 
 import numpy as np
 
+from kvq._bytes import in_unit
+from kvq._format import FLOAT16_MAX, FLOAT32_MAX, MIN_OFFSET, SUPER_GROUPS
 from kvq._threads import on_calling_thread
-from kvq._validate import check_int
+from kvq._validate import check_finite, check_float_dtype, check_int
 from kvq.errors import KvqError
 from kvq.pool import MemoryPool
 from kvq.rotation import rotate, unrotate
-from kvq.scheme import SUPER_GROUPS, QuantConfig, Scheme
-from kvq.tensor import FLOAT16_MAX, QuantizedTensor, quantize
+from kvq.scheme import QuantConfig, Scheme
+from kvq.tensor import QuantizedTensor, quantize
 
 FLOAT32_BYTES = 4
 _INITIAL_CHUNKS = 16
@@ -33,7 +36,6 @@ _INITIAL_CHUNKS = 16
 # thread: a parallel launch for a decode step's few hundred values costs more than it saves,
 # and on a loaded machine it waits for every worker thread to be scheduled (milliseconds).
 SERIAL_VALUES = 1 << 15
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def value_limit(scheme: Scheme) -> tuple[float, str]:
@@ -47,7 +49,7 @@ def value_limit(scheme: Scheme) -> tuple[float, str]:
     if scheme.scale_dtype == "float16":
         return FLOAT16_MAX, "use scale_dtype='float32'"
     if scheme.double_quant:
-        return FLOAT16_MAX * 32, "turn double_quant off or rescale the values"
+        return FLOAT16_MAX * MIN_OFFSET, "turn double_quant off or rescale the values"
     return 2.0**126, "rescale the values"
 
 
@@ -141,8 +143,8 @@ class TensorStream:
         self.chunk_shape = (num_kv_heads, self.chunk, head_dim)
         # Residual tokens wait in the scheme's rotated basis (the kernels read them with
         # rotated queries); chunks are quantized from them with rotation already applied.
-        self.rotation_seed = scheme.rotate
-        self.plain_scheme = replace(scheme, rotate=None)
+        self.rotation_seed = scheme.rotation_seed
+        self.plain_scheme = replace(scheme, rotate=False)
         self.limit, self.limit_hint = value_limit(scheme)
         template = quantize(np.zeros(self.chunk_shape, np.float32), scheme=scheme).parts()
         self.part_layout = {key: (part.dtype, part.size) for key, part in template.items()}
@@ -419,8 +421,12 @@ class KVCache:
                     f"config.{name}.axis must be -1 (per token) or -2 (per channel), "
                     f"got {scheme.axis}"
                 )
-            if scheme.rotate is not None and self.head_dim & (self.head_dim - 1):
-                raise ValueError(f"rotate needs head_dim to be a power of two, got {head_dim}")
+            if scheme.rotate and self.head_dim & (self.head_dim - 1):
+                raise ValueError(
+                    f"config.{name} rotates, which needs head_dim to be a power of two, got "
+                    f"{head_dim}: use a scheme without rotation, e.g. kvq.QuantConfig.q8("
+                    "rotate=False)"
+                )
         streams = [
             TensorStream(
                 name,
@@ -475,10 +481,7 @@ class KVCache:
 
     def _check(self, name: str, x) -> np.ndarray:
         array = np.asarray(x)
-        if array.dtype.kind != "f" or array.dtype.itemsize not in (2, 4, 8):
-            raise TypeError(
-                f"{name} must hold float16, float32 or float64 values, got {array.dtype}"
-            )
+        check_float_dtype(name, array.dtype)
         expected = (self.num_kv_heads, "t", self.head_dim)
         if (
             array.ndim != 3
@@ -498,21 +501,21 @@ class KVCache:
         stream = self._k if name == "k" else self._v
         limit = FLOAT32_MAX if stream.rotation_seed is not None else stream.limit
         if not float(np.abs(values).max()) <= limit:
-            bad = ~np.isfinite(values)
-            if bad.any():
-                head, token, channel = (int(i) for i in np.argwhere(bad)[0])
-                value = float(array[head, token, channel])
-                what = "beyond the float32 range" if np.isfinite(value) else "non-finite"
-                raise ValueError(
-                    f"{name} has {value!r} at head {head}, token {token} (position "
-                    f"{stream.appended + token}), channel {channel} ({what}); kvq caches "
-                    "finite values only"
+
+            def at(index: int) -> str:
+                head, token, channel = (int(i) for i in np.unravel_index(index, values.shape))
+                return (
+                    f"head {head}, token {token} (position {stream.appended + token}), "
+                    f"channel {channel}"
                 )
+
+            check_finite(name, values, "kvq caches finite values only", array, at=at)
             stream.raise_out_of_range(values)
         return values
 
     def __len__(self) -> int:
-        return self._k.appended
+        with self._lock:
+            return self._k.appended
 
     @property
     def held(self) -> int:
@@ -543,6 +546,8 @@ class KVCache:
     def _range(self, start, end) -> tuple[int, int]:
         held = self.held
         try:
+            if isinstance(start, bool | np.bool_) or isinstance(end, bool | np.bool_):
+                raise TypeError
             start = operator.index(start)
             end = held if end is None else operator.index(end)
         except TypeError:
@@ -557,27 +562,37 @@ class KVCache:
         with self._lock:
             return self._k.nbytes + self._v.nbytes
 
+    @property
+    def bits_per_element(self) -> float:
+        """Measured bits per held element: 8 * nbytes over the K and V elements held (NaN
+        when empty). Counts codes, scales, mins, second-level scales and residual floats."""
+        with self._lock:
+            held_values = 2 * self.held * self.num_kv_heads * self.head_dim
+            return 8 * self.nbytes / held_values if held_values else float("nan")
+
     def stats(self) -> dict[str, float | int]:
         """Counts and bytes: appended, held, quantized and residual tokens, chunks, nbytes,
-        reserved bytes, and bits per held value."""
+        reserved bytes, and ``bits_per_element`` (measured; the key ``bits_per_value`` is a
+        deprecated alias)."""
         with self._lock:
             return self._stats()
 
     def _stats(self) -> dict[str, float | int]:
-        held_values = 2 * self.held * self.num_kv_heads * self.head_dim
-        return {
-            "appended": len(self),
-            "held": self.held,
-            "k_quantized": self._k.held - self._k.pending.shape[1],
-            "v_quantized": self._v.held - self._v.pending.shape[1],
-            "k_residual": self._k.pending.shape[1],
-            "v_residual": self._v.pending.shape[1],
-            "k_chunk_tokens": self._k.chunk,
-            "v_chunk_tokens": self._v.chunk,
-            "nbytes": self.nbytes,
-            "reserved_nbytes": self._k.reserved_nbytes + self._v.reserved_nbytes,
-            "bits_per_value": 8 * self.nbytes / held_values if held_values else float("nan"),
-        }
+        return Stats(
+            {
+                "appended": len(self),
+                "held": self.held,
+                "k_quantized": self._k.held - self._k.pending.shape[1],
+                "v_quantized": self._v.held - self._v.pending.shape[1],
+                "k_residual": self._k.pending.shape[1],
+                "v_residual": self._v.pending.shape[1],
+                "k_chunk_tokens": self._k.chunk,
+                "v_chunk_tokens": self._v.chunk,
+                "nbytes": self.nbytes,
+                "reserved_nbytes": self._k.reserved_nbytes + self._v.reserved_nbytes,
+                "bits_per_element": self.bits_per_element,
+            }
+        )
 
     def truncate(self, length: int) -> None:
         """Keep only the first ``length`` tokens appended (``transformers``' ``crop``).
@@ -644,12 +659,36 @@ class KVCache:
         window = f", window={self.window}" if self.window else ""
         with self._lock:
             counts = f"{len(self)} tokens appended, {self.held} held{window}"
-            size = f"{self.nbytes / 2**20:.2f} MiB"
+            size = in_unit(self.nbytes, "MiB")
         return (
             f"KVCache({self.num_kv_heads} heads x {self.head_dim}, {counts}, "
-            f"K {self.config.k.describe()}, V {self.config.v.describe()}, "
+            f"K {_label(self.config.k)}, V {_label(self.config.v)}, "
             f"residual {self.config.residual}, {size})"
         )
+
+
+def _label(scheme: Scheme) -> str:
+    """``scheme.describe()`` with the axis named for a (heads, tokens, head_dim) cache."""
+    layout = {-1: "per token", 2: "per token", -2: "per channel", 1: "per channel"}
+    return f"{scheme.describe()} ({layout.get(scheme.axis, 'axis ' + str(scheme.axis))})"
+
+
+class Stats(dict):
+    """A plain dict of :meth:`KVCache.stats`; the old key ``bits_per_value`` still reads
+    ``bits_per_element``, with a DeprecationWarning."""
+
+    def __getitem__(self, key):
+        if key == "bits_per_value":
+            warnings.warn(
+                "stats()['bits_per_value'] is deprecated: use stats()['bits_per_element']",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            key = "bits_per_element"
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        return self[key] if key in self or key == "bits_per_value" else default
 
 
 def _release_all(streams: list[TensorStream]) -> None:

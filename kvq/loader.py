@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from kvq import kernels
+from kvq._bytes import in_unit
 from kvq._safetensors import MAX_HEADER_BYTES, SafeTensorsFile, TensorInfo, parse_json, show
 from kvq.errors import LoaderError
 
@@ -100,7 +101,7 @@ class Checkpoint(Mapping):
     def __repr__(self) -> str:
         return (
             f"Checkpoint({len(self)} tensors in {len(self._files)} file(s), "
-            f"{self.nbytes / 2**30:.2f} GiB, {len(self._mxfp4)} MXFP4)"
+            f"{in_unit(self.nbytes, 'GiB')}, {len(self._mxfp4)} MXFP4)"
         )
 
     # --- reading -----------------------------------------------------------------------------

@@ -5,6 +5,9 @@ from __future__ import annotations
 import operator
 from collections.abc import Callable
 
+import numpy as np
+
+from kvq._bytes import in_unit
 from kvq.config import SLIDING, ModelConfig
 from kvq.kvcache import KVCache
 from kvq.pool import MemoryPool
@@ -76,6 +79,8 @@ class ModelKVCache:
 
     def _layer(self, layer) -> int:
         try:
+            if isinstance(layer, bool | np.bool_):
+                raise TypeError
             index = operator.index(layer)
         except TypeError:
             raise TypeError(f"layer must be an integer, got {layer!r}") from None
@@ -113,15 +118,15 @@ class ModelKVCache:
     def table(self) -> str:
         """The per-layer stats as a fixed-width text table."""
         lines = [
-            f"{'layer':>5} {'type':<18} {'appended':>9} {'held':>7} {'KiB':>10} {'bits/v':>7}"
+            f"{'layer':>5} {'type':<18} {'appended':>9} {'held':>7} {'KiB':>10} {'bits/el':>7}"
         ]
         for row in self.stats():
             lines.append(
                 f"{row['layer']:>5} {row['type']:<18} {row['appended']:>9} {row['held']:>7} "
-                f"{row['nbytes'] / 1024:>10.1f} {row['bits_per_value']:>7.2f}"
+                f"{row['nbytes'] / 1024:>10.1f} {row['bits_per_element']:>7.2f}"
             )
-        lines.append(f"total {self.nbytes / 2**20:.2f} MiB")
+        lines.append(f"total {in_unit(self.nbytes, 'MiB')}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
-        return f"ModelKVCache({len(self.layers)} layers, {self.nbytes / 2**20:.2f} MiB)"
+        return f"ModelKVCache({len(self.layers)} layers, {in_unit(self.nbytes, 'MiB')})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvq._bytes import in_unit
 from kvq._validate import check_int
 from kvq.config import FULL, SLIDING, ModelConfig
 from kvq.kvcache import stream_bytes
@@ -12,21 +13,22 @@ from kvq.scheme import QuantConfig
 
 BF16_BYTES = 2
 FLOAT32_BYTES = 4
+UNQUANTIZED = {"bf16": BF16_BYTES, "float32": FLOAT32_BYTES}  # bytes per value
 
 
 @dataclass(frozen=True)
 class Plan:
     """KV bytes of ``model`` holding ``context_len`` tokens.
 
-    total_bytes: the cache as configured (bf16 when ``config`` is None; quantized chunks plus
-    float32 residual tokens otherwise, exactly what KVCache.nbytes reports); bf16_bytes and
+    total_bytes: the cache as configured (quantized chunks plus float32 residual tokens,
+    exactly what KVCache.nbytes reports; unquantized for ``config="bf16"``); bf16_bytes and
     float32_bytes: the same tokens unquantized; by_type: bytes per layer type; per_token: full-
     attention bytes per token (sliding layers are bounded by their window).
     """
 
     model: ModelConfig
     context_len: int
-    config: LayerConfigs | None
+    config: LayerConfigs | str
     total_bytes: int
     bf16_bytes: int
     float32_bytes: int
@@ -35,10 +37,10 @@ class Plan:
 
     def table(self) -> str:
         """Text table of the plan."""
-        if self.config is None:
-            label = "bf16"
+        if isinstance(self.config, str):
+            label = self.config
         elif isinstance(self.config, QuantConfig):
-            label = f"{self.config.bits_per_element:.2f}-bit kvq"
+            label = f"{self.config.nominal_bits_per_element:.2f}-bit kvq"
         else:
             label = "kvq, per-layer configs"
         rows = [
@@ -53,7 +55,7 @@ class Plan:
 
 
 def _gib(nbytes: float) -> str:
-    return f"{nbytes / 2**30:10.3f} GiB"
+    return in_unit(nbytes, "GiB", "10.3f")
 
 
 def held_tokens(context_len: int, window: int | None) -> int:
@@ -64,19 +66,27 @@ def held_tokens(context_len: int, window: int | None) -> int:
 def plan(
     model_config: ModelConfig,
     context_len: int,
-    config: LayerConfigs | None = None,
+    config: LayerConfigs | str | None = None,
     max_queries: int = 1,
 ) -> Plan:
     """KV cache bytes of ``model_config`` after ``context_len`` tokens (see :class:`Plan`).
 
     ``config``: one QuantConfig, a callable ``(layer_idx, layer_type) -> QuantConfig`` (as
-    :class:`ModelKVCache` takes), or None for bf16. ``max_queries``: what the sliding layers'
-    caches were built with (they keep ``window + max_queries - 1`` tokens).
+    :class:`ModelKVCache` takes), None for the default ``QuantConfig()`` (as in KVCache), or
+    ``"bf16"`` / ``"float32"`` for an unquantized cache. ``max_queries``: what the sliding
+    layers' caches were built with (they keep ``window + max_queries - 1`` tokens).
     """
     if not isinstance(model_config, ModelConfig):
         raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
     context_len = check_int("context_len", context_len, 0)
     max_queries = check_int("max_queries", max_queries)
+    if config is None:
+        config = QuantConfig()
+    if isinstance(config, str) and config not in UNQUANTIZED:
+        raise ValueError(
+            f"config must be a kvq.QuantConfig, a callable, None or one of "
+            f"{sorted(UNQUANTIZED)}, got {config!r}"
+        )
     heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
     by_type: dict[str, int] = {}
     bf16 = 0
@@ -84,8 +94,8 @@ def plan(
         window = model_config.sliding_window if kind == SLIDING else None
         tokens = held_tokens(context_len, window)
         bf16 += tokens * model_config.kv_values_per_token * BF16_BYTES
-        if config is None:
-            layer = tokens * model_config.kv_values_per_token * BF16_BYTES
+        if isinstance(config, str):
+            layer = tokens * model_config.kv_values_per_token * UNQUANTIZED[config]
         else:
             chosen = layer_config(config, index, kind)
             layer = sum(
@@ -107,10 +117,10 @@ def plan(
     )
 
 
-def config_for_bits(bits: int) -> QuantConfig | None:
-    """The preset for ``kvq plan --bits``: 16 is bf16 (None), 8/4/3/2 the q8/q4/q3/q2 presets."""
+def config_for_bits(bits: int) -> QuantConfig | str:
+    """The preset for ``kvq plan --bits``: 16 is "bf16", 8/4/3/2 the q8/q4/q3/q2 presets."""
     presets = {
-        16: None,
+        16: "bf16",
         8: QuantConfig.q8,
         4: QuantConfig.q4,
         3: QuantConfig.q3,
@@ -119,4 +129,4 @@ def config_for_bits(bits: int) -> QuantConfig | None:
     if bits not in presets:
         raise ValueError(f"bits must be one of {sorted(presets)}, got {bits}")
     preset = presets[bits]
-    return None if preset is None else preset()
+    return preset if isinstance(preset, str) else preset()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from kvq._format import SUB_BITS, SUPER_GROUPS
 from kvq._validate import check_int, check_scale_dtype
 
 BITS = (2, 3, 4, 8)
-#: Groups sharing one second-level (float16) scale and min when ``double_quant`` is on.
-SUPER_GROUPS = 8
-SUB_BITS = 6  # bits of each group's second-level scale code and min code
 
 
 @dataclass(frozen=True)
@@ -21,23 +20,29 @@ class Scheme:
 
     bits: 2, 3, 4 or 8 per code. group_size: consecutive elements along ``axis`` sharing a
     scale and min (the last group of a row is shorter when the axis length is not a multiple).
-    axis: -1 groups along the last axis (per token along head_dim for a (heads, tokens,
-    head_dim) tensor, as MLX and llama.cpp do); -2 groups across tokens per channel (KIVI's
-    keys). scale_dtype: float32 or float16 for scales and mins. rotate: None, or a seed for a
-    randomized Hadamard rotation along the last axis (a power of two long). double_quant:
-    quantize the group scales and mins again (6-bit codes under float16 scales per
-    SUPER_GROUPS groups, as llama.cpp's k-quants do). search: choose each group's range to
-    minimise squared error instead of min/max (gives up the ``scale / 2`` bound on clipped
-    values).
+    axis: the grouping axis; for a (heads, tokens, head_dim) tensor -1 groups each token
+    along head_dim (as MLX and llama.cpp do) and -2 groups each channel across tokens (KIVI's
+    keys). scale_dtype: float32 or float16 for scales and mins. rotate: apply a randomized
+    Hadamard rotation (chosen by ``seed``) along the last axis, which must be a power of two
+    long. double_quant: quantize the group scales and mins again (6-bit codes under float16
+    steps per SUPER_GROUPS groups, as llama.cpp's k-quants do). search: choose each group's
+    range to minimise squared error instead of min/max (gives up the ``scale / 2`` bound on
+    clipped values). seed: the rotation's seed (used only with ``rotate``).
+
+    Deprecated: an integer ``rotate`` (the seed); pass ``rotate=True, seed=N``.
+
+    ``scheme.quantize(x)`` is ``kvq.quantize(x, scheme=scheme)`` (bound in kvq.tensor, so
+    that this module needs nothing from it).
     """
 
     bits: int = 8
     group_size: int = 32
     axis: int = -1
     scale_dtype: str = "float32"
-    rotate: int | None = None
+    rotate: bool = False
     double_quant: bool = False
     search: bool = False
+    seed: int = 0
 
     def __post_init__(self) -> None:
         bits = check_int("bits", self.bits, 1)
@@ -52,17 +57,44 @@ class Scheme:
         except TypeError:
             raise TypeError(f"axis must be an integer, got {self.axis!r}") from None
         object.__setattr__(self, "scale_dtype", str(check_scale_dtype(self.scale_dtype)))
-        if self.rotate is not None:
-            object.__setattr__(self, "rotate", check_int("rotate", self.rotate, 0))
+        object.__setattr__(self, "seed", check_int("seed", self.seed, 0))
+        rotate = self.rotate
+        if rotate is None:
+            rotate = False
+        elif not isinstance(rotate, bool | np.bool_):
+            seed = check_int("rotate", rotate, 0)  # the old API: rotate=seed
+            if self.seed not in (0, seed):
+                raise ValueError(f"rotate={rotate!r} (a seed) conflicts with seed={self.seed}")
+            warnings.warn(
+                f"Scheme(rotate={seed}) is deprecated: pass rotate=True, seed={seed}",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+            object.__setattr__(self, "seed", seed)
+            rotate = True
+        object.__setattr__(self, "rotate", bool(rotate))
         for name in ("double_quant", "search"):
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
             object.__setattr__(self, name, bool(getattr(self, name)))
 
     @property
-    def levels(self) -> int:
+    def rotation_seed(self) -> int | None:
+        """The rotation's seed, or None when the scheme does not rotate."""
+        return self.seed if self.rotate else None
+
+    @property
+    def max_code(self) -> int:
         """Largest code: 2**bits - 1."""
         return (1 << self.bits) - 1
+
+    @property
+    def levels(self) -> int:
+        """Deprecated alias of :attr:`max_code`."""
+        warnings.warn(
+            "Scheme.levels is deprecated: use Scheme.max_code", DeprecationWarning, stacklevel=2
+        )
+        return self.max_code
 
     @property
     def nominal_bits_per_element(self) -> float:
@@ -73,35 +105,41 @@ class Scheme:
             params = 2 * 8 * np.dtype(self.scale_dtype).itemsize
         return self.bits + params / self.group_size
 
-    def quantize(self, x):
-        """``kvq.quantize(x, **this scheme)``."""
-        from kvq.tensor import quantize
-
-        return quantize(x, scheme=self)
-
     def describe(self) -> str:
-        """Short label: 'int4 g32 per-channel f16 dq rot0'."""
-        parts = [f"int{self.bits}", f"g{self.group_size}"]
-        parts.append({-1: "per-token", -2: "per-channel"}.get(self.axis, f"axis{self.axis}"))
+        """Short label: 'int4 g32 axis-2 dq search rot0' (rot and the seed when rotated)."""
+        parts = [f"int{self.bits}", f"g{self.group_size}", f"axis{self.axis}"]
         parts.append("dq" if self.double_quant else self.scale_dtype.replace("float", "f"))
         if self.search:
             parts.append("search")
-        if self.rotate is not None:
-            parts.append(f"rot{self.rotate}")
+        if self.rotate:
+            parts.append(f"rot{self.seed}")
         return " ".join(parts)
+
+
+def _q8_keys(rotate: bool = True) -> Scheme:
+    return Scheme(8, 32, axis=-2, rotate=rotate, double_quant=True)
+
+
+def _q8_values() -> Scheme:
+    return Scheme(8, 32, axis=-1, double_quant=True)
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """Schemes for keys and values, plus how many recent tokens stay in float32 (``residual``).
 
-    ``rotate`` (a seed) overrides both schemes' rotation when set. Presets: :meth:`q8`,
-    :meth:`q4`, :meth:`q3`, :meth:`q2`, :meth:`kivi`, :meth:`mlx`; their docstrings give
-    the bits per element (averaged over K and V, whole groups, no residual).
+    ``QuantConfig()`` is :meth:`q8`, the best 8-bit scheme measured (size, quality and speed);
+    ``config=None`` means this default everywhere kvq takes a config. Presets: :meth:`q8`,
+    :meth:`q4`, :meth:`q3`, :meth:`q2`, :meth:`kivi`, :meth:`mlx`, and :meth:`original` (the
+    original design's scheme); their docstrings give the nominal bits per element (averaged
+    over K and V, whole groups, no residual).
+
+    Deprecated: ``rotate`` (a seed for both schemes); set ``rotate`` on each :class:`Scheme`.
+    It raises when a scheme already rotates with another seed.
     """
 
-    k: Scheme = field(default_factory=Scheme)
-    v: Scheme = field(default_factory=Scheme)
+    k: Scheme = field(default_factory=_q8_keys)
+    v: Scheme = field(default_factory=_q8_values)
     residual: int = 0
     rotate: int | None = None
 
@@ -112,45 +150,72 @@ class QuantConfig:
         object.__setattr__(self, "residual", check_int("residual", self.residual, 0))
         if self.rotate is not None:
             seed = check_int("rotate", self.rotate, 0)
+            for name in ("k", "v"):
+                scheme = getattr(self, name)
+                if scheme.rotate and scheme.seed != seed:
+                    raise ValueError(
+                        f"rotate={seed} conflicts with {name}'s own rotation (seed "
+                        f"{scheme.seed}); set the rotation on each Scheme instead"
+                    )
+            warnings.warn(
+                "QuantConfig(rotate=...) is deprecated: set rotate=True, seed=N on each Scheme",
+                DeprecationWarning,
+                stacklevel=3,
+            )
             object.__setattr__(self, "rotate", seed)
-            object.__setattr__(self, "k", replace(self.k, rotate=seed))
-            object.__setattr__(self, "v", replace(self.v, rotate=seed))
+            object.__setattr__(self, "k", replace(self.k, rotate=True, seed=seed))
+            object.__setattr__(self, "v", replace(self.v, rotate=True, seed=seed))
+
+    @property
+    def nominal_bits_per_element(self) -> float:
+        """Average of K's and V's nominal bits per element (whole groups, no residual)."""
+        return (self.k.nominal_bits_per_element + self.v.nominal_bits_per_element) / 2
 
     @property
     def bits_per_element(self) -> float:
-        """Average of K's and V's nominal bits per element."""
-        return (self.k.nominal_bits_per_element + self.v.nominal_bits_per_element) / 2
+        """Deprecated alias of :attr:`nominal_bits_per_element`."""
+        warnings.warn(
+            "QuantConfig.bits_per_element is deprecated: use nominal_bits_per_element (a "
+            "config's promise; caches and tensors report the measured bits_per_element)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.nominal_bits_per_element
 
     @classmethod
-    def q8(cls) -> QuantConfig:
+    def q8(cls, rotate: bool = True) -> QuantConfig:
         """8-bit keys per channel after a Hadamard rotation, values per token, groups of 32,
         second-level scales: 8.5 bits per element (llama.cpp q8_0's size), about 0.65x
-        q8_0's attention error in bench/quality.py."""
-        return cls(
-            k=Scheme(8, 32, axis=-2, rotate=0, double_quant=True),
-            v=Scheme(8, 32, axis=-1, double_quant=True),
-        )
+        q8_0's attention error in bench/quality.py. The default, ``QuantConfig()``.
+        ``rotate=False`` drops the key rotation (it needs a power-of-two head_dim)."""
+        return cls(k=_q8_keys(rotate), v=_q8_values())
 
     @classmethod
-    def q4(cls) -> QuantConfig:
+    def original(cls) -> QuantConfig:
+        """The original design's scheme: 8-bit codes in groups of 32 along head_dim (per
+        token), float32 scale and min: 10 bits per element."""
+        return cls(k=Scheme(8, 32, axis=-1), v=Scheme(8, 32, axis=-1))
+
+    @classmethod
+    def q4(cls, rotate: bool = True) -> QuantConfig:
         """4-bit, as :meth:`q8` plus a per-group range search: 4.5 bits per element (q4_0's
         size), about 0.65x q4_0's attention error in bench/quality.py."""
-        return cls._searched(4)
+        return cls._searched(4, rotate)
 
     @classmethod
-    def q3(cls) -> QuantConfig:
+    def q3(cls, rotate: bool = True) -> QuantConfig:
         """3-bit, as :meth:`q4`: 3.5 bits per element."""
-        return cls._searched(3)
+        return cls._searched(3, rotate)
 
     @classmethod
-    def q2(cls) -> QuantConfig:
+    def q2(cls, rotate: bool = True) -> QuantConfig:
         """2-bit, as :meth:`q4`: 2.5 bits per element."""
-        return cls._searched(2)
+        return cls._searched(2, rotate)
 
     @classmethod
-    def _searched(cls, bits: int) -> QuantConfig:
+    def _searched(cls, bits: int, rotate: bool) -> QuantConfig:
         return cls(
-            k=Scheme(bits, 32, axis=-2, rotate=0, double_quant=True, search=True),
+            k=Scheme(bits, 32, axis=-2, rotate=rotate, double_quant=True, search=True),
             v=Scheme(bits, 32, axis=-1, double_quant=True, search=True),
         )
 

@@ -8,14 +8,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvq import kernels
-from kvq._validate import as_float32, position
+from kvq._format import FLOAT16_MAX, MIN_OFFSET, SUB_BITS, SUB_LEVELS, SUPER_GROUPS
+from kvq._validate import as_float32, check_finite
 from kvq.rotation import rotate as rotate_last_axis
 from kvq.rotation import unrotate
-from kvq.scheme import SUB_BITS, SUPER_GROUPS, Scheme
+from kvq.scheme import Scheme
 
-FLOAT16_MAX = 65504.0
-_SUB_LEVELS = (1 << SUB_BITS) - 1  # 63: largest second-level scale code
-_MIN_OFFSET = 1 << (SUB_BITS - 1)  # 32: min codes are stored as mc + 32, mc in [-32, 31]
+_FINITE_ONLY = "kvq quantizes finite values only"
 
 
 @dataclass(frozen=True, eq=False)
@@ -55,7 +54,7 @@ class DoubleQuantParams:
 
     def to_float32(self) -> tuple[np.ndarray, np.ndarray]:
         sc = _unpack(self.scale_codes, SUB_BITS, self.n_groups).astype(np.float32)
-        mc = _unpack(self.min_codes, SUB_BITS, self.n_groups).astype(np.float32) - _MIN_OFFSET
+        mc = _unpack(self.min_codes, SUB_BITS, self.n_groups).astype(np.float32) - MIN_OFFSET
         owner = np.arange(self.n_groups) // SUPER_GROUPS
         d = self.super_scales.astype(np.float32)[owner]
         dmin = self.super_mins.astype(np.float32)[owner]
@@ -111,8 +110,8 @@ class QuantizedTensor:
             kernels.dequantize_blocks(codes.reshape(-1), scales, mins, group, values.reshape(-1))
         moved = values[:, :length].reshape(moved_shape)
         out = np.moveaxis(moved, -1, self.axis)
-        if self.scheme.rotate is not None:
-            out = unrotate(out, self.scheme.rotate)
+        if self.scheme.rotate:
+            out = unrotate(out, self.scheme.seed)
         return np.ascontiguousarray(out, dtype=np.float32)
 
     def parts(self) -> dict[str, np.ndarray]:
@@ -158,24 +157,45 @@ class QuantizedTensor:
 
 def quantize(
     x,
-    bits: int = 8,
-    group_size: int = 32,
-    axis: int = -1,
-    scale_dtype="float32",
-    rotate: int | None = None,
-    double_quant: bool = False,
-    search: bool = False,
+    bits: int | None = None,
+    group_size: int | None = None,
+    axis: int | None = None,
+    scale_dtype=None,
+    rotate: bool | None = None,
+    double_quant: bool | None = None,
+    search: bool | None = None,
     scheme: Scheme | None = None,
+    seed: int | None = None,
 ) -> QuantizedTensor:
     """Quantize ``x`` group-wise: groups of ``group_size`` consecutive elements along ``axis``
     share a min and a scale = (max - min) / (2**bits - 1); codes are packed densely.
 
     Every element comes back within scale / 2 (plus float32 rounding; with ``rotate``, in the
-    rotated basis, so in L2 norm) unless ``search`` clips it. See :class:`kvq.Scheme` for the
-    options; pass ``scheme=`` instead of the keywords to reuse one.
+    rotated basis, so in L2 norm) unless ``search`` clips it. The keywords are
+    :class:`kvq.Scheme`'s, with its defaults (8 bits, groups of 32 along axis -1, float32
+    scales, no rotation, no double_quant, no search, seed 0); or pass ``scheme=`` to reuse
+    one, and no other keyword (ValueError: they would conflict).
     """
+    options = {
+        "bits": bits,
+        "group_size": group_size,
+        "axis": axis,
+        "scale_dtype": scale_dtype,
+        "rotate": rotate,
+        "double_quant": double_quant,
+        "search": search,
+        "seed": seed,
+    }
+    given = {name: value for name, value in options.items() if value is not None}
     if scheme is None:
-        scheme = Scheme(bits, group_size, axis, scale_dtype, rotate, double_quant, search)
+        scheme = Scheme(**given)
+    elif not isinstance(scheme, Scheme):
+        raise TypeError(f"scheme must be a kvq.Scheme, got {scheme!r}")
+    elif given:
+        raise ValueError(
+            f"pass either scheme= or the scheme's keywords, not both: got scheme="
+            f"{scheme.describe()!r} and {', '.join(f'{k}={v!r}' for k, v in given.items())}"
+        )
     original, flat = as_float32("x", x)
     if original.ndim == 0:
         raise ValueError("x must have at least one dimension, got a 0-d array")
@@ -183,13 +203,14 @@ def quantize(
         raise ValueError(f"axis {scheme.axis} is out of range for x with {original.ndim} dims")
     axis = scheme.axis % original.ndim
     values = flat.reshape(original.shape)
-    if scheme.rotate is not None:
+    if scheme.rotate:
         if original.shape[-1] & (original.shape[-1] - 1) or not original.shape[-1]:
             raise ValueError(
                 f"rotate needs the last axis to be a power of two long, got {original.shape[-1]}"
             )
-        _check_finite(original, flat)  # a rotation would smear a NaN over its row
-        values = rotate_last_axis(values, scheme.rotate)
+        # a rotation would smear a NaN over its row
+        check_finite("x", flat, _FINITE_ONLY, original=original)
+        values = rotate_last_axis(values, scheme.seed)
     moved = np.ascontiguousarray(np.moveaxis(values, axis, -1))
     length = moved.shape[-1]
     rows = moved.size // length if length else 0
@@ -204,15 +225,15 @@ def quantize(
     last_count = length - (row_groups - 1) * group  # real values in each row's last group
     n_groups = grid_flat.size // group if group else 0
     codes = np.empty(grid_flat.size, np.uint8)
-    levels = np.float32(scheme.levels)
+    levels = np.float32(scheme.max_code)
     half = scheme.scale_dtype == "float16"
     peak = np.abs(grid_flat).max() if half and grid_flat.size else 0.0
     if not np.isfinite(peak):  # name the position, as without float16 scales
         _raise_rejected(original, flat, scheme)
     if peak > FLOAT16_MAX:
         raise ValueError(
-            "x has values beyond +-65504, which float16 scales and mins cannot hold; "
-            "use scale_dtype='float32'"
+            f"x has values beyond +-{FLOAT16_MAX:g}, which float16 scales and mins cannot "
+            "hold; use scale_dtype='float32'"
         )
     scales = np.empty(n_groups, np.float32)
     mins = np.empty(n_groups, np.float32)
@@ -269,6 +290,15 @@ def quantize(
     )
 
 
+def _quantize_with(scheme: Scheme, x) -> QuantizedTensor:
+    """``kvq.quantize(x, scheme=scheme)``."""
+    return quantize(x, scheme=scheme)
+
+
+# bound here, not defined in kvq.scheme, so that kvq.scheme imports nothing from this module
+Scheme.quantize = _quantize_with
+
+
 def _moved_shape(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     rest = shape[:axis] + shape[axis + 1 :]
     return (*rest, shape[axis])
@@ -320,19 +350,19 @@ def _double_quantize(
         return a.repeat(SUPER_GROUPS)[:n]
 
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        dmin = _f16_round(np.abs(per_super(mins)).max(axis=1) / _MIN_OFFSET, down=False)
+        dmin = _f16_round(np.abs(per_super(mins)).max(axis=1) / MIN_OFFSET, down=False)
         mc = np.floor(np.where(per_group(dmin) > 0, mins / per_group(dmin), 0))
-        mc = np.clip(mc, -_MIN_OFFSET, _MIN_OFFSET - 1)
+        mc = np.clip(mc, -MIN_OFFSET, MIN_OFFSET - 1)
         needed = (tops - per_group(dmin) * mc) / levels
-        d = _f16_round(per_super(needed).max(axis=1) / _SUB_LEVELS, down=False)
-        sc = np.clip(np.ceil(np.where(per_group(d) > 0, needed / per_group(d), 0)), 0, 63)
+        d = _f16_round(per_super(needed).max(axis=1) / SUB_LEVELS, down=False)
+        sc = np.clip(np.ceil(np.where(per_group(d) > 0, needed / per_group(d), 0)), 0, SUB_LEVELS)
     if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
         raise ValueError(
             "x spans a range too wide for double_quant's float16 second-level scales "
             f"(largest group min {np.abs(mins).max():.3g}, scale {scales.max():.3g}); "
             "turn double_quant off"
         )
-    sc, mc = sc.astype(np.int64), (mc + _MIN_OFFSET).astype(np.int64)
+    sc, mc = sc.astype(np.int64), (mc + MIN_OFFSET).astype(np.int64)
     if grid is not None:
         kernels.refine_subcodes(
             grid,
@@ -377,20 +407,7 @@ def _unpack(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
     return codes
 
 
-def _check_finite(original: np.ndarray, flat: np.ndarray) -> None:
-    if not np.isfinite(flat).all():
-        _raise_rejected(original, flat, None)
-
-
-def _raise_rejected(original: np.ndarray, flat: np.ndarray, scheme: Scheme | None) -> None:
+def _raise_rejected(original: np.ndarray, flat: np.ndarray, scheme: Scheme) -> None:
     """ValueError naming the first non-finite element, or the range that overflowed."""
-    bad = np.flatnonzero(~np.isfinite(flat))
-    if bad.size:
-        index = int(bad[0])
-        value = float(original.reshape(-1)[index])
-        what = "beyond the float32 range kvq computes in" if np.isfinite(value) else "non-finite"
-        raise ValueError(
-            f"x has {value!r} at flat index {position(index, original.shape)} ({what}); "
-            "kvq quantizes finite values only"
-        )
+    check_finite("x", flat, _FINITE_ONLY, original=original)
     raise ValueError("x has a group whose max - min exceeds 2**127 (1.7e38); rescale the tensor")

@@ -158,14 +158,14 @@ def _tensor_groups(x, qt: QuantizedTensor) -> _Groups:
     name = "x"
     dequantized_qt = qt
     context = f"scheme '{scheme.describe()}'"
-    if scheme.rotate is not None:
-        values = rotate(values, scheme.rotate)
-        unrotated = dataclasses.replace(scheme, rotate=None)
+    if scheme.rotate:
+        values = rotate(values, scheme.seed)
+        unrotated = dataclasses.replace(scheme, rotate=False)
         dequantized_qt = dataclasses.replace(qt, scheme=unrotated)
         name = "(x @ R)"
         context += (
             f", checked in the rotated basis x @ R, "
-            f"R = kvq.rotation.hadamard_rotation({qt.shape[-1]}, {scheme.rotate})"
+            f"R = kvq.rotation.hadamard_rotation({qt.shape[-1]}, {scheme.seed})"
         )
     axis = qt.axis
     moved = np.moveaxis(values, axis, -1)
@@ -177,7 +177,7 @@ def _tensor_groups(x, qt: QuantizedTensor) -> _Groups:
     starts = (np.arange(rows)[:, None] * length + np.arange(0, length, group)[None, :]).ravel()
     dequantized = np.moveaxis(dequantized_qt.dequantize(), axis, -1)
     scales, mins = (a.astype(np.float64) for a in qt.params.to_float32())
-    tops = mins + scheme.levels * scales
+    tops = mins + scheme.max_code * scales
 
     def position(row: int, piece) -> str:
         index = [str(i) for i in np.unravel_index(row, rest)] if rest else []

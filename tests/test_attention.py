@@ -1,5 +1,7 @@
 """kvq.attention on the quantized cache against attention_reference (float64 NumPy)."""
 
+import importlib
+import tracemalloc
 from dataclasses import replace
 
 import numpy as np
@@ -9,11 +11,15 @@ import kvq
 from kvq.synthetic import kv_layer
 from kvq.testing import assert_attention_close
 
+attention_module = importlib.import_module("kvq.attention")  # kvq.attention is the function
+
 CONFIGS = {
-    "8bit": kvq.QuantConfig(),
+    "8bit": kvq.QuantConfig.original(),
     "q8": kvq.QuantConfig.q8(),
     "q4": kvq.QuantConfig.q4(),
-    "q3-rot": kvq.QuantConfig(k=kvq.Scheme(3, 32, axis=-2), v=kvq.Scheme(3, 32), rotate=1),
+    "q3-rot": kvq.QuantConfig(
+        k=kvq.Scheme(3, 32, axis=-2, rotate=True, seed=1), v=kvq.Scheme(3, 32, rotate=True, seed=1)
+    ),
     "q2-kivi-res": kvq.QuantConfig.kivi(2, residual=20),
     "f16-per-token-k": kvq.QuantConfig(
         k=kvq.Scheme(4, 16, scale_dtype="float16"), v=kvq.Scheme(8, 64, axis=-2), residual=5
@@ -206,3 +212,75 @@ def test_dropped_positions_are_never_read(name, window):
     assert np.isfinite(out).all()
     ref = kvq.attention_reference(q, cache.keys(), cache.values(), window=window)
     assert_matches_reference(out, ref)
+
+
+# --- queries in chunks (bounded scratch) and left padding (start) ------------------------------
+
+
+@pytest.mark.parametrize("name", ["8bit", "q4", "q2-kivi-res"])
+@pytest.mark.parametrize("window", [None, 40])
+def test_prefill_in_query_chunks_matches_reference(monkeypatch, name, window):
+    """With a scratch budget of a few query tokens, a 96-query prefill runs in many kernel
+    calls; each query still sees exactly its causal (windowed) positions."""
+    cache = kvq.KVCache(2, 64, CONFIGS[name], window=window, max_queries=96)
+    k, v = kv_layer(2, 150, 64, seed=4)
+    cache.append(k, v)
+    q = queries(8, 96, 64, seed=6)
+    whole = kvq.attention(q, cache)
+    monkeypatch.setattr(attention_module, "SCRATCH_BYTES", 1)
+    assert attention_module.query_chunk(cache, 4, 64) == 1
+    one = kvq.attention(q, cache)
+    monkeypatch.setattr(attention_module, "SCRATCH_BYTES", 1 << 30)
+    per_token = (1 << 30) // attention_module.query_chunk(cache, 4, 64)
+    monkeypatch.setattr(attention_module, "SCRATCH_BYTES", per_token * 7 + 1)
+    assert attention_module.query_chunk(cache, 4, 64) == 7
+    seven = kvq.attention(q, cache)
+    ref = kvq.attention_reference(q, cache.keys(), cache.values(), window=window)
+    for out in (whole, one, seven):
+        assert_matches_reference(out, ref)
+
+
+def test_prefill_scratch_stays_under_the_budget(monkeypatch):
+    """NumPy's allocations (traced) during a 256-query GPT-OSS-shape prefill stay within the
+    output, one copy of q and SCRATCH_BYTES; without the chunking they would not."""
+    cache = kvq.KVCache(8, 64, kvq.QuantConfig.q4())
+    k, v = kv_layer(8, 300, 64, seed=2)
+    cache.append(k, v)
+    q = queries(64, 256, 64)
+    kvq.attention(q[:, -1:], cache)  # compiled and loaded before tracing
+
+    def traced_peak():
+        tracemalloc.start()
+        try:
+            kvq.attention(q, cache)
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    monkeypatch.setattr(attention_module, "SCRATCH_BYTES", 1 << 20)
+    assert attention_module.query_chunk(cache, 8, 64) < 256
+    assert traced_peak() <= 2 * q.nbytes + (1 << 20)
+    monkeypatch.setattr(attention_module, "SCRATCH_BYTES", 1 << 40)  # one chunk
+    assert traced_peak() > 2 * q.nbytes + (1 << 20)
+
+
+@pytest.mark.parametrize("name", ["8bit", "q4"])
+@pytest.mark.parametrize("window", [None, 30])
+def test_start_masks_left_padding(name, window):
+    cache = kvq.KVCache(2, 64, CONFIGS[name], window=window, max_queries=20)
+    k, v = kv_layer(2, 50, 64, seed=8)
+    cache.append(k, v)
+    q = queries(4, 20, 64)
+    first = int(cache.positions[0])
+    for start in (0, 7, 35, 45):
+        out = kvq.attention(q, cache, start=start, sinks=np.linspace(-1, 1, 4))
+        padded = max(0, start - 30)  # queries at positions 30..49
+        assert not out[:, :padded].any()  # a query before start sees nothing
+        skip = max(0, start - first)
+        ref = kvq.attention_reference(
+            q[:, padded:], cache.keys()[:, skip:], cache.values()[:, skip:],
+            window=window, sinks=np.linspace(-1, 1, 4),
+        )  # fmt: skip
+        assert_matches_reference(out[:, padded:], ref)
+    with pytest.raises(ValueError, match="start must be >= 0"):
+        kvq.attention(q, cache, start=-1)

@@ -32,7 +32,7 @@ def test_bad_arguments_exit_nonzero(capsys):
     assert main(["demo", "--tokens", "0"]) == 2
     assert "--tokens must be >= 1" in capsys.readouterr().err
     assert main(["demo", "--block-size", "0"]) == 2
-    assert "--block-size must be >= 1" in capsys.readouterr().err
+    assert "--group-size must be >= 1" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["frobnicate"])
 

@@ -346,7 +346,7 @@ def test_from_mlx_quantize_equals_mlx_dequantize(bits, group, dtype):
     ("make", "message"),
     [
         (lambda x: kvq.quantize(x, 4, 32, axis=-2), "grouped along axis -2"),
-        (lambda x: kvq.quantize(x, 4, 32, rotate=0), r"rotated \(rotate=0\)"),
+        (lambda x: kvq.quantize(x, 4, 32, rotate=True), r"rotated \(seed 0\)"),
         (lambda x: kvq.quantize(x, 4, 32, double_quant=True), "double_quant"),
         (lambda x: kvq.quantize(x, 4, 16), r"group_size in \(32, 64, 128\)"),
         (lambda x: kvq.quantize(x[:, :96], 4, 64), r"group_size 64 and shape \(4, 96\)"),

@@ -1,6 +1,8 @@
 """KVCache, ModelKVCache and plan: streaming appends, windows, memory figures."""
 
+import copy
 import gc
+import pickle
 
 import numpy as np
 import pytest
@@ -10,10 +12,13 @@ from kvq.kvcache import chunk_tokens
 from kvq.synthetic import kv_layer
 
 CONFIGS = {
-    "default-8bit": kvq.QuantConfig(),
+    "original-8bit": kvq.QuantConfig.original(),
+    "default-q8": kvq.QuantConfig(),
     "q4": kvq.QuantConfig.q4(),
     "kivi2-residual": kvq.QuantConfig.kivi(2, residual=16),
-    "q3-rotated": kvq.QuantConfig(k=kvq.Scheme(3, 32, axis=-2), v=kvq.Scheme(3, 64), rotate=5),
+    "q3-rotated": kvq.QuantConfig(
+        k=kvq.Scheme(3, 32, axis=-2, rotate=True, seed=5), v=kvq.Scheme(3, 64, rotate=True, seed=5)
+    ),
     "f16-per-token-residual": kvq.QuantConfig(
         k=kvq.Scheme(4, 32, scale_dtype="float16"), v=kvq.Scheme(8, 32), residual=3
     ),
@@ -184,7 +189,7 @@ def test_constructor_arguments():
     with pytest.raises(ValueError, match="axis must be -1"):
         kvq.KVCache(8, 64, kvq.QuantConfig(k=kvq.Scheme(axis=0)))
     with pytest.raises(ValueError, match="power of two"):
-        kvq.KVCache(8, 48, kvq.QuantConfig(rotate=1))
+        kvq.KVCache(8, 48, kvq.QuantConfig(k=kvq.Scheme(rotate=True)))
 
 
 def test_range_errors(layer):
@@ -237,13 +242,17 @@ def small_model(**changes):
 
 @pytest.mark.parametrize("config", [None, kvq.QuantConfig.q4(), kvq.QuantConfig.kivi(2)])
 @pytest.mark.parametrize("tokens", [1, 63, 64, 65, 200, 517])
-def test_model_cache_nbytes_equals_plan(config, tokens):
+@pytest.mark.parametrize("max_queries", [1, 33])
+def test_model_cache_nbytes_equals_plan(config, tokens, max_queries):
     model = small_model()
     k, v = kv_layer(2, tokens, 64, seed=tokens)
-    cache = kvq.ModelKVCache(model, config or kvq.QuantConfig())
+    cache = kvq.ModelKVCache(model, config or kvq.QuantConfig(), max_queries=max_queries)
     for layer in range(4):
         cache.append(layer, k, v)
-    assert cache.nbytes == kvq.plan(model, tokens, config or kvq.QuantConfig()).total_bytes
+    expected = kvq.plan(model, tokens, config or kvq.QuantConfig(), max_queries=max_queries)
+    assert cache.nbytes == expected.total_bytes
+    assert cache[0].held >= min(tokens, 64 + max_queries - 1)
+    np.testing.assert_array_equal(cache[0].positions, np.arange(tokens - cache[0].held, tokens))
     assert cache[0].window == 64 and cache[1].window is None
     assert cache[0].held >= min(tokens, 64) and cache[1].held == tokens
     assert "total" in cache.table() and len(cache.stats()) == 4
@@ -252,14 +261,16 @@ def test_model_cache_nbytes_equals_plan(config, tokens):
 def test_plan_gpt_oss_20b_by_hand():
     model = kvq.ModelConfig.gpt_oss_20b()
     for context in (1, 128, 4096, 32768, 131072):
-        p = kvq.plan(model, context)
+        p = kvq.plan(model, context, "bf16")
         full = 12 * context * 2 * 8 * 64 * 2  # layers x tokens x K,V x heads x dim x bf16
         sliding = 12 * min(context, 128) * 2 * 8 * 64 * 2
         assert p.total_bytes == p.bf16_bytes == full + sliding
         assert p.float32_bytes == 2 * p.bf16_bytes
         assert p.by_type == {"full_attention": full, "sliding_attention": sliding}
-    assert kvq.plan(model, 131072).total_bytes == 3 * 2**30 + 3 * 2**20  # 3 GiB + 3 MiB
-    assert kvq.plan(model, 4096).per_token_bytes == 24 * 1024  # 24 KiB per token
+    assert kvq.plan(model, 131072, "bf16").total_bytes == 3 * 2**30 + 3 * 2**20  # 3 GiB + 3 MiB
+    assert kvq.plan(model, 4096, "bf16").per_token_bytes == 24 * 1024  # 24 KiB per token
+    float32 = kvq.plan(model, 4096, "float32")
+    assert float32.total_bytes == float32.float32_bytes == 2 * (12 * 4096 + 12 * 128) * 2048
 
 
 def test_plan_quantized_gpt_oss_by_hand():
@@ -287,10 +298,22 @@ def test_plan_llama_style_config():
         head_dim=128,
         hidden_size=4096,
     )
-    p = kvq.plan(model, 8192)
+    p = kvq.plan(model, 8192, "bf16")
     assert p.total_bytes == 32 * 8192 * 2 * 8 * 128 * 2 == 2**30
     q8 = kvq.plan(model, 8192, kvq.QuantConfig.q8())
     assert q8.total_bytes == pytest.approx(p.total_bytes * 8.5 / 16, rel=1e-9)
+
+
+def test_config_none_means_the_default_everywhere():
+    """None is QuantConfig() (= q8) in plan, KVCache and ModelKVCache alike."""
+    model = small_model()
+    assert kvq.QuantConfig() == kvq.QuantConfig.q8()
+    assert kvq.plan(model, 100).total_bytes == kvq.plan(model, 100, kvq.QuantConfig()).total_bytes
+    assert kvq.plan(model, 100).config == kvq.QuantConfig.q8()
+    assert kvq.KVCache(2, 64).config == kvq.QuantConfig.q8()
+    assert kvq.ModelKVCache(model).config == kvq.QuantConfig.q8()
+    with pytest.raises(ValueError, match="bf16"):
+        kvq.plan(model, 100, "int8")
 
 
 def test_plan_arguments():
@@ -345,3 +368,153 @@ def test_positive_axes_group_as_their_negative_twins(k_axis, v_axis):
         kvq.attention_reference(q, whole.keys(), whole.values()),
         rtol=1e-5,
     )
+
+
+def test_per_layer_configs_in_model_cache_and_plan():
+    model = small_model()
+
+    def choose(layer, kind):
+        return kvq.QuantConfig.q4() if kind == "full_attention" else kvq.QuantConfig(residual=3)
+
+    cache = kvq.ModelKVCache(model, choose)
+    k, v = kv_layer(2, 90, 64, seed=3)
+    for layer in range(4):
+        cache.append(layer, k, v)
+    assert cache[1].config == kvq.QuantConfig.q4() and cache[0].config.residual == 3
+    assert cache.nbytes == kvq.plan(model, 90, choose).total_bytes
+    assert "per-layer" in kvq.plan(model, 90, choose).table()
+    with pytest.raises(TypeError, match=r"config\(0, 'sliding_attention'\) must return"):
+        kvq.ModelKVCache(model, lambda layer, kind: "q4")
+
+
+# --- a windowed cache serves a prefill chunk (max_queries) -------------------------------------
+
+
+@pytest.mark.parametrize("name", ["original-8bit", "q4", "kivi2-residual"])
+def test_windowed_cache_serves_chunks_of_max_queries(layer, name):
+    """Append chunks of 40 tokens to a window-16 cache built with max_queries=40, attending
+    each right after its append: every query sees its whole window (checked against the
+    float64 reference over an unwindowed twin, which holds the same chunks' codes)."""
+    k, v = layer
+    config = CONFIGS[name]
+    cache = kvq.KVCache(4, 64, config, window=16, max_queries=40)
+    twin = kvq.KVCache(4, 64, config)
+    q = np.random.default_rng(5).standard_normal((8, 203, 64)).astype(np.float32)
+    for lo in range(0, 203, 40):
+        hi = min(203, lo + 40)
+        cache.append(k[:, lo:hi], v[:, lo:hi])
+        twin.append(k[:, lo:hi], v[:, lo:hi])
+        out = kvq.attention(q[:, lo:hi], cache)
+        ref = kvq.attention_reference(q[:, lo:hi], twin.keys(), twin.values(), window=16)
+        assert float(np.abs(out - ref).max() / np.abs(ref).max()) <= 1e-5
+        assert cache.held >= min(hi, 16 + 40 - 1)
+    assert cache.held < 203  # the ring dropped what no query can see
+    expected = sum(
+        kvq.kvcache.stream_bytes(s, 4, 64, 203, config.residual, 16, 40)
+        for s in (config.k, config.v)
+    )
+    assert cache.nbytes == expected
+    # without max_queries, the chunk's first queries would miss part of their window
+    short = kvq.KVCache(4, 64, config, window=16)
+    short.append(k[:, :120], v[:, :120])
+    with pytest.raises(ValueError, match="max_queries=1"):
+        kvq.attention(q[:, 80:120], short)
+    with pytest.raises(ValueError, match="max_queries must be >= 1"):
+        kvq.KVCache(4, 64, config, window=16, max_queries=0)
+
+
+# --- truncate (transformers' crop) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_truncate_is_exact_or_refused(layer, name):
+    k, v = layer
+    config = CONFIGS[name]
+    for length in (0, 1, 31, 32, 33, 100, 150):
+        cache = kvq.KVCache(4, 64, config)
+        cache.append(k[:, :150], v[:, :150])
+        fewer = kvq.KVCache(4, 64, config)
+        if length:
+            fewer.append(k[:, :length], v[:, :length])
+        before = (cache.keys(), cache.values(), cache.nbytes)
+        try:
+            cache.truncate(length)
+        except ValueError as error:
+            assert "quantized together" in str(error)
+            np.testing.assert_array_equal(cache.keys(), before[0])
+            assert len(cache) == 150 and cache.nbytes == before[2]
+            continue
+        same_stored(cache, fewer)
+        counts = ("appended", "held", "k_quantized", "v_quantized", "k_residual", "nbytes")
+        assert [cache.stats()[c] for c in counts] == [fewer.stats()[c] for c in counts]
+        np.testing.assert_array_equal(cache.keys(), before[0][:, :length])
+        cache.append(k[:, length:160], v[:, length:160])  # and appends on
+        longer = kvq.KVCache(4, 64, config)
+        longer.append(k[:, :160], v[:, :160])
+        same_stored(cache, longer)
+    # per-token schemes without a residual truncate anywhere
+    if name == "original-8bit":
+        cache = kvq.KVCache(4, 64, config)
+        cache.append(k, v)
+        cache.truncate(77)
+        assert len(cache) == 77
+
+
+def test_truncate_refuses_what_the_window_dropped(layer):
+    k, v = layer
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.original(), window=16, max_queries=4)
+    cache.append(k[:, :19], v[:, :19])
+    cache.truncate(17)  # nothing dropped yet (19 + 4 - 1 tokens kept)
+    assert len(cache) == cache.held == 17
+    cache.append(k[:, 17:100], v[:, 17:100])
+    # as transformers' sliding layers, a full window cannot roll back: 99 tokens would
+    # hold position 80, which the ring already dropped
+    with pytest.raises(ValueError, match="window already dropped"):
+        cache.truncate(99)
+    with pytest.raises(ValueError, match="exceeds the 100 tokens"):
+        cache.truncate(101)
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        cache.truncate(-1)
+    assert len(cache) == 100 and int(cache.positions[0]) == 81
+
+
+# --- copies ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", [copy.copy, copy.deepcopy])
+def test_copies_are_deep(layer, how):
+    k, v = layer
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.q4())
+    cache.append(k[:, :70], v[:, :70])
+    twin = how(cache)
+    assert twin._lock is not cache._lock
+    assert twin._k.store["codes"] is not cache._k.store["codes"]
+    same_stored(twin, cache)
+    twin.append(k[:, 70:], v[:, 70:])
+    assert len(cache) == 70 and len(twin) == 203
+    reference = kvq.KVCache(4, 64, kvq.QuantConfig.q4())
+    reference.append(k[:, :70], v[:, :70])
+    same_stored(cache, reference)  # the original did not move
+
+
+def test_pool_backed_copies_take_storage_from_the_pool(layer):
+    k, v = layer
+    pool = kvq.MemoryPool(1 << 22)
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.q4(), pool=pool, window=32)
+    cache.append(k[:, :100], v[:, :100])
+    live = pool.stats()["live"]
+    twin = copy.copy(cache)
+    assert pool.stats()["live"] == 2 * live
+    assert twin.pool is pool and twin._k.pool is pool
+    same_stored(twin, cache)
+    before = cache.keys()
+    twin.append(k[:, 100:140], v[:, 100:140])
+    np.testing.assert_array_equal(cache.keys(), before)
+    assert len(cache) == 100 and len(twin) == 140
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(cache)
+    model_copy = copy.deepcopy(kvq.ModelKVCache(small_model(), pool=pool))
+    assert model_copy[0].pool is pool
+    del twin, model_copy
+    gc.collect()
+    assert pool.stats()["live"] == live

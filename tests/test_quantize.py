@@ -105,7 +105,7 @@ def kvq_attention(q, k, v):
 
 def test_rotate_round_trip_and_error_norm():
     k, _ = kv_layer(2, 64, 64, seed=1)
-    qt = kvq.quantize(k, 4, 32, rotate=0)
+    qt = kvq.quantize(k, 4, 32, rotate=True)
     assert_dequantized_close(k, qt)  # per coordinate in the rotated basis
     got = qt.dequantize()
     rotated = k @ hadamard_rotation(64, 0)
@@ -139,10 +139,12 @@ def test_bits_per_element_by_hand(kwargs, shape, expected):
 def test_nominal_bits_per_element_of_schemes_and_presets():
     assert kvq.Scheme(4, 32, double_quant=True).nominal_bits_per_element == 4.5
     assert kvq.Scheme(8, 32).nominal_bits_per_element == 10
-    assert kvq.QuantConfig.kivi(bits=2).bits_per_element == 3.0
-    assert kvq.QuantConfig.q8().bits_per_element == 8.5
-    assert kvq.QuantConfig.q4().bits_per_element == 4.5
-    assert kvq.QuantConfig.mlx(4, 64).bits_per_element == 4.5
+    assert kvq.QuantConfig.kivi(bits=2).nominal_bits_per_element == 3.0
+    assert kvq.QuantConfig.q8().nominal_bits_per_element == 8.5
+    assert kvq.QuantConfig().nominal_bits_per_element == 8.5  # the default is q8
+    assert kvq.QuantConfig.q4().nominal_bits_per_element == 4.5
+    assert kvq.QuantConfig.mlx(4, 64).nominal_bits_per_element == 4.5
+    assert kvq.QuantConfig.original().nominal_bits_per_element == 10
     assert SUPER_GROUPS == 8
 
 
@@ -169,11 +171,11 @@ def test_invalid_arguments(kwargs, error, message):
 
 def test_rotation_needs_power_of_two_last_axis_and_finite_values():
     with pytest.raises(ValueError, match="power of two long, got 48"):
-        kvq.quantize(np.zeros((2, 48), np.float32), rotate=0)
+        kvq.quantize(np.zeros((2, 48), np.float32), rotate=True)
     x = np.zeros((2, 64), np.float32)
     x[1, 5] = np.nan
     with pytest.raises(ValueError, match=r"flat index 69 \(position \(1, 5\)\)"):
-        kvq.quantize(x, rotate=0)
+        kvq.quantize(x, rotate=True)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"double_quant": True}, {"search": True}])
@@ -196,7 +198,7 @@ def test_scheme_and_repr():
     x = np.random.default_rng(1).standard_normal((2, 64, 32)).astype(np.float32)
     qt = scheme.quantize(x)
     assert qt.scheme == scheme
-    assert "int4 g32 per-channel dq" in repr(qt)
+    assert "int4 g32 axis-2 dq" in repr(qt)
     assert qt.dtype == np.float32 and qt.shape == x.shape
     np.testing.assert_array_equal(qt.codes, kvq.quantize(x, scheme=scheme).codes)
 

@@ -22,9 +22,9 @@ SCHEMES = {
     "int2 float16": {"bits": 2, "scale_dtype": "float16"},
     "int4 double_quant": {"bits": 4, "double_quant": True},
     "int8 double_quant per-channel": {"bits": 8, "axis": -2, "double_quant": True},
-    "int4 rotated": {"bits": 4, "rotate": 0},
+    "int4 rotated": {"bits": 4, "rotate": True},
     "int3 searched": {"bits": 3, "search": True},
-    "q4 keys": {"bits": 4, "axis": -2, "rotate": 0, "double_quant": True, "search": True},
+    "q4 keys": {"bits": 4, "axis": -2, "rotate": True, "double_quant": True, "search": True},
 }
 
 
@@ -76,7 +76,7 @@ def test_bound_is_half_a_step():
 
 def test_rotated_schemes_are_checked_in_the_rotated_basis():
     k, _ = kv_layer(2, 16, 64, seed=4)
-    qt = kvq.quantize(k, 4, 32, rotate=3)
+    qt = kvq.quantize(k, 4, 32, rotate=True, seed=3)
     assert_dequantized_close(k, qt)
     codes = qt.codes.copy()
     codes[(1 * 16 + 2) * 64 // 2 + 10] ^= 0xFF  # both 4-bit codes of (x @ R)[1, 2, 20:22]
@@ -162,7 +162,7 @@ def test_dequantized_close_holds_at_any_magnitude(x, magnitude, data):
             bits=data.draw(st.sampled_from([2, 3, 4, 8])),
             group_size=data.draw(st.integers(1, 40)),
             axis=data.draw(st.integers(-x.ndim, x.ndim - 1)),
-            rotate=data.draw(st.sampled_from([None, 1])) if power_of_two else None,
+            rotate=data.draw(st.booleans()) if power_of_two else False,
             search=data.draw(st.booleans()),
         )
     except ValueError:  # a rotation near float32's limit may widen a group past 2**127

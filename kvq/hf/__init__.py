@@ -15,7 +15,7 @@ try:
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError(
         f"kvq.hf needs torch and transformers ({error}); install them with the 'hf' extra: "
-        "pip install 'kvq[hf]'"
+        "pip install 'kvq-numba[hf]' (or '.[hf]' from a checkout)"
     ) from error
 
 from kvq.hf.attention import kvq_attention, kvq_mask

@@ -11,13 +11,15 @@ import numpy as np
 from numba import njit, types
 from numba.extending import intrinsic
 
+from kvq import _format
+
 # Order-preserving int32 keys of the float32 extremes: every finite value's key lies strictly
 # between these two; NaNs (either sign) and infinities fall on or outside them.
 KEY_NEG_INF = np.int32(-0x7F800001)  # key(-inf)
 KEY_POS_INF = np.int32(0x7F800000)  # key(+inf)
 
 F32_MIN_NORMAL = np.float32(2.0**-126)
-FLOAT16_MAX = np.float32(65504.0)
+FLOAT16_MAX = np.float32(_format.FLOAT16_MAX)
 
 
 @intrinsic

@@ -26,6 +26,7 @@ the per-8-group steps.
 import numpy as np
 from numba import njit, prange
 
+from kvq._format import MIN_OFFSET, SUB_BITS, SUB_LEVELS, SUPER_GROUPS
 from kvq.kernels._floatbits import bits_to_float, half_bits_to_float
 from kvq.kernels._tiles import scores_tile, values_tile
 from kvq.kernels._unpack import (
@@ -40,7 +41,6 @@ from kvq.kernels._unpack import (
 _BITS, _PER_CHANNEL, _GROUP, _CHUNK, _FIRST, _CHUNKS, _SLOTS, _DQ, _HALF, _RES, _HEADS, _DIM = (
     range(12)
 )
-_SUPER = 8
 _NEG_INF = np.float32(-np.inf)
 
 
@@ -154,10 +154,10 @@ def _f32_at(row, index):
 def _params(layout, slot, group, p0, p1, p2, p3):
     """(scale, min) float32 of ``group`` in chunk ``slot`` of a stream (params as bytes)."""
     if layout[_DQ]:
-        sc = _code(p0[slot], group, 6)
-        mc = _code(p1[slot], group, 6) - 32
-        d = _f16_at(p2[slot], group // _SUPER)
-        dmin = _f16_at(p3[slot], group // _SUPER)
+        sc = _code(p0[slot], group, SUB_BITS)
+        mc = _code(p1[slot], group, SUB_BITS) - MIN_OFFSET
+        d = _f16_at(p2[slot], group // SUPER_GROUPS)
+        dmin = _f16_at(p3[slot], group // SUPER_GROUPS)
         return np.float32(d * np.float32(sc)), np.float32(dmin * np.float32(mc))
     if layout[_HALF]:
         return _f16_at(p0[slot], group), _f16_at(p1[slot], group)
@@ -250,7 +250,7 @@ def _dequantize_chunk_keys(
     per_channel = chunk // token_group
     code_row = codes[slot]
     bits = layout[_BITS]
-    if layout[_DQ] and per_channel == 1 and dim % _SUPER == 0:
+    if layout[_DQ] and per_channel == 1 and dim % SUPER_GROUPS == 0:
         # all of the head's channel params at once: 6-bit codes unpacked as runs
         base = head * dim
         if dim % RUN == 0:  # the 6-bit codes as float vectors
@@ -258,14 +258,14 @@ def _dequantize_chunk_keys(
                 unpack_affine_32_6(p0[slot], base + at, 1.0, 0.0, channel_scales, at)
                 unpack_affine_32_6(p1[slot], base + at, 1.0, 0.0, channel_mins, at)
         else:
-            _unpack_run(p0[slot], base, dim, 6, channel_scales)
-            _unpack_run(p1[slot], base, dim, 6, channel_mins)
-        for first in range(0, dim, _SUPER):
-            step = _f16_at(p2[slot], (base + first) // _SUPER)
-            step_min = _f16_at(p3[slot], (base + first) // _SUPER)
-            for j in range(first, first + _SUPER):
+            _unpack_run(p0[slot], base, dim, SUB_BITS, channel_scales)
+            _unpack_run(p1[slot], base, dim, SUB_BITS, channel_mins)
+        for first in range(0, dim, SUPER_GROUPS):
+            step = _f16_at(p2[slot], (base + first) // SUPER_GROUPS)
+            step_min = _f16_at(p3[slot], (base + first) // SUPER_GROUPS)
+            for j in range(first, first + SUPER_GROUPS):
                 channel_scales[j] = step * channel_scales[j]
-                channel_mins[j] = step_min * (channel_mins[j] - np.float32(32.0))
+                channel_mins[j] = step_min * (channel_mins[j] - np.float32(MIN_OFFSET))
         if chunk == RUN and bits in (2, 3, 4, 8):
             for d in range(dim):
                 _affine_run(
@@ -324,18 +324,18 @@ def _dequantize_token_values(layout, codes, p0, p1, p2, p3, head, first, count, 
     fast_params = layout[_DQ] != 0 and groups == 2 and dim == 2 * group
     if fast_params and group == RUN and bits in (2, 3, 4, 8):  # GPT-OSS q8/q4: vector unpacking
         pair = head * 2
-        bit = pair * 6
+        bit = pair * SUB_BITS
         byte, shift = bit >> 3, bit & 7
         for t in range(count):
             sc_row, mc_row = p0[slot], p1[slot]
             sc_pair = (np.int32(sc_row[byte]) | (np.int32(sc_row[byte + 1]) << 8)) >> shift
             mc_pair = (np.int32(mc_row[byte]) | (np.int32(mc_row[byte + 1]) << 8)) >> shift
-            step = _f16_at(p2[slot], pair // _SUPER)
-            step_min = _f16_at(p3[slot], pair // _SUPER)
+            step = _f16_at(p2[slot], pair // SUPER_GROUPS)
+            step_min = _f16_at(p3[slot], pair // SUPER_GROUPS)
             row = values[t]
             for g in range(2):
-                s = step * np.float32((sc_pair >> (6 * g)) & 63)
-                m = step_min * np.float32(((mc_pair >> (6 * g)) & 63) - 32)
+                s = step * np.float32((sc_pair >> (SUB_BITS * g)) & SUB_LEVELS)
+                m = step_min * np.float32(((mc_pair >> (SUB_BITS * g)) & SUB_LEVELS) - MIN_OFFSET)
                 _affine_run(codes[slot], head * dim + g * RUN, bits, s, m, row, g * RUN)
             slot += 1
             if slot == slots:
@@ -346,16 +346,16 @@ def _dequantize_token_values(layout, codes, p0, p1, p2, p3, head, first, count, 
         _unpack_run(codes[slot], head * dim, dim, bits, row)
         if fast_params:  # both groups' 6-bit codes in one 16-bit read, one shared step
             pair = head * 2
-            bit = pair * 6
+            bit = pair * SUB_BITS
             sc_row, mc_row = p0[slot], p1[slot]
             byte, shift = bit >> 3, bit & 7
             sc_pair = (np.int32(sc_row[byte]) | (np.int32(sc_row[byte + 1]) << 8)) >> shift
             mc_pair = (np.int32(mc_row[byte]) | (np.int32(mc_row[byte + 1]) << 8)) >> shift
-            step = _f16_at(p2[slot], pair // _SUPER)
-            step_min = _f16_at(p3[slot], pair // _SUPER)
+            step = _f16_at(p2[slot], pair // SUPER_GROUPS)
+            step_min = _f16_at(p3[slot], pair // SUPER_GROUPS)
             for g in range(2):
-                s = step * np.float32((sc_pair >> (6 * g)) & 63)
-                m = step_min * np.float32(((mc_pair >> (6 * g)) & 63) - 32)
+                s = step * np.float32((sc_pair >> (SUB_BITS * g)) & SUB_LEVELS)
+                m = step_min * np.float32(((mc_pair >> (SUB_BITS * g)) & SUB_LEVELS) - MIN_OFFSET)
                 part = row[g * half : (g + 1) * half]
                 for d in range(half):
                     part[d] = m + s * part[d]

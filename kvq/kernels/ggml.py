@@ -21,6 +21,7 @@ them to float16 in NumPy and writes the block headers. Kernels take arrays and s
 import numpy as np
 from numba import njit, prange
 
+from kvq._format import FLOAT32_MAX
 from kvq.kernels._floatbits import half_bits_to_float
 
 Q8_0 = 0
@@ -30,7 +31,7 @@ BLOCK = 32
 HEADER = (2, 2, 4)  # bytes before the codes, by kind
 TYPE_SIZE = (34, 18, 20)  # bytes per block, by kind
 
-_F32_MAX = np.float32(3.4028234663852886e38)
+_F32_MAX = np.float32(FLOAT32_MAX)
 _I32_LIMIT = np.float32(2.0**31)
 
 

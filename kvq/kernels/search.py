@@ -11,6 +11,7 @@ so the search never makes a group worse.
 import numpy as np
 from numba import njit, prange
 
+from kvq._format import MIN_OFFSET, SUB_LEVELS
 from kvq.kernels._floatbits import float16_round_down, float16_round_up
 
 _SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
@@ -117,10 +118,10 @@ def refine_subcodes(
         best_sc, best_mc = scale_codes[b], min_codes[b]
         best_sc_new, best_mc_new = best_sc, best_mc
         best_error = np.inf
-        for sc in range(max(best_sc - 1, 0), min(best_sc + 1, 63) + 1):
-            for mc in range(max(best_mc - 1, 0), min(best_mc + 1, 63) + 1):
+        for sc in range(max(best_sc - 1, 0), min(best_sc + 1, SUB_LEVELS) + 1):
+            for mc in range(max(best_mc - 1, 0), min(best_mc + 1, SUB_LEVELS) + 1):
                 scale = np.float32(step_scale[b] * sc)
-                lowest = np.float32(step_min[b] * (mc - 32))
+                lowest = np.float32(step_min[b] * (mc - MIN_OFFSET))
                 error = _squared_error(block, count, scale, lowest, levels)
                 if error < best_error:
                     best_error, best_sc_new, best_mc_new = error, sc, mc

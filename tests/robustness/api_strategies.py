@@ -105,7 +105,7 @@ def half_scale_bound(x32: np.ndarray, qt: kvq.QuantizedTensor) -> np.ndarray:
     ids = group_ids(qt.shape, qt.axis, qt.scheme.group_size)
     largest = np.zeros(int(ids.max()) + 1 if ids.size else 0)
     np.maximum.at(largest, ids.reshape(-1), np.abs(x32.astype(np.float64)).reshape(-1))
-    grid = np.maximum(np.abs(low), np.abs(low + qt.scheme.levels * scale))
+    grid = np.maximum(np.abs(low), np.abs(low + qt.scheme.max_code * scale))
     return scale / 2 + 1e-6 * np.maximum(largest[ids], grid) + 2.0**-140
 
 
@@ -135,7 +135,8 @@ def schemes(draw, head_dim: int, rotate: int | None = None) -> kvq.Scheme:
         group_size=group_size,
         axis=axis,
         scale_dtype=draw(st.sampled_from(["float32", "float16"])),
-        rotate=rotate,
+        rotate=rotate is not None,
+        seed=rotate or 0,
         double_quant=draw(st.booleans()),
         search=draw(st.booleans()),
     )
@@ -199,7 +200,8 @@ def cache_setups(
         residual=draw(st.sampled_from([0, 0, 1, 3, 6])),
     )
     if not chunk_possible(config, heads, head_dim):  # documented ValueError; not this test's
-        config = kvq.QuantConfig(residual=config.residual, rotate=rotate)
+        plain = kvq.Scheme(rotate=rotate is not None, seed=rotate or 0)  # 8-bit per token
+        config = kvq.QuantConfig(k=plain, v=plain, residual=config.residual)
     steps = draw(st.lists(st.integers(1, 12), min_size=1, max_size=8))
     while sum(steps) > max_tokens:
         steps.pop()

@@ -242,7 +242,7 @@ JUNK = st.one_of(
 @settings(max_examples=50, deadline=None)
 @given(
     field=st.sampled_from(
-        ["bits", "group_size", "axis", "scale_dtype", "rotate", "double_quant", "search"]
+        ["bits", "group_size", "axis", "scale_dtype", "rotate", "double_quant", "search", "seed"]
     ),
     junk=JUNK,
 )
@@ -251,16 +251,20 @@ def test_junk_scheme_arguments_raise_type_or_value_error(field, junk):
     ValueError (the documented kinds), never another exception, before touching data."""
     x = np.linspace(-1, 1, 64, dtype=np.float32).reshape(2, 4, 8)
     before = x.copy()
+    if junk is None:  # kvq.quantize's keywords take None as "Scheme's default"
+        assert kvq.quantize(x, **{field: None}).scheme == kvq.Scheme()
     try:
         scheme = kvq.Scheme(**{field: junk})
     except (TypeError, ValueError):
-        with pytest.raises((TypeError, ValueError)):
-            kvq.quantize(x, **{field: junk})
+        if junk is not None:
+            with pytest.raises((TypeError, ValueError)):
+                kvq.quantize(x, **{field: junk})
         np.testing.assert_array_equal(x, before)
         return
-    for name in ("bits", "group_size", "rotate"):  # what was accepted is a valid int
+    for name in ("bits", "group_size", "seed"):  # what was accepted is a valid int
         value = getattr(scheme, name)
-        assert value is None or (type(value) is int and value >= 0)
+        assert type(value) is int and value >= 0
+    assert type(scheme.rotate) is bool
     try:
         qt = kvq.quantize(x, scheme=scheme)
     except ValueError:  # e.g. an axis out of range for x

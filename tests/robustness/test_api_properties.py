@@ -104,7 +104,7 @@ def test_rotated_error_within_the_bound_in_l2_norm_per_row(xm, seed, bits, group
     x, magnitude = xm
     axis = data.draw(st.integers(-x.ndim, x.ndim - 1), label="axis")
     double_quant = magnitude <= 1e4 and data.draw(st.booleans(), label="double_quant")
-    qt = kvq.quantize(x, bits, group_size, axis, rotate=seed, double_quant=double_quant)
+    qt = kvq.quantize(x, bits, group_size, axis, rotate=True, seed=seed, double_quant=double_quant)
     got = qt.dequantize()
     assert got.shape == x.shape and got.dtype == np.float32
     rotated = kvq.rotation.rotate(x, seed)
@@ -199,7 +199,7 @@ def test_kvcache_holds_each_chunk_as_quantize_would_and_residual_exactly(setup):
             tokens = source[:, first + at : first + at + chunks[name]]
             qt = kvq.quantize(tokens, scheme=scheme)
             expected[:, at : at + chunks[name]] = qt.dequantize()
-            if scheme.rotate is None and not scheme.search:
+            if not scheme.rotate and not scheme.search:
                 assert np.all(
                     np.abs(qt.dequantize().astype(np.float64) - tokens)
                     <= half_scale_bound(tokens, qt)
@@ -211,7 +211,7 @@ def test_kvcache_holds_each_chunk_as_quantize_would_and_residual_exactly(setup):
         codes_read = max(held - residual, 0)  # tokens of those that were quantized
         np.testing.assert_array_equal(got[:, :codes_read], expected[:, :codes_read])
         tail, want = got[:, codes_read:], expected[:, codes_read:]
-        if scheme.rotate is None:
+        if not scheme.rotate:
             np.testing.assert_array_equal(tail, want)
         else:  # the residual waits rotated: unrotating rounds
             atol = 1e-5 * max(float(np.abs(want).max(initial=0)), 1e-30)

@@ -25,7 +25,7 @@ def test_rss_reading_follows_memory_touched():
 
 
 def test_windowed_cache_memory_is_flat_and_codes_stay_right():
-    cache = kvq.KVCache(8, 64, kvq.QuantConfig(), window=1024)
+    cache = kvq.KVCache(8, 64, kvq.QuantConfig.original(), window=1024)
     tokens = long_run.Tokens(8, 64, keep=1024 + 128)
     run = long_run.stream(cache, tokens, 20_000, warmup=5_000, samples=3)
     # RSS after the warm-up (the ring is full by then) and at the end: a leak of 100 bytes per
@@ -37,7 +37,7 @@ def test_windowed_cache_memory_is_flat_and_codes_stay_right():
     long_run.stream(cache, tokens, 5_000, warmup=5_000, samples=1)
     assert sys.getallocatedblocks() - blocks < 100  # one leaked object per append: 5,000
     assert len(cache) == 25_000 and cache.held == 1024
-    fresh = kvq.KVCache(8, 64, window=1024)
+    fresh = kvq.KVCache(8, 64, kvq.QuantConfig.original(), window=1024)
     assert cache.stats()["reserved_nbytes"] == fresh.stats()["reserved_nbytes"]  # never grew
     check = long_run.check_cache(cache, tokens)
     assert check["first"] == 25_000 - 1024 and check["end"] == 25_000
@@ -64,7 +64,7 @@ def test_chunked_schemes_stay_exact_over_many_wraps(config):
 
 
 def test_checks_catch_a_corrupted_code():
-    cache = kvq.KVCache(8, 64, kvq.QuantConfig(), window=64)
+    cache = kvq.KVCache(8, 64, kvq.QuantConfig.original(), window=64)
     tokens = long_run.Tokens(8, 64, keep=64 + 128)
     long_run.stream(cache, tokens, 500, warmup=500, samples=1)
     assert long_run.check_cache(cache, tokens)["same_as_fresh"]

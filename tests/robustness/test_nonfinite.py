@@ -16,7 +16,7 @@ SCHEMES = {
     "per-channel": kvq.Scheme(4, 32, axis=-2),
     "double-quant": kvq.Scheme(4, 32, double_quant=True),
     "search": kvq.Scheme(3, 32, search=True),
-    "rotated": kvq.Scheme(8, 32, rotate=3),
+    "rotated": kvq.Scheme(8, 32, rotate=True, seed=3),
     "float16-scales": kvq.Scheme(2, 16, scale_dtype="float16"),
 }
 
@@ -91,7 +91,7 @@ def test_blockwise_cache_names_the_tensor_and_leaves_the_pool(value, bad):
 # --- KVCache.append and ModelKVCache.append ---------------------------------------------------
 
 CACHES = {
-    "default": (kvq.QuantConfig(), None),
+    "default": (kvq.QuantConfig.original(), None),
     "q4-rotated-per-channel": (kvq.QuantConfig.q4(), None),
     "kivi-residual": (
         kvq.QuantConfig.kivi(2, residual=16),
@@ -155,7 +155,7 @@ def test_append_names_head_token_position_channel_and_changes_nothing(name, valu
 UNSTORABLE = {  # config, which tensor, the value, what the message says
     "float16-scales-in-residual": (kvq.QuantConfig.kivi(4, 8, residual=2), "k", 1e5, "65504"),
     "double-quant": (kvq.QuantConfig.q8(), "v", 3e6, r"2\.09613e\+06"),
-    "float32-group-range": (kvq.QuantConfig(), "v", 1e38, r"8\.50706e\+37"),
+    "float32-group-range": (kvq.QuantConfig.original(), "v", 1e38, r"8\.50706e\+37"),
 }
 
 
@@ -336,6 +336,7 @@ def test_integer_arguments_refuse_nan_and_inf(value):
         "bits": lambda: kvq.Scheme(bits=value),
         "group_size": lambda: kvq.quantize(x, group_size=value),
         "rotate": lambda: kvq.Scheme(rotate=value),
+        "seed": lambda: kvq.Scheme(rotate=True, seed=value),
         "residual": lambda: kvq.QuantConfig(residual=value),
         "block_size": lambda: kvq.QuantizedKVCache.quantize(x, x, block_size=value),
         "start and end": lambda: kvq.QuantizedKVCache.quantize(x, x).dequant_k(value),

@@ -23,7 +23,7 @@ from kvq.synthetic import kv_layer
 
 THREADS = 4
 CONFIGS = {
-    "default": (kvq.QuantConfig(), None),
+    "default": (kvq.QuantConfig.original(), None),
     "q4-window": (kvq.QuantConfig.q4(), 96),
     "kivi-residual": (kvq.QuantConfig.kivi(2, residual=16), None),
 }
@@ -93,7 +93,7 @@ def test_quantize_concurrently_equals_serial():
     rng = np.random.default_rng(5)
     schemes = [
         kvq.Scheme(8, 32),
-        kvq.Scheme(4, 32, axis=-2, rotate=0, double_quant=True, search=True),
+        kvq.Scheme(4, 32, axis=-2, rotate=True, double_quant=True, search=True),
         kvq.Scheme(3, 64, scale_dtype="float16"),
         kvq.Scheme(2, 32, double_quant=True),
     ]
@@ -161,7 +161,9 @@ def tagged(tag: float, tokens: int = 1) -> np.ndarray:
 
 
 def test_shared_cache_appends_from_threads_are_atomic_and_complete():
-    cache = kvq.KVCache(2, 64)  # 8-bit per token: constant rows come back exactly
+    cache = kvq.KVCache(
+        2, 64, kvq.QuantConfig.original()
+    )  # 8-bit per token: constant rows come back exactly
     steps = 60
 
     def writer(thread):
@@ -190,7 +192,7 @@ def test_shared_cache_appends_from_threads_are_atomic_and_complete():
         at += tokens
     assert all(steps_seen == list(range(steps)) for steps_seen in seen.values())
     # and the cache is exactly what one thread appending in that order would have built
-    serial = kvq.KVCache(2, 64)
+    serial = kvq.KVCache(2, 64, kvq.QuantConfig.original())
     at = 0
     while at < total:
         thread, step = divmod(round(ids[at]), 1000)
@@ -430,7 +432,7 @@ WORKQUEUE_PROBE = textwrap.dedent(
 
     def work(i):
         x = tensors[i]
-        out = [kvq.quantize(x, bits=4, axis=-2, rotate=0, double_quant=True).dequantize()]
+        out = [kvq.quantize(x, bits=4, axis=-2, rotate=True, double_quant=True).dequantize()]
         cache = kvq.KVCache(8, 64, kvq.QuantConfig.q4())
         cache.append(x[:, :200], x[:, :200])
         for t in range(200, 256):
