@@ -30,9 +30,11 @@ import numpy as np
 
 from kvq.scheme import QuantConfig
 
-#: kvq presets by name.
+#: kvq presets by name ('default' is ``QuantConfig()``, which is q8; 'original' the design's
+#: 8-bit per-token scheme at 10 bits per element).
 PRESETS: dict[str, Callable[[], QuantConfig]] = {
     "default": QuantConfig,
+    "original": QuantConfig.original,
     "q8": QuantConfig.q8,
     "q4": QuantConfig.q4,
     "q3": QuantConfig.q3,
@@ -404,7 +406,8 @@ def evaluate(
 
     model: a transformers causal LM on CPU in float32. tokenizer: its tokenizer (None when
     ``text`` is token ids). text: a string (its first ``context`` tokens are used) or token
-    ids. configs: kvq preset names ('q8', 'q4', 'q3', 'q2', 'default', 'kivi2', 'mlx4', ...),
+    ids. configs: kvq preset names ('q8', 'q4', 'q3', 'q2', 'default', 'original', 'kivi2',
+    'mlx4', ...),
     peer names ('q8_0', 'q4_0+had', 'mlx-4b-g64', 'quanto-4', 'hqq-2', ...; see
     :func:`peer_specs`), ``kvq.QuantConfig`` objects or :class:`CacheSpec` objects.
     context: tokens evaluated. chunk: tokens per forward call (decode order: the prompt is
