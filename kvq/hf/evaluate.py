@@ -407,9 +407,10 @@ def evaluate(
     model: a transformers causal LM on CPU in float32. tokenizer: its tokenizer (None when
     ``text`` is token ids). text: a string (its first ``context`` tokens are used) or token
     ids. configs: kvq preset names ('q8', 'q4', 'q3', 'q2', 'default', 'original', 'kivi2',
-    'mlx4', ...),
-    peer names ('q8_0', 'q4_0+had', 'mlx-4b-g64', 'quanto-4', 'hqq-2', ...; see
-    :func:`peer_specs`), ``kvq.QuantConfig`` objects or :class:`CacheSpec` objects.
+    'mlx4', ...), peer names ('q8_0', 'q4_0+had', 'mlx-4b-g64', 'quanto-4', 'hqq-2', ...;
+    see :func:`peer_specs`), ``kvq.QuantConfig`` objects or :class:`CacheSpec` objects. The
+    baseline runs under sdpa; kvq configs under "kvq"; the model's own attention
+    implementation is restored at the end.
     context: tokens evaluated. chunk: tokens per forward call (decode order: the prompt is
     fed chunk by chunk, the cache carried over). progress: a tqdm bar on stderr (None: when
     the run feeds at least 4,096 tokens in all and tqdm is installed).
