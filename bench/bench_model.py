@@ -55,7 +55,7 @@ PEER_QUALITY = [
     "hqq-4",
     "hqq-2",
 ]
-QUICK_QUALITY = ["q8", "q4", "original", "q8_0", "q4_0+had", "mlx-4b-g64", "quanto-4", "hqq-4"]
+QUICK_QUALITY = ["q8", "q4", "original", "q8_0", "q4_0+had", "mlx-4b-g64", "quanto-4"]
 # speed: label -> cache kind
 SPEED = {
     "DynamicCache fp32 (sdpa)": "float32",
