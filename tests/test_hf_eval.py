@@ -121,7 +121,7 @@ def test_kvq_presets_run_through_kvqcache(tiny_llama, ids):
     rows = ev.evaluate(tiny_llama, None, ids, ["q8", "q2", kvq.QuantConfig.mlx(4)], context=96)
     base, q8, q2, mlx = rows
     assert [q8.name, q2.name] == ["kvq q8", "kvq q2"]
-    assert mlx.name == "kvq int4 g64 per-token f16"
+    assert mlx.name == "kvq " + kvq.QuantConfig.mlx(4).k.describe()  # K and V alike
     assert tiny_llama.config._attn_implementation == "sdpa"  # switched back
     assert q8.kld < 1e-4 and q8.top1 >= 0.95 and q8.kld < q2.kld
     assert q8.bits_per_element == kvq.QuantConfig.q8().bits_per_element
