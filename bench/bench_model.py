@@ -20,6 +20,12 @@ faster than QuantizedCache at 4 bits; at 1K q4 <= 1.1x DynamicCache; q8 top-1 >=
 
     python bench/bench_model.py
     python bench/bench_model.py --quick   # 256 tokens of quality, decode at 256/1K: a smoke run
+    python bench/bench_model.py --skip-quality --decode 1024 8192 --prefill 256 --steps 3
+
+Run time on the 2-core machine shared by several processes (load average about 9,
+2026-12-01): --quick 25 min; the quality part at 1,024 tokens about 4 min per config (HQQ
+2-bit 17 min); the speed part at 1K and 8K with a 256-token prefill 4.5 min. A full run
+(22 configs at 1,024 and 4,096 tokens, 4K prefills) is hours there: run it on an idle machine.
 """
 
 from __future__ import annotations
