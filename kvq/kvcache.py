@@ -453,21 +453,43 @@ class KVCache:
         (K and V together: a decode step) run their kernels on the calling thread only.
         """
         with self._lock:
-            k_new = self._check("k", k)
-            v_new = self._check("v", v)
-            if k_new.shape != v_new.shape:
-                raise ValueError(
-                    f"k and v must have the same shape, got {k_new.shape} and {v_new.shape}"
-                )
-            if self.capacity is not None and len(self) + k_new.shape[1] > self.capacity:
-                raise CapacityError(
-                    f"appending {k_new.shape[1]} tokens to {len(self)} would pass this "
-                    f"cache's capacity of {self.capacity} tokens"
-                )
+            k_new, v_new = self._check_pair(k, v)
             if 2 * k_new.size <= SERIAL_VALUES:  # a decode step: no parallel launch
                 on_calling_thread(self._stage_and_commit, k_new, v_new)
             else:
                 self._stage_and_commit(k_new, v_new)
+
+    def check_append(self, k, v) -> None:
+        """Raise what :meth:`append` would raise for ``k`` and ``v`` (bad dtype, shape,
+        non-finite or unstorable values, capacity), appending nothing. Lets a caller that
+        appends to several caches check them all first."""
+        with self._lock:
+            k_new, v_new = self._check_pair(k, v)
+            for stream, new in ((self._k, k_new), (self._v, v_new)):
+                if stream.rotation_seed is None:
+                    continue
+                # the range after rotation, as stage() checks it; a rotation keeps each
+                # row's L2 norm, so rows within the limit in norm need no rotating here
+                norms = np.sqrt(np.einsum("htd,htd->ht", new, new, dtype=np.float64))
+                if float(norms.max()) <= stream.limit:
+                    continue
+                rotated = rotate(new, stream.rotation_seed)
+                if not float(np.abs(rotated).max()) <= stream.limit:
+                    stream.raise_out_of_range(rotated, rotated=True)
+
+    def _check_pair(self, k, v) -> tuple[np.ndarray, np.ndarray]:
+        k_new = self._check("k", k)
+        v_new = self._check("v", v)
+        if k_new.shape != v_new.shape:
+            raise ValueError(
+                f"k and v must have the same shape, got {k_new.shape} and {v_new.shape}"
+            )
+        if self.capacity is not None and len(self) + k_new.shape[1] > self.capacity:
+            raise CapacityError(
+                f"appending {k_new.shape[1]} tokens to {len(self)} would pass this "
+                f"cache's capacity of {self.capacity} tokens"
+            )
+        return k_new, v_new
 
     def _stage_and_commit(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
         staged_k = self._k.stage(k_new)

@@ -343,6 +343,8 @@ def test_misuse_is_refused(models):
         kvq.hf.KVQCache(meta)
     with pytest.raises(TypeError, match="QuantConfig"):
         kvq.hf.KVQCache(model, config="q4")
+    with pytest.raises(ValueError, match="max_queries must be >= 1"):
+        kvq.hf.KVQCache(model, max_queries=0)
     cache = kvq.hf.KVQCache(model)
     forward_chunks(model, cache, torch.ones(2, 4, dtype=torch.long), [4])
     with pytest.raises(ValueError, match="a batch of 1 rows"):
@@ -372,3 +374,76 @@ def test_registered_with_transformers():
     config = transformers.LlamaConfig(**SMALL, num_hidden_layers=1)
     model = transformers.LlamaForCausalLM._from_config(config, attn_implementation="kvq")
     assert model.config._attn_implementation == "kvq"
+
+
+def test_module_scaling_is_used(models, checker):
+    """A module scaling other than head_dim ** -0.5 reaches kvq.attention."""
+    model = models["llama"]
+    check = checker()
+    attention = model.model.layers[1].self_attn
+    attention.scaling = 0.37
+    try:
+        forward_chunks(model, kvq.hf.KVQCache(model), torch.ones(1, 6, dtype=torch.long), [6])
+    finally:
+        attention.scaling = attention.head_dim**-0.5
+    assert max(error for *_, error in check.errors) <= TOLERANCE
+    assert len(check.errors) == 2
+
+
+def test_window_convention_is_transformers():
+    """kvq's window (a query sees the last W positions, itself included) is the mask that
+    transformers builds for sliding layers: read which keys attention_reference averages
+    (zero queries, one-hot values) and compare with masking_utils' sliding causal mask."""
+    from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+
+    tokens, window = 12, 4
+    for t_q in (1, 5, 12):
+        q = np.zeros((1, t_q, tokens))
+        values = np.eye(tokens)[None]
+        seen = kvq.attention_reference(q, values, values, window=window)[0] > 0
+        mask = sdpa_mask(
+            batch_size=1, q_length=t_q, kv_length=tokens, q_offset=tokens - t_q,
+            mask_function=sliding_window_causal_mask_function(window),
+            allow_is_causal_skip=False,
+        )[0, 0].numpy()  # fmt: skip
+        np.testing.assert_array_equal(seen, mask)
+
+
+def test_gpt_oss_logits_equal_eager_when_nothing_is_quantized(models):
+    """With every token in the float32 residual (kivi(8, residual=64) on 24 tokens), the
+    whole kvq path (window-8 layers attended in pieces, sinks, GQA) gives transformers'
+    eager logits to float32 rounding; a window one position off moves them by 20%."""
+    model = models["gpt_oss"]
+    ids = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(11))
+    exact = kvq.QuantConfig.kivi(8, residual=64)
+    cache = kvq.hf.KVQCache(model, exact, max_queries=4)
+    logits = forward_chunks(model, cache, ids, [16, 3] + [1] * 5)[:, -1]
+    assert cache.kv(0).stats()["k_quantized"] == 0
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[:, -1]
+            model.config.sliding_window = 9  # off by one
+            shifted = model(input_ids=ids).logits[:, -1]
+    finally:
+        model.config.sliding_window = 8
+        model.set_attn_implementation("kvq")
+    scale = float(expected.abs().max())
+    assert float((logits - expected).abs().max()) <= 1e-5 * scale
+    assert float((shifted - expected).abs().max()) > 0.1 * scale
+
+
+def test_bad_states_leave_every_row_as_it_was(models):
+    model = models["llama"]
+    cache = kvq.hf.KVQCache(model)
+    forward_chunks(model, cache, torch.ones(2, 4, dtype=torch.long), [4])
+    k, v = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    k[1, 0, 0, 3] = float("nan")
+    key, value = cache.update(k, v, 0)
+    with pytest.raises(ValueError, match=r"layer 0, batch row 1: k has nan at head 0, token 0"):
+        hf_attention.kvq_attention(
+            model.model.layers[0].self_attn, torch.randn(2, 4, 1, 16), key, value, None
+        )
+    assert [len(cache.kv(0, row)) for row in range(2)] == [4, 4]
+    forward_chunks(model, cache, torch.ones(2, 1, dtype=torch.long), [1])  # and it goes on
+    assert cache.get_seq_length() == 5

@@ -518,3 +518,25 @@ def test_pool_backed_copies_take_storage_from_the_pool(layer):
     del twin, model_copy
     gc.collect()
     assert pool.stats()["live"] == live
+
+
+def test_check_append_raises_what_append_would(layer):
+    k, v = layer
+    config = kvq.QuantConfig(
+        k=kvq.Scheme(8, 32, axis=-2, scale_dtype="float16", rotate=True), v=kvq.Scheme()
+    )
+    cache = kvq.KVCache(4, 64, config)
+    cache.append(k[:, :10], v[:, :10])
+    big = k[:, 10:12].copy()
+    big[1, 0, :] = 60000.0  # storable as is, beyond +-65504 once rotated
+    bad_nan = v[:, 10:12].copy()
+    bad_nan[2, 1, 5] = np.nan
+    for args in ((big, v[:, 10:12]), (k[:, 10:12], bad_nan), (k[:, 10:12], v[:, 10:13])):
+        with pytest.raises(ValueError) as expected:
+            cache.append(*args)
+        with pytest.raises(ValueError) as checked:
+            cache.check_append(*args)
+        assert str(checked.value) == str(expected.value)
+    assert len(cache) == 10
+    cache.check_append(k[:, 10:12], v[:, 10:12])
+    assert len(cache) == 10

@@ -83,10 +83,14 @@ def kvq_attention(
         )
     q = query.detach().numpy()
     sinks = None if s_aux is None else s_aux.detach().to(torch.float64).numpy()
-    for name, array in (("query", q), ("key", k_new), ("value", v_new)):
-        if not np.isfinite(array).all():
-            raise ValueError(f"layer {index}: {name} states hold NaN or Inf")
+    if not np.isfinite(q).all():
+        raise ValueError(f"layer {index}: the query states hold NaN or Inf")
     caches = [row[index] for row in owner.rows]
+    for row, cache in enumerate(caches):  # every row checked before any appends
+        try:
+            cache.check_append(k_new[row], v_new[row])
+        except ValueError as error:
+            raise ValueError(f"layer {index}, batch row {row}: {error}") from None
     starts = _left_padding(attention_mask, batch, len(caches[0]) + tokens, index)
     out = np.empty((batch, heads, t_q, dim), np.float32)
     step = owner.max_queries if layer.is_sliding else t_q

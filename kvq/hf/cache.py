@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
+from kvq._validate import check_int
 from kvq.config import FULL, SLIDING, ModelConfig
 from kvq.kvcache import KVCache
 from kvq.model_cache import LayerConfigs, ModelKVCache
@@ -158,11 +159,7 @@ class KVQCache(Cache):
                 "config must be a kvq.QuantConfig or a callable (layer_idx, layer_type) -> "
                 f"QuantConfig, got {self.config!r}"
             )
-        if isinstance(max_queries, bool) or not isinstance(max_queries, int | np.integer):
-            raise TypeError(f"max_queries must be an integer, got {max_queries!r}")
-        if max_queries < 1:
-            raise ValueError(f"max_queries must be >= 1, got {max_queries}")
-        self.max_queries = int(max_queries)
+        self.max_queries = check_int("max_queries", max_queries)
         self.pool = pool
         self.rows: list[ModelKVCache] = []
         window = self.model_config.sliding_window
@@ -222,8 +219,8 @@ class KVQCache(Cache):
         )
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:
-        """(kv_length, kv_offset); ``query_length`` may also be the ``cache_position`` tensor
-        that transformers before 5.x's later releases passed."""
+        """(kv_length, kv_offset) for a forward of ``query_length`` new tokens (or of the
+        ``cache_position`` tensor that earlier 5.x releases passed instead)."""
         if isinstance(query_length, torch.Tensor):
             query_length = int(query_length.shape[0])
         return super().get_mask_sizes(query_length, layer_idx)
