@@ -20,8 +20,16 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 
 from kvq.hf.attention import kvq_attention, kvq_mask
 from kvq.hf.cache import ATTN_IMPLEMENTATION, KVQCache, model_config_of
+from kvq.hf.evaluate import evaluate  # the function; the module is sys.modules["kvq.hf.evaluate"]
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvq_attention)
 AttentionMaskInterface.register(ATTN_IMPLEMENTATION, kvq_mask)
 
-__all__ = ["ATTN_IMPLEMENTATION", "KVQCache", "kvq_attention", "kvq_mask", "model_config_of"]
+__all__ = [
+    "ATTN_IMPLEMENTATION",
+    "KVQCache",
+    "evaluate",
+    "kvq_attention",
+    "kvq_mask",
+    "model_config_of",
+]
