@@ -13,7 +13,8 @@ MLX cache formats.
   by kvq.hf.evaluate.fill_cache, then single-token forward steps, median), and the attention
   function's time per layer within a step; prefill time of 4K real tokens in one forward.
 - Memory: cache bytes and process peak-RSS growth (VmHWM, reset through
-  /proc/self/clear_refs) while filling the cache to 8K and decoding.
+  /proc/self/clear_refs) while filling the cache to 8K and decoding one step, each cache in
+  a new process (which loads the model first).
 
 Targets: decode at 8K with KVQCache q4 <= 0.67x DynamicCache, q8 <= 0.8x, q4 at least 10x
 faster than QuantizedCache at 4 bits; at 1K q4 <= 1.1x DynamicCache; q8 top-1 >= 99%.
@@ -33,7 +34,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -189,6 +192,26 @@ def prefill_seconds(model, kind: str, ids) -> float:
     return seconds
 
 
+def rss_in_fresh_process(kind: str, context: int) -> float:
+    """Peak-RSS growth (MiB) of filling a ``kind`` cache to ``context`` and one decode step,
+    measured in a new process (in this one, memory freed by earlier runs is reused)."""
+    command = [sys.executable, __file__, "--memory-child", kind, str(context)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return float(json.loads(line)["rss_growth_mib"])
+    return math.nan
+
+
+def memory_child(kind: str, context: int) -> None:
+    """--memory-child: load the model, run decode_run once, print its figures as JSON."""
+    import kvq.hf  # noqa: F401  (registers attention "kvq")
+    from kvq.hf.models import load_model
+
+    model, _ = load_model()
+    print(json.dumps(decode_run(model, kind, context, 1)))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
@@ -199,7 +222,13 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", help="quality configs (default: all)")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
+    parser.add_argument(
+        "--memory-child", nargs=2, metavar=("KIND", "TOKENS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
+    if args.memory_child:
+        memory_child(args.memory_child[0], int(args.memory_child[1]))
+        return
     quick = args.quick
     contexts = args.contexts or ([256] if quick else [1024, 4096])
     decode_contexts = args.decode or ([256, 1024] if quick else [1024, 4096, 8192])
@@ -258,6 +287,8 @@ def main() -> None:
             try:
                 for context in decode_contexts:
                     results[label, context] = decode_run(model, kind, context, steps)
+                last_run = results[label, decode_contexts[-1]]
+                last_run["rss_growth_mib"] = rss_in_fresh_process(kind, decode_contexts[-1])
                 prefill_s[label] = prefill_seconds(model, kind, ids)
             except Exception as error:  # a missing backend is reported, not fatal
                 lines.append(f"- SKIP {label}: {type(error).__name__}: {error}")
