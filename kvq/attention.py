@@ -80,9 +80,10 @@ def attention(
 
 
 # Calls of at most this many elements of work (2 x held tokens x kv_heads x head_dim, times
-# query rows per KV head over 8) run on the calling thread: at 128 tokens a parallel launch
-# costs more than it saves, and on a loaded machine it waits for every worker thread.
-SERIAL_WORK = 1 << 17
+# query rows per KV head over 8) run on the calling thread: below it (about 0.1-0.2 ms of
+# work, GPT-OSS's shape at 512 tokens) a parallel launch costs more than it saves, and on a
+# loaded machine it waits for every worker thread to be scheduled (milliseconds).
+SERIAL_WORK = 1 << 19
 
 
 def _attend_all(view, queries, group, sinks, causal, start, threads) -> np.ndarray:

@@ -180,22 +180,63 @@ def _f32_at(row, index):
     return bits_to_float(np.int32(bits))
 
 
+class _Flat(NamedTuple):
+    """A StreamView's arrays as flat 1-D views with their row lengths (in their own units):
+    hot loops index them without slicing, since every Numba slice is an atomic incref and
+    decref (measured with perf: a quarter of the time when rows were sliced per token)."""
+
+    codes: np.ndarray
+    p0: np.ndarray
+    p1: np.ndarray
+    p2: np.ndarray
+    p3: np.ndarray
+    codes_row: int  # codes per slot row
+    param_row: int  # params of p0/p1 per slot row (6-bit codes, float16 or float32 values)
+    step_row: int  # float16 steps of p2/p3 per slot row
+
+
 @njit(inline="always")
-def _params(view, slot, group):
+def _flat(view):
+    """The :class:`_Flat` of a StreamView."""
+    if view.double_quant:
+        param_row = view.p0.shape[1] * 8 // SUB_BITS
+    elif view.half:
+        param_row = view.p0.shape[1] // 2
+    else:
+        param_row = view.p0.shape[1] // 4
+    return _Flat(
+        view.codes.reshape(view.codes.size),
+        view.p0.reshape(view.p0.size),
+        view.p1.reshape(view.p1.size),
+        view.p2.reshape(view.p2.size),
+        view.p3.reshape(view.p3.size),
+        view.codes.shape[1] * 8 // view.bits,
+        param_row,
+        view.p2.shape[1] // 2,
+    )
+
+
+@njit(inline="always")
+def _params(view, flat, slot, group):
     """(scale, min) float32 of ``group`` in chunk ``slot`` of a stream (params as bytes)."""
     if view.double_quant:
-        sc = _code(view.p0[slot], group, SUB_BITS)
-        mc = _code(view.p1[slot], group, SUB_BITS) - MIN_OFFSET
-        d = _f16_at(view.p2[slot], group // SUPER_GROUPS)
-        dmin = _f16_at(view.p3[slot], group // SUPER_GROUPS)
+        at = slot * flat.param_row + group
+        sc = _code(flat.p0, at, SUB_BITS)
+        mc = _code(flat.p1, at, SUB_BITS) - MIN_OFFSET
+        step_at = slot * flat.step_row + group // SUPER_GROUPS
+        d = _f16_at(flat.p2, step_at)
+        dmin = _f16_at(flat.p3, step_at)
         return np.float32(d * np.float32(sc)), np.float32(dmin * np.float32(mc))
+    at = slot * flat.param_row + group
     if view.half:
-        return _f16_at(view.p0[slot], group), _f16_at(view.p1[slot], group)
-    return _f32_at(view.p0[slot], group), _f32_at(view.p1[slot], group)
+        return _f16_at(flat.p0, at), _f16_at(flat.p1, at)
+    return _f32_at(flat.p0, at), _f32_at(flat.p1, at)
 
 
 @njit(cache=True)  # slow paths only: compiled once, not inlined (halves compile time)
-def _decode_token_major(view, head, position, dim, codes_out, scales_out, mins_out, values_out):
+def _decode_token_major(
+    view, flat, head, position, dim, codes_out, scales_out, mins_out, values_out
+):
     """values_out[:dim] = one token of one head, dequantized (or copied from the residual)."""
     chunk = view.chunk
     index = position // chunk
@@ -208,12 +249,13 @@ def _decode_token_major(view, head, position, dim, codes_out, scales_out, mins_o
     inner = position - index * chunk
     bits = view.bits
     group = min(view.group, dim)
+    row_at = slot * flat.codes_row
     if not view.per_channel:
         groups_per_token = (dim + group - 1) // group
-        _unpack_run(view.codes[slot], (head * chunk + inner) * dim, dim, bits, codes_out)
+        _unpack_run(flat.codes, row_at + (head * chunk + inner) * dim, dim, bits, codes_out)
         base = (head * chunk + inner) * groups_per_token
         for g in range(groups_per_token):
-            s, m = _params(view, slot, base + g)
+            s, m = _params(view, flat, slot, base + g)
             lo = g * group
             hi = min(dim, lo + group)
             for d in range(lo, hi):
@@ -223,8 +265,10 @@ def _decode_token_major(view, head, position, dim, codes_out, scales_out, mins_o
     groups_per_channel = chunk // token_group
     for d in range(dim):
         run = (head * dim + d) * chunk
-        codes_out[d] = np.float32(_code(view.codes[slot], run + inner, bits))
-        s, m = _params(view, slot, (head * dim + d) * groups_per_channel + inner // token_group)
+        codes_out[d] = np.float32(_code(flat.codes, row_at + run + inner, bits))
+        s, m = _params(
+            view, flat, slot, (head * dim + d) * groups_per_channel + inner // token_group
+        )
         scales_out[d] = s
         mins_out[d] = m
     for d in range(dim):
@@ -244,9 +288,10 @@ def _vector_tokens(view, dim):
 
 
 @njit(inline="always")
-def _token_rows(view, vector, head, first, count, dim, out, at):
+def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
     """out[at + t, :dim] = per-token codes of positions first .. first + count - 1 (all
-    quantized and held) dequantized; ``vector``: :func:`_vector_tokens` of the view."""
+    quantized and held) dequantized; ``vector``: :func:`_vector_tokens` of the view;
+    ``out_flat``: ``out`` as a flat view."""
     chunk = view.chunk
     slots = view.slots
     bits = view.bits
@@ -256,9 +301,9 @@ def _token_rows(view, vector, head, first, count, dim, out, at):
     inner = first - index * chunk
     slot = index % slots
     for t in range(count):
-        row = out[at + t]
         base = head * chunk + inner
-        code_row = view.codes[slot]
+        code_at = slot * flat.codes_row + base * dim
+        out_at = (at + t) * dim
         if vector and view.double_quant:  # one float16 step pair per super-group
             super_group = -1
             step = step_min = np.float32(0.0)
@@ -266,23 +311,24 @@ def _token_rows(view, vector, head, first, count, dim, out, at):
                 index_ = base * groups + (j * RUN) // group
                 if index_ // SUPER_GROUPS != super_group:
                     super_group = index_ // SUPER_GROUPS
-                    step = _f16_at(view.p2[slot], super_group)
-                    step_min = _f16_at(view.p3[slot], super_group)
-                s = step * np.float32(_code(view.p0[slot], index_, SUB_BITS))
-                m = step_min * np.float32(_code(view.p1[slot], index_, SUB_BITS) - MIN_OFFSET)
-                _affine_run(code_row, base * dim + j * RUN, bits, s, m, row, j * RUN)
+                    step = _f16_at(flat.p2, slot * flat.step_row + super_group)
+                    step_min = _f16_at(flat.p3, slot * flat.step_row + super_group)
+                param_at = slot * flat.param_row + index_
+                s = step * np.float32(_code(flat.p0, param_at, SUB_BITS))
+                m = step_min * np.float32(_code(flat.p1, param_at, SUB_BITS) - MIN_OFFSET)
+                _affine_run(flat.codes, code_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
         elif vector:
             for j in range(dim // RUN):
-                s, m = _params(view, slot, base * groups + (j * RUN) // group)
-                _affine_run(code_row, base * dim + j * RUN, bits, s, m, row, j * RUN)
+                s, m = _params(view, flat, slot, base * groups + (j * RUN) // group)
+                _affine_run(flat.codes, code_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
         else:
-            _unpack_run(code_row, base * dim, dim, bits, row)
+            row = out[at + t]
+            _unpack_run(flat.codes, code_at, dim, bits, row)
             for g in range(groups):
-                s, m = _params(view, slot, base * groups + g)
+                s, m = _params(view, flat, slot, base * groups + g)
                 lo = g * group
-                part = row[lo : min(dim, lo + group)]
-                for d in range(part.size):
-                    part[d] = m + s * part[d]
+                for d in range(lo, min(dim, lo + group)):
+                    row[d] = m + s * row[d]
         inner += 1
         if inner == chunk:
             inner = 0
@@ -293,47 +339,49 @@ def _token_rows(view, vector, head, first, count, dim, out, at):
 
 @njit(inline="always")
 def _dequantize_chunk_keys(
-    view, head, index, offset, dim, keys, scratch, channel_scales, channel_mins
+    view, flat, head, index, offset, dim, keys, keys_flat, scratch, channel_scales, channel_mins
 ):
-    """keys[d, offset:offset + chunk] = dequantized per-channel chunk ``index`` of ``head``."""
+    """keys[d, offset:offset + chunk] = dequantized per-channel chunk ``index`` of ``head``
+    (``keys_flat``: ``keys`` as a flat view)."""
     chunk = view.chunk
+    block = keys.shape[1]
     slot = index % view.slots
     token_group = min(view.group, chunk)
     per_channel = chunk // token_group
-    code_row = view.codes[slot]
+    row_at = slot * flat.codes_row
     bits = view.bits
-    p0, p2, p3 = view.p0, view.p2, view.p3
-    p1 = view.p1
     if view.double_quant and per_channel == 1 and dim % SUPER_GROUPS == 0:
         # all of the head's channel params at once: 6-bit codes unpacked as runs
         base = head * dim
+        param_at = slot * flat.param_row + base
         if dim % RUN == 0:  # the 6-bit codes as float vectors
             for at in range(0, dim, RUN):
-                unpack_affine_32_6(p0[slot], base + at, 1.0, 0.0, channel_scales, at)
-                unpack_affine_32_6(p1[slot], base + at, 1.0, 0.0, channel_mins, at)
+                unpack_affine_32_6(flat.p0, param_at + at, 1.0, 0.0, channel_scales, at)
+                unpack_affine_32_6(flat.p1, param_at + at, 1.0, 0.0, channel_mins, at)
         else:
-            _unpack_run(p0[slot], base, dim, SUB_BITS, channel_scales)
-            _unpack_run(p1[slot], base, dim, SUB_BITS, channel_mins)
+            _unpack_run(flat.p0, param_at, dim, SUB_BITS, channel_scales)
+            _unpack_run(flat.p1, param_at, dim, SUB_BITS, channel_mins)
         for first in range(0, dim, SUPER_GROUPS):
-            step = _f16_at(p2[slot], (base + first) // SUPER_GROUPS)
-            step_min = _f16_at(p3[slot], (base + first) // SUPER_GROUPS)
+            step_at = slot * flat.step_row + (base + first) // SUPER_GROUPS
+            step = _f16_at(flat.p2, step_at)
+            step_min = _f16_at(flat.p3, step_at)
             for j in range(first, first + SUPER_GROUPS):
                 channel_scales[j] = step * channel_scales[j]
                 channel_mins[j] = step_min * (channel_mins[j] - np.float32(MIN_OFFSET))
         if chunk == RUN and bits in (2, 3, 4, 8):
             for d in range(dim):
                 _affine_run(
-                    code_row,
-                    (head * dim + d) * chunk,
+                    flat.codes,
+                    row_at + (head * dim + d) * chunk,
                     bits,
                     channel_scales[d],
                     channel_mins[d],
-                    keys[d],
-                    offset,
+                    keys_flat,
+                    d * block + offset,
                 )
             return
         for d in range(dim):
-            _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
+            _unpack_run(flat.codes, row_at + (head * dim + d) * chunk, chunk, bits, scratch)
             s, m = channel_scales[d], channel_mins[d]
             target = keys[d, offset : offset + chunk]
             for i in range(chunk):
@@ -342,21 +390,21 @@ def _dequantize_chunk_keys(
     if token_group == RUN and bits in (2, 3, 4, 8):
         for d in range(dim):
             for g in range(per_channel):
-                s, m = _params(view, slot, (head * dim + d) * per_channel + g)
+                s, m = _params(view, flat, slot, (head * dim + d) * per_channel + g)
                 _affine_run(
-                    code_row,
-                    (head * dim + d) * chunk + g * RUN,
+                    flat.codes,
+                    row_at + (head * dim + d) * chunk + g * RUN,
                     bits,
                     s,
                     m,
-                    keys[d],
-                    offset + g * RUN,
+                    keys_flat,
+                    d * block + offset + g * RUN,
                 )
         return
     for d in range(dim):
-        _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
+        _unpack_run(flat.codes, row_at + (head * dim + d) * chunk, chunk, bits, scratch)
         for g in range(per_channel):
-            s, m = _params(view, slot, (head * dim + d) * per_channel + g)
+            s, m = _params(view, flat, slot, (head * dim + d) * per_channel + g)
             lo = g * token_group
             target = keys[d, offset + lo : offset + lo + token_group]
             source = scratch[lo : lo + token_group]
@@ -488,6 +536,8 @@ def attention_blocks(
     chunk_keys = k.per_channel and block % k_chunk == 0 and origin % k_chunk == 0
     k_vector = _vector_tokens(k, dim)
     v_vector = _vector_tokens(v, dim)
+    k_flat = _flat(k)
+    v_flat = _flat(v)
     heads_per_task = (kv_heads + head_groups - 1) // head_groups
     for task in prange(splits * head_groups):
         split = task // head_groups
@@ -499,6 +549,9 @@ def attention_blocks(
         keys = np.empty((dim, block), np.float32)  # channel-major
         keys_tok = np.empty((block, dim), np.float32)  # token-major (per-token keys)
         values = np.empty((block, dim), np.float32)  # token-major
+        keys_flat = keys.reshape(dim * block)
+        keys_tok_flat = keys_tok.reshape(block * dim)
+        values_flat = values.reshape(block * dim)
         scores = np.empty((rows, block), np.float32)
         scratch = np.empty(max(k_chunk, dim), np.float32)
         channel_scales = np.empty(dim, np.float32)
@@ -530,25 +583,30 @@ def attention_blocks(
                 if k_vector:  # per-token codes, 32 a vector operation, then transposed
                     coded = max(t, min(width, k.chunks * k_chunk - start))
                     if coded > t:
-                        _token_rows(k, True, head, start + t, coded - t, dim, keys_tok, t)
+                        _token_rows(
+                            k, k_flat, True, head, start + t, coded - t, dim, keys_tok,
+                            keys_tok_flat, t,
+                        )  # fmt: skip
                         for i0 in range(t, coded - 15, 16):  # 16 x 16 register transposes
                             for d0 in range(0, dim, 16):
                                 transpose_16(keys_tok, keys, i0, d0)
                         for i in range(coded - (coded - t) % 16, coded):
-                            key_row = keys_tok[i]
                             for d in range(dim):
-                                keys[d, i] = key_row[d]
+                                keys[d, i] = keys_tok[i, d]
                         t = coded
                 while t < width:
                     index = (start + t) // k_chunk
                     aligned = (start + t) % k_chunk == 0
                     if chunk_keys and aligned and index < k.chunks and t + k_chunk <= width:
                         _dequantize_chunk_keys(
-                            k, head, index, t, dim, keys, scratch, channel_scales, channel_mins
-                        )
+                            k, k_flat, head, index, t, dim, keys, keys_flat, scratch,
+                            channel_scales, channel_mins,
+                        )  # fmt: skip
                         t += k_chunk
                     else:
-                        _decode_token_major(k, head, start + t, dim, codes, scales, mins, value)
+                        _decode_token_major(
+                            k, k_flat, head, start + t, dim, codes, scales, mins, value
+                        )
                         for d in range(dim):
                             keys[d, t] = value[d]
                         t += 1
@@ -592,11 +650,13 @@ def attention_blocks(
                     quantized_v = max(dropped, min(width, v.chunks * v.chunk - start))
                     if quantized_v > dropped:
                         _token_rows(
-                            v, v_vector, head, start + dropped, quantized_v - dropped, dim,
-                            values, dropped,
+                            v, v_flat, v_vector, head, start + dropped, quantized_v - dropped,
+                            dim, values, values_flat, dropped,
                         )  # fmt: skip
                 for t in range(quantized_v, width):
-                    _decode_token_major(v, head, start + t, dim, codes, scales, mins, values[t])
+                    _decode_token_major(
+                        v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
+                    )
                 # --- acc += p . values ---
                 _accumulate(scores, values, acc, rows, width)
         for head in range(first_head, last_head):
