@@ -75,7 +75,7 @@ def attention(
             )
     v_scheme = cache.config.v
     if v_scheme.rotate:
-        out = np.ascontiguousarray(out @ hadamard_rotation(dim, v_scheme.seed).T)
+        out = _product(out, _inverse_rotation(dim, v_scheme.seed))
     return out
 
 
@@ -185,6 +185,21 @@ def _attend(view, rows, t_q, query_end, sinks, causal, start, threads, out) -> N
     )  # fmt: skip
 
 
+def _product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """float32 ``x @ matrix`` along the last axis: NumPy for a decode step's few rows, the
+    row kernel beyond (BLAS's threads spin against Numba's on a busy machine: a prefill
+    chunk's rotation took as long as its attention)."""
+    if x.size <= _SMALL_PRODUCT:
+        return np.ascontiguousarray(x @ matrix)
+    rows = x.reshape(-1, matrix.shape[0])
+    out = np.empty_like(rows)
+    kernels.rotate_rows(rows, matrix, out)
+    return out.reshape(x.shape)
+
+
+_SMALL_PRODUCT = 1 << 13  # elements of x up to which _product uses NumPy
+
+
 @functools.lru_cache(maxsize=64)
 def _no_sinks(kv_heads: int, group: int) -> np.ndarray:
     """float64 (kv_heads, group) of -inf: no sink logits (read-only)."""
@@ -202,6 +217,14 @@ def _scaled_rotation(dim: int, seed: int, scale: float) -> np.ndarray:
     return matrix
 
 
+@functools.lru_cache(maxsize=64)
+def _inverse_rotation(dim: int, seed: int) -> np.ndarray:
+    """float32 (dim, dim) C-contiguous transpose of the values' rotation (read-only)."""
+    matrix = np.ascontiguousarray(hadamard_rotation(dim, seed).T)
+    matrix.flags.writeable = False
+    return matrix
+
+
 def _scaled_queries(original, queries: np.ndarray, k_scheme, scale: float) -> np.ndarray:
     """float32 C-contiguous ``queries * scale`` (rotated first when the keys are), checked
     finite: ValueError naming the first bad position."""
@@ -210,7 +233,7 @@ def _scaled_queries(original, queries: np.ndarray, k_scheme, scale: float) -> np
     # coordinate by sqrt(head_dim): below this bound nothing overflows
     if peak * abs(scale) * math.sqrt(queries.shape[-1]) < 1e37:
         if k_scheme.rotate:
-            return queries @ _scaled_rotation(queries.shape[-1], k_scheme.seed, scale)
+            return _product(queries, _scaled_rotation(queries.shape[-1], k_scheme.seed, scale))
         return queries * np.float32(scale)
     with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
         if k_scheme.rotate:

@@ -44,11 +44,13 @@ from kvq.kernels._tiles import (
 )
 from kvq.kernels._unpack import (
     RUN,
+    code_at,
     unpack_affine_32_2,
     unpack_affine_32_3,
     unpack_affine_32_4,
     unpack_affine_32_6,
     unpack_affine_32_8,
+    unpack_run,
 )
 
 
@@ -94,56 +96,6 @@ def _exp(x):
     p = p * y + np.float32(1.0)
     p = p * y + np.float32(1.0)
     return p * bits_to_float(np.int32((np.int32(n) + 127) << 23))
-
-
-@njit(inline="always")
-def _code(row, index, bits):
-    """Code ``index`` of a little-endian bit stream ``row`` (uint8)."""
-    bit = index * bits
-    byte = bit >> 3
-    shift = bit & 7
-    value = np.int64(row[byte])
-    if shift + bits > 8:
-        value |= np.int64(row[byte + 1]) << 8
-    return (value >> shift) & ((1 << bits) - 1)
-
-
-@njit(inline="always")
-def _unpack_run(row, start, count, bits, out):
-    """out[:count] = float32 codes ``start .. start + count`` of bit stream ``row``."""
-    if bits == 8:
-        run = row[start : start + count]
-        for i in range(count):
-            out[i] = np.float32(run[i])
-    elif bits == 4 and start % 2 == 0 and count % 2 == 0:
-        run = row[start // 2 : (start + count) // 2]
-        for i in range(count // 2):
-            b = np.int32(run[i])
-            out[2 * i] = np.float32(b & 15)
-            out[2 * i + 1] = np.float32(b >> 4)
-    elif bits == 2 and start % 4 == 0 and count % 4 == 0:
-        run = row[start // 4 : (start + count) // 4]
-        for i in range(count // 4):
-            b = np.int32(run[i])
-            out[4 * i] = np.float32(b & 3)
-            out[4 * i + 1] = np.float32((b >> 2) & 3)
-            out[4 * i + 2] = np.float32((b >> 4) & 3)
-            out[4 * i + 3] = np.float32(b >> 6)
-    elif bits == 6 and start % 4 == 0 and count % 4 == 0:  # second-level codes
-        run = row[start // 4 * 3 : (start + count) // 4 * 3]
-        for i in range(count // 4):
-            word = (
-                np.int32(run[3 * i])
-                | (np.int32(run[3 * i + 1]) << 8)
-                | (np.int32(run[3 * i + 2]) << 16)
-            )
-            out[4 * i] = np.float32(word & 63)
-            out[4 * i + 1] = np.float32((word >> 6) & 63)
-            out[4 * i + 2] = np.float32((word >> 12) & 63)
-            out[4 * i + 3] = np.float32(word >> 18)
-    else:
-        for i in range(count):
-            out[i] = np.float32(_code(row, start + i, bits))
 
 
 @njit(inline="always")
@@ -221,8 +173,8 @@ def _params(view, flat, slot, group):
     """(scale, min) float32 of ``group`` in chunk ``slot`` of a stream (params as bytes)."""
     if view.double_quant:
         at = slot * flat.param_row + group
-        sc = _code(flat.p0, at, SUB_BITS)
-        mc = _code(flat.p1, at, SUB_BITS) - MIN_OFFSET
+        sc = code_at(flat.p0, at, SUB_BITS)
+        mc = code_at(flat.p1, at, SUB_BITS) - MIN_OFFSET
         step_at = slot * flat.step_row + group // SUPER_GROUPS
         d = _f16_at(flat.p2, step_at)
         dmin = _f16_at(flat.p3, step_at)
@@ -252,7 +204,7 @@ def _decode_token_major(
     row_at = slot * flat.codes_row
     if not view.per_channel:
         groups_per_token = (dim + group - 1) // group
-        _unpack_run(flat.codes, row_at + (head * chunk + inner) * dim, dim, bits, codes_out)
+        unpack_run(flat.codes, row_at + (head * chunk + inner) * dim, dim, bits, codes_out)
         base = (head * chunk + inner) * groups_per_token
         for g in range(groups_per_token):
             s, m = _params(view, flat, slot, base + g)
@@ -265,7 +217,7 @@ def _decode_token_major(
     groups_per_channel = chunk // token_group
     for d in range(dim):
         run = (head * dim + d) * chunk
-        codes_out[d] = np.float32(_code(flat.codes, row_at + run + inner, bits))
+        codes_out[d] = np.float32(code_at(flat.codes, row_at + run + inner, bits))
         s, m = _params(
             view, flat, slot, (head * dim + d) * groups_per_channel + inner // token_group
         )
@@ -302,7 +254,7 @@ def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
     slot = index % slots
     for t in range(count):
         base = head * chunk + inner
-        code_at = slot * flat.codes_row + base * dim
+        codes_at = slot * flat.codes_row + base * dim
         out_at = (at + t) * dim
         if vector and view.double_quant:  # one float16 step pair per super-group
             super_group = -1
@@ -314,16 +266,16 @@ def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
                     step = _f16_at(flat.p2, slot * flat.step_row + super_group)
                     step_min = _f16_at(flat.p3, slot * flat.step_row + super_group)
                 param_at = slot * flat.param_row + index_
-                s = step * np.float32(_code(flat.p0, param_at, SUB_BITS))
-                m = step_min * np.float32(_code(flat.p1, param_at, SUB_BITS) - MIN_OFFSET)
-                _affine_run(flat.codes, code_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
+                s = step * np.float32(code_at(flat.p0, param_at, SUB_BITS))
+                m = step_min * np.float32(code_at(flat.p1, param_at, SUB_BITS) - MIN_OFFSET)
+                _affine_run(flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
         elif vector:
             for j in range(dim // RUN):
                 s, m = _params(view, flat, slot, base * groups + (j * RUN) // group)
-                _affine_run(flat.codes, code_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
+                _affine_run(flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
         else:
             row = out[at + t]
-            _unpack_run(flat.codes, code_at, dim, bits, row)
+            unpack_run(flat.codes, codes_at, dim, bits, row)
             for g in range(groups):
                 s, m = _params(view, flat, slot, base * groups + g)
                 lo = g * group
@@ -359,8 +311,8 @@ def _dequantize_chunk_keys(
                 unpack_affine_32_6(flat.p0, param_at + at, 1.0, 0.0, channel_scales, at)
                 unpack_affine_32_6(flat.p1, param_at + at, 1.0, 0.0, channel_mins, at)
         else:
-            _unpack_run(flat.p0, param_at, dim, SUB_BITS, channel_scales)
-            _unpack_run(flat.p1, param_at, dim, SUB_BITS, channel_mins)
+            unpack_run(flat.p0, param_at, dim, SUB_BITS, channel_scales)
+            unpack_run(flat.p1, param_at, dim, SUB_BITS, channel_mins)
         for first in range(0, dim, SUPER_GROUPS):
             step_at = slot * flat.step_row + (base + first) // SUPER_GROUPS
             step = _f16_at(flat.p2, step_at)
@@ -381,7 +333,7 @@ def _dequantize_chunk_keys(
                 )
             return
         for d in range(dim):
-            _unpack_run(flat.codes, row_at + (head * dim + d) * chunk, chunk, bits, scratch)
+            unpack_run(flat.codes, row_at + (head * dim + d) * chunk, chunk, bits, scratch)
             s, m = channel_scales[d], channel_mins[d]
             target = keys[d, offset : offset + chunk]
             for i in range(chunk):
@@ -402,7 +354,7 @@ def _dequantize_chunk_keys(
                 )
         return
     for d in range(dim):
-        _unpack_run(flat.codes, row_at + (head * dim + d) * chunk, chunk, bits, scratch)
+        unpack_run(flat.codes, row_at + (head * dim + d) * chunk, chunk, bits, scratch)
         for g in range(per_channel):
             s, m = _params(view, flat, slot, (head * dim + d) * per_channel + g)
             lo = g * token_group
