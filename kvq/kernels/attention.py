@@ -365,6 +365,24 @@ def _dequantize_chunk_keys(
 
 
 @njit(inline="always")
+def _touch(view, flat, first, count):
+    """Sum of one byte in 64 of the slot rows that hold positions first .. first + count - 1
+    (the quantized ones): many independent loads in flight bring a block's rows into cache
+    before its heads are walked one at a time. Without them a per-token stream (a slot row
+    per token, all heads side by side) is read a head's slice per row, one row after the
+    other: perf put 70% of Llama-2's time on those loads."""
+    total = 0
+    row_bytes = view.codes.shape[1]
+    lo = first // view.chunk
+    hi = min(view.chunks, (first + count - 1) // view.chunk + 1)
+    for index in range(lo, hi):
+        base = (index % view.slots) * row_bytes
+        for at in range(0, row_bytes, 64):
+            total += flat.codes[base + at]
+    return total
+
+
+@njit(inline="always")
 def _scores(keys, q, scores, rows, width):
     """scores[r, :width] = q[r] @ keys[:, :width] for every row: register tiles of 4 rows (and
     one of the 1-3 rows left) over 32 tokens, plain loops for the last width % 32 tokens."""
@@ -512,9 +530,12 @@ def attention_blocks(
         scales = np.empty(dim, np.float32)
         mins = np.empty(dim, np.float32)
         value = np.empty(dim, np.float32)
+        touched = 0
         for b in range(split * per_split, min(n_blocks, (split + 1) * per_split)):
             start = origin + b * block
             width = min(block, end_position - start)
+            if last_head - first_head > 1:
+                touched += _touch(k, k_flat, start, width) + _touch(v, v_flat, start, width)
             # every head of the block in turn: a slot row holds all heads, so the block's
             # codes stream through the cache once, whole lines and pages at a time
             for head in range(first_head, last_head):
@@ -611,6 +632,7 @@ def attention_blocks(
                     )
                 # --- acc += p . values ---
                 _accumulate(scores, values, acc, rows, width)
+        scratch[0] = np.float32(touched & 1)  # keeps the touching loads
         for head in range(first_head, last_head):
             partial = head * splits + split
             for r in range(rows):
