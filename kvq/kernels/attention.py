@@ -567,7 +567,13 @@ def attention_blocks(
                             for d in range(dim):
                                 keys[d, i] = keys_tok[i, d]
                         t = coded
+                k_residual = k.chunks * k_chunk - start  # block offset of the float32 tail
                 while t < width:
+                    if t >= k_residual:  # the rest of the block is residual: copied
+                        for i in range(t, width):
+                            for d in range(dim):
+                                keys[d, i] = k.residual[head, i - k_residual, d]
+                        break
                     index = (start + t) // k_chunk
                     aligned = (start + t) % k_chunk == 0
                     if chunk_keys and aligned and index < k.chunks and t + k_chunk <= width:
@@ -626,10 +632,16 @@ def attention_blocks(
                             v, v_flat, v_vector, head, start + dropped, quantized_v - dropped,
                             dim, values, values_flat, dropped,
                         )  # fmt: skip
-                for t in range(quantized_v, width):
-                    _decode_token_major(
-                        v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
-                    )
+                if v.per_channel:
+                    for t in range(quantized_v, width):
+                        _decode_token_major(
+                            v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
+                        )
+                else:  # the rest of the block is residual: copied
+                    v_residual = v.chunks * v.chunk - start
+                    for t in range(quantized_v, width):
+                        for d in range(dim):
+                            values[t, d] = v.residual[head, t - v_residual, d]
                 # --- acc += p . values ---
                 _accumulate(scores, values, acc, rows, width)
         scratch[0] = np.float32(touched & 1)  # keeps the touching loads
