@@ -41,7 +41,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "bench_quantize": ([], ["--mb", "16", "--repeats", "3", "--peer-repeats", "1"]),
     "bench_loader": ([], ["--gb", "0.05", "--convert-mb", "8"]),
     "bench_cache": ([], ["--quick"]),
-    "bench_attention": ([], ["--tokens", "1024", "4096", "--repeats", "3"]),
+    "bench_attention": ([], ["--quick"]),
     "quality": ([], ["--quick"]),
     "bench_model": ([], ["--quick"]),
 }

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numba
 import numpy as np
 
 from kvq import kernels
+from kvq._threads import on_calling_thread
 from kvq._validate import check_finite, check_float_dtype, check_int
-from kvq.kvcache import KVCache, TensorStream
+from kvq.kvcache import CacheView, KVCache
 from kvq.rotation import hadamard_rotation
-
-_DUMMY = np.zeros((1, 1), np.uint8)
-
 
 # Scratch for one kernel call (partial softmaxes, the kernel's per-task accumulators, the
 # float64 merge) stays under this many bytes: the queries are taken in chunks that fit.
@@ -40,14 +39,11 @@ def attention(
     (num_q_heads,) logits that join each head's softmax denominator and carry no value
     (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim).
 
-    Memory: besides the float32 output, one float32 copy of q (scaled, rotated) and, per
-    chunk of queries, scratch under ``SCRATCH_BYTES`` (32 MiB; :func:`query_chunk`), or one
-    query token's share when that is larger (about 4 x group x (kv_heads x splits x
-    (head_dim + 2) + threads x (kv_heads x head_dim + 128)) bytes, splits <= 2 x threads:
-    0.9 MB for GPT-OSS's 8 KV heads of 64 on 16 threads). Measured (tracemalloc, 2 threads)
-    on a GPT-OSS layer (64 query heads, 8 KV heads of 64) for 2,048 queries over 2,048
-    tokens: 89 MiB in all, of which 32 are the output and 32 the copy of q; before the
-    chunking, 754 MiB (the partials grow with the thread count).
+    Memory: queries are processed in chunks, so scratch beyond q and the output stays under
+    ``SCRATCH_BYTES`` (32 MiB), or one query token's share when that is larger (about
+    4 x group x (kv_heads x splits x (head_dim + 2) + threads x (kv_heads x head_dim + 128))
+    bytes, splits <= 2 x threads: 0.9 MB for GPT-OSS's 8 KV heads of 64 on 16 threads).
+    Small calls (at most ``SERIAL_WORK`` elements of work) run on the calling thread alone.
 
     q, sinks and scale must be finite: NaN or +-Inf raises ValueError naming the argument and
     the position, and so does a ``q * scale`` that overflows float32. The cache's lock is held
@@ -62,187 +58,194 @@ def attention(
     sink_logits = _check_sinks(sinks, heads)
     scale = _check_scale(scale, dim)
     start = check_int("start", start, 0)
-    k_scheme, v_scheme = cache.config.k, cache.config.v
-    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
-        if k_scheme.rotate:  # one copy of q: rotated and scaled together
-            rotation = hadamard_rotation(dim, k_scheme.seed).astype(np.float32)
-            queries = queries @ (rotation * np.float32(scale))
+    queries = _scaled_queries(original, queries, cache.config.k, scale)
+    sinks_array = (
+        _no_sinks(kv_heads, group) if sink_logits is None else sink_logits.reshape(kv_heads, group)
+    )
+    with cache.reading() as view:  # a consistent state; appends wait while the kernel reads
+        _check_positions(view, t_q, cache.max_queries)
+        work = 2 * view.held * kv_heads * dim * max(1, group * t_q // 8)
+        if work <= SERIAL_WORK:  # a parallel launch costs more than it saves
+            out = on_calling_thread(
+                _attend_all, view, queries, group, sinks_array, causal, start, 1
+            )
         else:
-            queries = queries * np.float32(scale)
-    if not np.isfinite(queries).all():
-        _raise_queries(original, queries, scale)
-    # rows of one KV head: (query head within the group, query token)
+            out = _attend_all(
+                view, queries, group, sinks_array, causal, start, numba.get_num_threads()
+            )
+    v_scheme = cache.config.v
+    if v_scheme.rotate:
+        out = _product(out, _inverse_rotation(dim, v_scheme.seed))
+    return out
+
+
+# Calls of at most this many elements of work (2 x held tokens x kv_heads x head_dim, times
+# query rows per KV head over 8) run on the calling thread: below it (about 0.1-0.2 ms of
+# work, GPT-OSS's shape at 512 tokens) a parallel launch costs more than it saves, and on a
+# loaded machine it waits for every worker thread to be scheduled (milliseconds).
+SERIAL_WORK = 1 << 19
+
+
+def _attend_all(view, queries, group, sinks, causal, start, threads) -> np.ndarray:
+    """float32 (heads, t_q, head_dim): the kernel over query chunks that fit SCRATCH_BYTES."""
+    heads, t_q, dim = queries.shape
+    kv_heads = heads // group
+    step = _chunk_tokens(kv_heads, group, dim, threads)
     rows = queries.reshape(kv_heads, group, t_q, dim)
+    if step >= t_q:
+        out = np.empty((kv_heads, group * t_q, dim), np.float32)
+        _attend(view, rows.reshape(kv_heads, group * t_q, dim), t_q, view.appended, sinks,
+                causal, start, threads, out)  # fmt: skip
+        return out.reshape(heads, t_q, dim)
     out = np.empty((kv_heads, group, t_q, dim), np.float32)
-    unrotate = hadamard_rotation(dim, v_scheme.seed).T if v_scheme.rotate else None
-    with cache._lock:  # a consistent state, and no append while the kernel reads the store
-        positions = _query_positions(cache, t_q)
-        step = query_chunk(cache, group, dim)
-        for lo in range(0, t_q, step):
-            hi = min(t_q, lo + step)
-            chunk = np.ascontiguousarray(
-                rows[:, :, lo:hi].reshape(kv_heads, group * (hi - lo), dim), dtype=np.float32
-            )
-            part_max, part_sum, part_acc, splits = _attend(
-                cache, chunk, positions[lo:hi], causal, start
-            )
-            merged = _merge(
-                part_max, part_sum, part_acc, kv_heads, splits, group, hi - lo, sink_logits
-            )
-            if unrotate is not None:
-                merged = merged @ unrotate
-            out[:, :, lo:hi] = merged.reshape(kv_heads, group, hi - lo, dim)
-            del chunk, part_max, part_sum, part_acc, merged  # before the next chunk's
+    for lo in range(0, t_q, step):
+        hi = min(t_q, lo + step)
+        chunk = np.ascontiguousarray(rows[:, :, lo:hi].reshape(kv_heads, group * (hi - lo), dim))
+        part = np.empty((kv_heads, group * (hi - lo), dim), np.float32)
+        query_end = view.appended - t_q + hi
+        _attend(view, chunk, hi - lo, query_end, sinks, causal, start, threads, part)
+        out[:, :, lo:hi] = part.reshape(kv_heads, group, hi - lo, dim)
+        del chunk, part  # before the next chunk's: one chunk's scratch at a time
     return out.reshape(heads, t_q, dim)
 
 
 def query_chunk(cache: KVCache, group: int, dim: int) -> int:
+    """Query tokens per kernel call so that its scratch fits ``SCRATCH_BYTES`` (at least 1)."""
+    return _chunk_tokens(cache.num_kv_heads, group, dim, numba.get_num_threads())
+
+
+def _chunk_tokens(kv: int, group: int, dim: int, threads: int) -> int:
     """Query tokens per kernel call so that its scratch fits ``SCRATCH_BYTES`` (at least 1).
 
-    Per query token (``group`` rows per KV head): the rows, float32 (kv_heads, rows,
-    head_dim); the partials, float32 (kv_heads x splits, rows, head_dim + 2); the kernel's
-    accumulators, float32 (kv_heads, rows, head_dim) plus (rows, block) scores in each of at
-    most ``threads`` running tasks; the merge, two float64 (kv_heads, rows, head_dim) and at
-    most six float64 (kv_heads, splits, rows) at a time.
+    Per query token (``group`` rows per KV head): the partials, float32 (kv_heads x splits,
+    rows, head_dim + 2); the kernel's accumulators, float32 (kv_heads, rows, head_dim) plus
+    (rows, block) scores in each of at most ``threads`` running tasks; the chunk's queries
+    and output, float32 (kv_heads, rows, head_dim) each, and the merge's float64 weights
+    (kv_heads, rows, splits).
     """
-    return max(1, SCRATCH_BYTES // scratch_per_query(cache.num_kv_heads, group, dim))
-
-
-def scratch_per_query(kv_heads: int, group: int, dim: int) -> int:
-    """Bytes of scratch one query token costs (see :func:`query_chunk`)."""
-    threads = numba.get_num_threads()
     splits = 2 * threads
-    per_row = 4 * kv_heads * dim  # the rows
-    per_row += 4 * kv_heads * splits * (dim + 2)  # partials
-    per_row += 4 * threads * (kv_heads * dim + _MAX_BLOCK)  # kernel tasks
-    per_row += 16 * kv_heads * dim + 48 * kv_heads * splits  # merge
-    return group * per_row
+    per_token = (
+        group
+        * (4 * kv * splits * (dim + 2) + 4 * threads * (kv * dim + _MAX_BLOCK) + 8 * kv * dim)
+        + 8 * kv * splits * group
+    )
+    return max(1, SCRATCH_BYTES // per_token)
 
 
-def _query_positions(cache: KVCache, t_q: int) -> np.ndarray:
-    """Absolute positions of the last ``t_q`` tokens, checked to be held and servable."""
-    if cache.held == 0:
+def _check_positions(view: CacheView, t_q: int, max_queries: int) -> None:
+    """Raise unless the last ``t_q`` positions are held and their windows servable."""
+    if view.held == 0:
         raise ValueError("the cache is empty: append keys and values before attention")
-    end = len(cache)
-    first = end - cache.held
-    positions = np.arange(end - t_q, end, dtype=np.int64)
+    end = view.appended
+    first = end - view.held
     if t_q > end:
         raise ValueError(
-            f"q has {t_q} query tokens but the cache holds {cache.held}: the queries' own "
+            f"q has {t_q} query tokens but the cache holds {view.held}: the queries' own "
             "keys and values must be appended first"
         )
-    if cache.window is not None:
-        needed = max(0, positions[0] - cache.window + 1)
+    if view.window is not None:
+        # the first query's window starts at needed (0 early on): every position from there
+        # must still be held
+        needed = max(0, end - t_q - view.window + 1)
         if needed < first:
             raise ValueError(
-                f"the query at position {positions[0]} needs keys from position {needed}, "
-                f"but the windowed cache dropped everything before {first}: attend each "
-                f"chunk right after appending it, in chunks of at most "
-                f"{cache.held - cache.window + 1} tokens (KVCache max_queries="
-                f"{cache.max_queries})"
+                f"the query at position {end - t_q} needs keys from position "
+                f"{needed}, but the windowed cache dropped everything before {first}: attend "
+                f"each chunk right after appending it, in chunks of at most "
+                f"{view.held - view.window + 1} tokens (KVCache max_queries={max_queries})"
             )
-    return positions
 
 
 _MAX_BLOCK = 128  # tokens per kernel block (per-channel keys: a multiple of their chunk)
 
 
-def _attend(
-    cache: KVCache, rows: np.ndarray, positions: np.ndarray, causal: bool, start: int
-) -> tuple:
-    """Run the kernel for query rows at ``positions``: (part_max, part_sum, part_acc, splits).
-
-    rows: float32 (kv_heads, group * len(positions), head_dim), group-major.
-    """
+def _attend(view, rows, t_q, query_end, sinks, causal, start, threads, out) -> None:
+    """Run the kernel for query rows (kv_heads, group * t_q, head_dim), group-major, whose
+    tokens sit at positions query_end - t_q .. query_end - 1; writes ``out`` (same shape)."""
     kv_heads, group_rows, dim = rows.shape
-    t_q = positions.size
-    group = group_rows // t_q
-    end = len(cache)
-    first = end - cache.held
-    last = positions if causal else np.full(t_q, end - 1, np.int64)
-    lowest = np.full(t_q, max(first, start), np.int64)
-    if cache.window is not None:
-        lowest = np.maximum(lowest, positions - cache.window + 1)
-    row_first = np.tile(lowest, group)
-    row_last = np.tile(last, group)
-
-    k_stream, v_stream = cache._k, cache._v
-    k_chunk = k_stream.chunk
-    per_channel = cache.config.k.axis in (-2, 1)
-    block = k_chunk * max(1, _MAX_BLOCK // k_chunk) if per_channel else _MAX_BLOCK
+    end = view.appended
+    first = end - view.held
+    lowest = max(first, start)
+    window = 0 if view.window is None else view.window
+    if window:
+        lowest = max(lowest, query_end - t_q - window + 1)
+    last = query_end - 1 if causal else end - 1
+    k_chunk = view.k.chunk
+    largest = _MAX_BLOCK if dim <= 64 else _MAX_BLOCK // 2  # keep the scratch in L1
+    block = k_chunk * max(1, largest // k_chunk) if view.k.per_channel else largest
     # walk only the blocks some row sees (no key before the lowest nor after the last)
-    stop = max(int(last.max()) + 1, first + 1)
-    origin = max(first, min(int(lowest.min()), stop - 1)) // block * block
+    stop = max(last + 1, first + 1)
+    origin = max(first, min(lowest, stop - 1)) // block * block
     n_blocks = -(-(stop - origin) // block)
-    threads = numba.get_num_threads()
-    splits = max(1, min(n_blocks, 2 * threads))  # token ranges; each walks every head,
-    head_groups = min(kv_heads, -(-2 * threads // splits))  # or a share of them when few
+    splits = max(1, min(n_blocks, 2 * threads)) if threads > 1 else 1
+    head_groups = min(kv_heads, -(-2 * threads // splits)) if threads > 1 else 1
     tasks = kv_heads * splits
-    part_max = np.empty((tasks, group * t_q), np.float32)
-    part_sum = np.empty((tasks, group * t_q), np.float32)
-    part_acc = np.empty((tasks, group * t_q, dim), np.float32)
+    part_max = np.empty((tasks, group_rows), np.float32)
+    part_sum = np.empty((tasks, group_rows), np.float32)
+    part_acc = np.empty((tasks, group_rows, dim), np.float32)
     kernels.attention_blocks(
-        rows, row_first, row_last, origin, first, stop, block, splits, head_groups,
-        *_stream_arrays(k_stream),
-        *_stream_arrays(v_stream),
-        part_max, part_sum, part_acc,
+        rows, t_q, query_end, causal, window, max(first, start), first, stop, origin, block,
+        splits, head_groups, view.k, view.v, sinks, part_max, part_sum, part_acc, out,
     )  # fmt: skip
-    return part_max, part_sum, part_acc, splits
 
 
-def _stream_arrays(stream: TensorStream) -> tuple:
-    """(layout, codes, p0, p1, p2, p3, residual) of a stream for the kernel, params as bytes."""
-    scheme = stream.scheme
-    store = stream.store
-    if scheme.double_quant:
-        params = [store[key] for key in ("scale_codes", "min_codes", "super_scales", "super_mins")]
-    else:
-        params = [store["scales"], store["mins"], _DUMMY, _DUMMY]
-    params = [p.view(np.uint8) for p in params]
-    layout = np.array(
-        [
-            scheme.bits,
-            scheme.axis in (-2, 1),
-            scheme.group_size,
-            stream.chunk,
-            stream.first_chunk,
-            stream.chunks,
-            stream.slots,
-            scheme.double_quant,
-            scheme.scale_dtype == "float16",
-            stream.pending.shape[1],
-            stream.heads,
-            stream.head_dim,
-        ],
-        np.int64,
-    )
-    residual = np.ascontiguousarray(stream.pending, dtype=np.float32)
-    return (layout, store["codes"], *params, residual)
+def _product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """float32 ``x @ matrix`` along the last axis: NumPy for a decode step's few rows, the
+    row kernel beyond (BLAS's threads spin against Numba's on a busy machine: a prefill
+    chunk's rotation took as long as its attention)."""
+    if x.size <= _SMALL_PRODUCT:
+        return np.ascontiguousarray(x @ matrix)
+    rows = x.reshape(-1, matrix.shape[0])
+    out = np.empty_like(rows)
+    kernels.rotate_rows(rows, matrix, out)
+    return out.reshape(x.shape)
 
 
-def _merge(part_max, part_sum, part_acc, kv_heads, splits, group, t_q, sinks):
-    """Combine the tasks' partial softmaxes (and the sinks) into float64 (heads, t_q, head_dim).
+_SMALL_PRODUCT = 1 << 13  # elements of x up to which _product uses NumPy
 
-    One split at a time, so the float64 scratch is two (kv_heads, rows, head_dim) arrays.
-    """
-    dim = part_acc.shape[-1]
-    m = part_max.reshape(kv_heads, splits, group * t_q).astype(np.float64)
-    s = part_sum.reshape(kv_heads, splits, group * t_q).astype(np.float64)
-    acc = part_acc.reshape(kv_heads, splits, group * t_q, dim)
-    top = m.max(axis=1)
-    if sinks is not None:
-        sink = np.repeat(sinks.reshape(kv_heads, group), t_q, axis=1)
-        top = np.maximum(top, sink)
-    with np.errstate(invalid="ignore"):  # -inf - -inf for rows that see nothing
-        weight = np.where(np.isfinite(m), np.exp(m - top[:, None, :]), 0.0)
-    total = (s * weight).sum(axis=1)
-    if sinks is not None:
-        total += np.exp(sink - top)
-    out = np.zeros((kv_heads, group * t_q, dim), np.float64)
-    for split in range(splits):
-        out += acc[:, split] * weight[:, split, :, None]
-    out /= np.where(total > 0, total, 1.0)[..., None]
-    return out.reshape(kv_heads * group, t_q, dim)
+
+@functools.lru_cache(maxsize=64)
+def _no_sinks(kv_heads: int, group: int) -> np.ndarray:
+    """float64 (kv_heads, group) of -inf: no sink logits (read-only)."""
+    sinks = np.full((kv_heads, group), -np.inf)
+    sinks.flags.writeable = False
+    return sinks
+
+
+@functools.lru_cache(maxsize=64)
+def _scaled_rotation(dim: int, seed: int, scale: float) -> np.ndarray:
+    """float32 (dim, dim): the keys' rotation times ``scale``, so q is rotated and scaled in
+    one product (read-only)."""
+    matrix = np.ascontiguousarray(hadamard_rotation(dim, seed) * np.float32(scale))
+    matrix.flags.writeable = False
+    return matrix
+
+
+@functools.lru_cache(maxsize=64)
+def _inverse_rotation(dim: int, seed: int) -> np.ndarray:
+    """float32 (dim, dim) C-contiguous transpose of the values' rotation (read-only)."""
+    matrix = np.ascontiguousarray(hadamard_rotation(dim, seed).T)
+    matrix.flags.writeable = False
+    return matrix
+
+
+def _scaled_queries(original, queries: np.ndarray, k_scheme, scale: float) -> np.ndarray:
+    """float32 C-contiguous ``queries * scale`` (rotated first when the keys are), checked
+    finite: ValueError naming the first bad position."""
+    peak = float(np.abs(queries).max())
+    # |q * scale| <= peak * |scale|, and a rotation (orthonormal) at most multiplies a
+    # coordinate by sqrt(head_dim): below this bound nothing overflows
+    if peak * abs(scale) * math.sqrt(queries.shape[-1]) < 1e37:
+        if k_scheme.rotate:
+            return _product(queries, _scaled_rotation(queries.shape[-1], k_scheme.seed, scale))
+        return queries * np.float32(scale)
+    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
+        if k_scheme.rotate:
+            queries = queries @ hadamard_rotation(queries.shape[-1], k_scheme.seed)
+        queries = queries * np.float32(scale)
+    if not np.isfinite(queries).all():
+        _raise_queries(original, queries, scale)
+    return np.ascontiguousarray(queries)
 
 
 def _check_queries(q, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
@@ -261,9 +264,10 @@ def _check_queries(q, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
         )
     if t_q < 1:
         raise ValueError("q must hold at least one query token")
-    with np.errstate(over="ignore", invalid="ignore"):  # float64 beyond float32: reported later
-        queries = np.ascontiguousarray(array, dtype=np.float32)
-    return array, queries
+    if array.dtype == np.float64:
+        with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: reported later
+            return array, np.ascontiguousarray(array, dtype=np.float32)
+    return array, np.ascontiguousarray(array, dtype=np.float32)
 
 
 def _raise_queries(original: np.ndarray, queries: np.ndarray, scale: float) -> None:

@@ -17,6 +17,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -25,12 +26,14 @@ from kvq._format import FLOAT16_MAX, FLOAT32_MAX, MIN_OFFSET, SUPER_GROUPS
 from kvq._threads import on_calling_thread
 from kvq._validate import check_finite, check_float_dtype, check_int
 from kvq.errors import KvqError
+from kvq.kernels.attention import StreamView
 from kvq.pool import MemoryPool
 from kvq.rotation import rotate, unrotate
 from kvq.scheme import QuantConfig, Scheme
 from kvq.tensor import QuantizedTensor, quantize
 
 FLOAT32_BYTES = 4
+_NO_PARAMS = np.zeros((1, 1), np.uint8)  # p2/p3 of a StreamView without second-level scales
 _INITIAL_CHUNKS = 16
 # Appends of at most this many new values (K and V together) run their kernels on the calling
 # thread: a parallel launch for a decode step's few hundred values costs more than it saves,
@@ -170,6 +173,12 @@ class TensorStream:
         self.appended = 0
         self.first_chunk = 0
         self.chunks = 0
+
+    def __getstate__(self) -> dict:
+        """For pickle and copies: everything but the cached byte views of the params."""
+        state = dict(self.__dict__)
+        state.pop("_param_bytes", None)
+        return state
 
     # --- storage ----------------------------------------------------------------------------
 
@@ -330,6 +339,38 @@ class TensorStream:
     def nbytes(self) -> int:
         return (self.chunks - self.first_chunk) * self.chunk_nbytes + self.pending.nbytes
 
+    def kernel_view(self) -> StreamView:
+        """The store as the attention kernel reads it: the scheme's integers and the store's
+        arrays by name (params as bytes). Valid until the next append or truncate."""
+        scheme = self.scheme
+        store = self.store
+        cached = self.__dict__.get("_param_bytes")
+        if cached is None or cached[0] is not store:  # a new store: its params as bytes
+            if scheme.double_quant:
+                keys = ("scale_codes", "min_codes", "super_scales", "super_mins")
+                params = [store[key] for key in keys]
+            else:
+                params = [store["scales"], store["mins"], _NO_PARAMS, _NO_PARAMS]
+            cached = (store, *(p.view(np.uint8) for p in params))
+            self._param_bytes = cached
+        _, p0, p1, p2, p3 = cached
+        return StreamView(
+            scheme.bits,
+            scheme.axis in (-2, 1),
+            scheme.group_size,
+            self.chunk,
+            self.chunks,
+            self.slots,
+            scheme.double_quant,
+            scheme.scale_dtype == "float16",
+            store["codes"],
+            p0,
+            p1,
+            p2,
+            p3,
+            self.pending,
+        )
+
     def chunk_view(self, first: int, last: int) -> QuantizedTensor:
         """Chunks ``[first, last)`` (absolute indices, held, not wrapping) as one tensor of
         shape (last - first, heads, chunk, head_dim)."""
@@ -362,6 +403,36 @@ class TensorStream:
                 residual = unrotate(residual, self.rotation_seed)
             out[:, lo - start :] = residual
         return out
+
+
+class CacheView(NamedTuple):
+    """A consistent state of a KVCache for a reader (``with cache.reading() as view``)."""
+
+    appended: int  # len(cache): tokens appended, the position after the last
+    held: int  # tokens held and readable (the last ``held`` positions)
+    window: int | None
+    k: StreamView
+    v: StreamView
+
+
+class _Reading:
+    """``with cache.reading() as view``: the cache's lock held, and its :class:`CacheView`."""
+
+    __slots__ = ("cache",)
+
+    def __init__(self, cache: KVCache) -> None:
+        self.cache = cache
+
+    def __enter__(self) -> CacheView:
+        cache = self.cache
+        cache._lock.acquire()
+        k, v = cache._k, cache._v
+        return CacheView(
+            k.appended, min(k.held, v.held), cache.window, k.kernel_view(), v.kernel_view()
+        )
+
+    def __exit__(self, *exc) -> None:
+        self.cache._lock.release()
 
 
 class KVCache:
@@ -534,6 +605,15 @@ class KVCache:
             check_finite(name, values, "kvq caches finite values only", array, at=at)
             stream.raise_out_of_range(values)
         return values
+
+    def reading(self) -> _Reading:
+        """A context manager holding the cache's lock (appends wait) and giving its state as a
+        :class:`CacheView`, for readers such as :func:`kvq.attention`::
+
+            with cache.reading() as view:
+                ...  # view.k, view.v: the streams' StreamViews, valid inside the block
+        """
+        return _Reading(self)
 
     def __len__(self) -> int:
         with self._lock:

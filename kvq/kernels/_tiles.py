@@ -6,11 +6,13 @@ vector registers across the whole reduction loop:
 
 - ``scores_tile(keys, q, scores, r0, i0)``: for query rows r0..r0+3 and tokens i0..i0+31,
   ``scores[r, i] = sum_d q[r, d] * keys[d, i]`` (8 accumulators of 16 floats);
-- ``values_tile(weights, values, acc, r0, width)``: for rows r0..r0+3 and all 64 columns of
-  head_dim, ``acc[r, :] += sum_t weights[r, t] * values[t, :]`` (16 accumulators).
+- ``values_tile(weights, values, acc, r0, width, c0)``: for rows r0..r0+3 and the 64 columns
+  c0..c0+63 of head_dim, ``acc[r, c] += sum_t weights[r, t] * values[t, c]`` (16
+  accumulators).
 
-Arrays are 2-D C-contiguous float32; callers guarantee the tile lies inside them
-(``values_tile`` needs head_dim == 64).
+``scores_tiles[n]`` and ``values_tiles[n]`` are the same for n = 1..4 rows (a GQA group of
+1-3 rows, or the rows left after tiles of 4). Arrays are 2-D C-contiguous float32; callers
+guarantee the tile lies inside them.
 """
 
 from llvmlite import ir
@@ -56,123 +58,175 @@ def _is_matrix(value) -> bool:
     )
 
 
-@intrinsic
-def scores_tile(typingctx, keys, q, scores, r0, i0):
-    """scores[r0:r0+4, i0:i0+32] = q[r0:r0+4, :] @ keys[:, i0:i0+32]."""
-    if not (_is_matrix(keys) and _is_matrix(q) and _is_matrix(scores)):
-        return None
+def _make_scores_tile(count: int):
+    @intrinsic
+    def scores_tile(typingctx, keys, q, scores, r0, i0):
+        """scores[r0:r0+count, i0:i0+32] = q[r0:r0+count, :] @ keys[:, i0:i0+32]."""
+        if not (_is_matrix(keys) and _is_matrix(q) and _is_matrix(scores)):
+            return None
 
-    def codegen(context, builder, signature, args):
-        keys_value, q_value, scores_value, row0, col0 = args
-        k_type, q_type, s_type = signature.args[:3]
-        k_data, k_stride, dim = _array(context, builder, k_type, keys_value)
-        q_data, q_stride, _ = _array(context, builder, q_type, q_value)
-        s_data, s_stride, _ = _array(context, builder, s_type, scores_value)
-        fma = _fma(builder.module)
-        zero = ir.Constant(_v16, [0.0] * 16)
-        entry = builder.basic_block
-        loop = builder.append_basic_block("scores.loop")
-        done = builder.append_basic_block("scores.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        d = builder.phi(_i64)
-        d.add_incoming(ir.Constant(_i64, 0), entry)
-        accs = [builder.phi(_v16) for _ in range(8)]
-        for acc in accs:
-            acc.add_incoming(zero, entry)
-        key_base = builder.add(builder.mul(d, k_stride), col0)
-        keys0 = builder.load(_vector_at(builder, k_data, key_base), align=4)
-        keys1 = builder.load(
-            _vector_at(builder, k_data, builder.add(key_base, ir.Constant(_i64, 16))), align=4
-        )
-        updated = []
-        for r in range(4):
-            row = builder.add(row0, ir.Constant(_i64, r))
-            weight = builder.load(
-                builder.gep(q_data, [builder.add(builder.mul(row, q_stride), d)])
-            )
-            broadcast = _splat(builder, weight)
-            updated.append(builder.call(fma, [broadcast, keys0, accs[2 * r]]))
-            updated.append(builder.call(fma, [broadcast, keys1, accs[2 * r + 1]]))
-        next_d = builder.add(d, ir.Constant(_i64, 1))
-        body_end = builder.basic_block
-        d.add_incoming(next_d, body_end)
-        for acc, value in zip(accs, updated, strict=True):
-            acc.add_incoming(value, body_end)
-        builder.cbranch(builder.icmp_signed("<", next_d, dim), loop, done)
-        builder.position_at_end(done)
-        for r in range(4):
-            row = builder.add(row0, ir.Constant(_i64, r))
-            base = builder.add(builder.mul(row, s_stride), col0)
-            builder.store(updated[2 * r], _vector_at(builder, s_data, base), align=4)
-            builder.store(
-                updated[2 * r + 1],
-                _vector_at(builder, s_data, builder.add(base, ir.Constant(_i64, 16))),
+        def codegen(context, builder, signature, args):
+            keys_value, q_value, scores_value, row0, col0 = args
+            k_type, q_type, s_type = signature.args[:3]
+            k_data, k_stride, dim = _array(context, builder, k_type, keys_value)
+            q_data, q_stride, _ = _array(context, builder, q_type, q_value)
+            s_data, s_stride, _ = _array(context, builder, s_type, scores_value)
+            fma = _fma(builder.module)
+            zero = ir.Constant(_v16, [0.0] * 16)
+            entry = builder.basic_block
+            loop = builder.append_basic_block("scores.loop")
+            done = builder.append_basic_block("scores.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            d = builder.phi(_i64)
+            d.add_incoming(ir.Constant(_i64, 0), entry)
+            accs = [builder.phi(_v16) for _ in range(2 * count)]
+            for acc in accs:
+                acc.add_incoming(zero, entry)
+            key_base = builder.add(builder.mul(d, k_stride), col0)
+            keys0 = builder.load(_vector_at(builder, k_data, key_base), align=4)
+            keys1 = builder.load(
+                _vector_at(builder, k_data, builder.add(key_base, ir.Constant(_i64, 16))),
                 align=4,
             )
-        return context.get_dummy_value()
-
-    return types.void(keys, q, scores, types.int64, types.int64), codegen
-
-
-@intrinsic
-def values_tile(typingctx, weights, values, acc, r0, width):
-    """acc[r0:r0+4, 0:64] += weights[r0:r0+4, :width] @ values[:width, 0:64] (width >= 1)."""
-    if not (_is_matrix(weights) and _is_matrix(values) and _is_matrix(acc)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        w_value, v_value, a_value, row0, count = args
-        w_type, v_type, a_type = signature.args[:3]
-        w_data, w_stride, _ = _array(context, builder, w_type, w_value)
-        v_data, v_stride, _ = _array(context, builder, v_type, v_value)
-        a_data, a_stride, _ = _array(context, builder, a_type, a_value)
-        fma = _fma(builder.module)
-        zero = ir.Constant(_v16, [0.0] * 16)
-        entry = builder.basic_block
-        loop = builder.append_basic_block("values.loop")
-        done = builder.append_basic_block("values.done")
-        builder.branch(loop)
-        builder.position_at_end(loop)
-        t = builder.phi(_i64)
-        t.add_incoming(ir.Constant(_i64, 0), entry)
-        accs = [builder.phi(_v16) for _ in range(16)]
-        for accumulator in accs:
-            accumulator.add_incoming(zero, entry)
-        value_base = builder.mul(t, v_stride)
-        columns = [
-            builder.load(
-                _vector_at(builder, v_data, builder.add(value_base, ir.Constant(_i64, 16 * c))),
-                align=4,
-            )
-            for c in range(4)
-        ]
-        updated = []
-        for r in range(4):
-            row = builder.add(row0, ir.Constant(_i64, r))
-            weight = builder.load(
-                builder.gep(w_data, [builder.add(builder.mul(row, w_stride), t)])
-            )
-            broadcast = _splat(builder, weight)
-            for c in range(4):
-                updated.append(builder.call(fma, [broadcast, columns[c], accs[4 * r + c]]))
-        next_t = builder.add(t, ir.Constant(_i64, 1))
-        body_end = builder.basic_block
-        t.add_incoming(next_t, body_end)
-        for accumulator, value in zip(accs, updated, strict=True):
-            accumulator.add_incoming(value, body_end)
-        builder.cbranch(builder.icmp_signed("<", next_t, count), loop, done)
-        builder.position_at_end(done)
-        for r in range(4):
-            row = builder.add(row0, ir.Constant(_i64, r))
-            for c in range(4):
-                pointer = _vector_at(
-                    builder,
-                    a_data,
-                    builder.add(builder.mul(row, a_stride), ir.Constant(_i64, 16 * c)),
+            updated = []
+            for r in range(count):
+                row = builder.add(row0, ir.Constant(_i64, r))
+                weight = builder.load(
+                    builder.gep(q_data, [builder.add(builder.mul(row, q_stride), d)])
                 )
-                old = builder.load(pointer, align=4)
-                builder.store(builder.fadd(old, updated[4 * r + c]), pointer, align=4)
+                broadcast = _splat(builder, weight)
+                updated.append(builder.call(fma, [broadcast, keys0, accs[2 * r]]))
+                updated.append(builder.call(fma, [broadcast, keys1, accs[2 * r + 1]]))
+            next_d = builder.add(d, ir.Constant(_i64, 1))
+            body_end = builder.basic_block
+            d.add_incoming(next_d, body_end)
+            for acc, value in zip(accs, updated, strict=True):
+                acc.add_incoming(value, body_end)
+            builder.cbranch(builder.icmp_signed("<", next_d, dim), loop, done)
+            builder.position_at_end(done)
+            for r in range(count):
+                row = builder.add(row0, ir.Constant(_i64, r))
+                base = builder.add(builder.mul(row, s_stride), col0)
+                builder.store(updated[2 * r], _vector_at(builder, s_data, base), align=4)
+                builder.store(
+                    updated[2 * r + 1],
+                    _vector_at(builder, s_data, builder.add(base, ir.Constant(_i64, 16))),
+                    align=4,
+                )
+            return context.get_dummy_value()
+
+        return types.void(keys, q, scores, types.int64, types.int64), codegen
+
+    return scores_tile
+
+
+def _make_values_tile(count: int):
+    @intrinsic
+    def values_tile(typingctx, weights, values, acc, r0, width, c0):
+        """acc[r0:r0+count, c0:c0+64] += weights[r0:r0+count, :width] @ values[:width,
+        c0:c0+64] (width >= 1)."""
+        if not (_is_matrix(weights) and _is_matrix(values) and _is_matrix(acc)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            w_value, v_value, a_value, row0, count_t, col0 = args
+            w_type, v_type, a_type = signature.args[:3]
+            w_data, w_stride, _ = _array(context, builder, w_type, w_value)
+            v_data, v_stride, _ = _array(context, builder, v_type, v_value)
+            a_data, a_stride, _ = _array(context, builder, a_type, a_value)
+            fma = _fma(builder.module)
+            zero = ir.Constant(_v16, [0.0] * 16)
+            entry = builder.basic_block
+            loop = builder.append_basic_block("values.loop")
+            done = builder.append_basic_block("values.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            t = builder.phi(_i64)
+            t.add_incoming(ir.Constant(_i64, 0), entry)
+            accs = [builder.phi(_v16) for _ in range(4 * count)]
+            for accumulator in accs:
+                accumulator.add_incoming(zero, entry)
+            value_base = builder.add(builder.mul(t, v_stride), col0)
+            columns = [
+                builder.load(
+                    _vector_at(
+                        builder, v_data, builder.add(value_base, ir.Constant(_i64, 16 * c))
+                    ),
+                    align=4,
+                )
+                for c in range(4)
+            ]
+            updated = []
+            for r in range(count):
+                row = builder.add(row0, ir.Constant(_i64, r))
+                weight = builder.load(
+                    builder.gep(w_data, [builder.add(builder.mul(row, w_stride), t)])
+                )
+                broadcast = _splat(builder, weight)
+                for c in range(4):
+                    updated.append(builder.call(fma, [broadcast, columns[c], accs[4 * r + c]]))
+            next_t = builder.add(t, ir.Constant(_i64, 1))
+            body_end = builder.basic_block
+            t.add_incoming(next_t, body_end)
+            for accumulator, value in zip(accs, updated, strict=True):
+                accumulator.add_incoming(value, body_end)
+            builder.cbranch(builder.icmp_signed("<", next_t, count_t), loop, done)
+            builder.position_at_end(done)
+            for r in range(count):
+                row = builder.add(row0, ir.Constant(_i64, r))
+                base = builder.add(builder.mul(row, a_stride), col0)
+                for c in range(4):
+                    pointer = _vector_at(
+                        builder, a_data, builder.add(base, ir.Constant(_i64, 16 * c))
+                    )
+                    old = builder.load(pointer, align=4)
+                    builder.store(builder.fadd(old, updated[4 * r + c]), pointer, align=4)
+            return context.get_dummy_value()
+
+        return types.void(weights, values, acc, types.int64, types.int64, types.int64), codegen
+
+    return values_tile
+
+
+scores_tile_1, scores_tile_2, scores_tile_3, scores_tile = (
+    _make_scores_tile(n) for n in (1, 2, 3, 4)
+)
+values_tile_1, values_tile_2, values_tile_3, values_tile = (
+    _make_values_tile(n) for n in (1, 2, 3, 4)
+)
+
+
+@intrinsic
+def transpose_16(typingctx, source, target, t0, d0):
+    """target[d0:d0+16, t0:t0+16] = source[t0:t0+16, d0:d0+16].T: sixteen vector loads, four
+    rounds of perfect shuffles (interleaving vector i with vector i + 8), sixteen stores."""
+    if not (_is_matrix(source) and _is_matrix(target)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        s_value, t_value, row0, col0 = args
+        s_type, t_type = signature.args[:2]
+        s_data, s_stride, _ = _array(context, builder, s_type, s_value)
+        t_data, t_stride, _ = _array(context, builder, t_type, t_value)
+        vectors = []
+        for i in range(16):
+            row = builder.add(row0, ir.Constant(_i64, i))
+            at = builder.add(builder.mul(row, s_stride), col0)
+            vectors.append(builder.load(_vector_at(builder, s_data, at), align=4))
+        low = ir.Constant(ir.VectorType(_i32, 16), [j // 2 + 16 * (j % 2) for j in range(16)])
+        high = ir.Constant(ir.VectorType(_i32, 16), [8 + j // 2 + 16 * (j % 2) for j in range(16)])
+        for _ in range(4):
+            shuffled = []
+            for i in range(8):
+                a, b = vectors[i], vectors[i + 8]
+                shuffled.append(builder.shuffle_vector(a, b, low))
+                shuffled.append(builder.shuffle_vector(a, b, high))
+            vectors = shuffled
+        for j in range(16):
+            row = builder.add(col0, ir.Constant(_i64, j))
+            at = builder.add(builder.mul(row, t_stride), row0)
+            builder.store(vectors[j], _vector_at(builder, t_data, at), align=4)
         return context.get_dummy_value()
 
-    return types.void(weights, values, acc, types.int64, types.int64), codegen
+    return types.void(source, target, types.int64, types.int64), codegen

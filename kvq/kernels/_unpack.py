@@ -1,4 +1,13 @@
-"""Unpack 32 bit-packed codes and apply a group's scale and min, as one LLVM vector operation.
+"""kvq's one decoder of bit-packed codes (the little-endian bit streams of ``packing.py``).
+
+- ``code_at(row, index, bits)``: one code, at random;
+- ``unpack_run(row, start, count, bits, out)``: a run of codes into ``out`` (float32 codes for
+  attention, uint8 codes for ``packing.unpack_codes``): byte loops for 8, 4, 2 and 6 bits,
+  eight codes per ``bits`` bytes through a 64-bit word otherwise;
+- ``unpack_affine_32_<bits>``: 32 codes with a group's scale and min applied, as one LLVM
+  vector operation (below).
+
+Unpack 32 bit-packed codes and apply a group's scale and min, as one LLVM vector operation.
 
 ``unpack_affine_32[bits](row, index, scale, lowest, out, at)`` sets
 ``out[at:at + 32] = lowest + scale * code(row, index + i)`` for ``i < 32``, where ``row`` is a
@@ -11,13 +20,78 @@ Callers guarantee the run's ``4 * bits`` bytes and ``out[at:at + 32]`` lie insid
 The scale multiply and min add are one fused multiply-add per lane.
 """
 
+import numpy as np
 from llvmlite import ir
-from numba import types
+from numba import njit, types
 from numba.extending import intrinsic
 
 from kvq.kernels._simd import _is_array
 
 RUN = 32  # codes per call
+
+
+@njit(inline="always")
+def code_at(row, index, bits):
+    """Code ``index`` of a little-endian bit stream ``row`` (uint8)."""
+    bit = index * bits
+    byte = bit >> 3
+    shift = bit & 7
+    value = np.int64(row[byte])
+    if shift + bits > 8:
+        value |= np.int64(row[byte + 1]) << 8
+    return (value >> shift) & ((1 << bits) - 1)
+
+
+@njit(inline="always")
+def unpack_run(row, start, count, bits, out):
+    """out[:count] = codes ``start .. start + count`` of bit stream ``row`` (bits 1-8), cast to
+    out's dtype."""
+    if bits == 8:
+        run = row[start : start + count]
+        for i in range(count):
+            out[i] = run[i]
+    elif bits == 4 and start % 2 == 0 and count % 2 == 0:
+        run = row[start // 2 : (start + count) // 2]
+        for i in range(count // 2):
+            b = np.int32(run[i])
+            out[2 * i] = b & 15
+            out[2 * i + 1] = b >> 4
+    elif bits == 2 and start % 4 == 0 and count % 4 == 0:
+        run = row[start // 4 : (start + count) // 4]
+        for i in range(count // 4):
+            b = np.int32(run[i])
+            out[4 * i] = b & 3
+            out[4 * i + 1] = (b >> 2) & 3
+            out[4 * i + 2] = (b >> 4) & 3
+            out[4 * i + 3] = b >> 6
+    elif bits == 6 and start % 4 == 0 and count % 4 == 0:  # second-level codes
+        run = row[start // 4 * 3 : (start + count) // 4 * 3]
+        for i in range(count // 4):
+            word = (
+                np.int32(run[3 * i])
+                | (np.int32(run[3 * i + 1]) << 8)
+                | (np.int32(run[3 * i + 2]) << 16)
+            )
+            out[4 * i] = word & 63
+            out[4 * i + 1] = (word >> 6) & 63
+            out[4 * i + 2] = (word >> 12) & 63
+            out[4 * i + 3] = word >> 18
+    elif start % 8 == 0:  # 8 codes are exactly ``bits`` bytes: one 64-bit word each
+        mask = np.uint64((1 << bits) - 1)
+        first = start // 8 * bits
+        whole = count // 8
+        for chunk in range(whole):
+            value = np.uint64(0)
+            for j in range(bits):
+                value |= np.uint64(row[first + chunk * bits + j]) << np.uint64(8 * j)
+            for i in range(8):
+                out[chunk * 8 + i] = (value >> np.uint64(bits * i)) & mask
+        for i in range(whole * 8, count):
+            out[i] = code_at(row, start + i, bits)
+    else:
+        for i in range(count):
+            out[i] = code_at(row, start + i, bits)
+
 
 _i8, _i32, _i64, _f32 = ir.IntType(8), ir.IntType(32), ir.IntType(64), ir.FloatType()
 

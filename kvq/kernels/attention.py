@@ -4,43 +4,75 @@ Work is split across threads by token range (flash-decoding): each task walks it
 tokens and, within a block, every KV head in turn, so the codes (a chunk's slot row holds
 all heads) stream through the caches once, whole lines and pages at a time. Per block and
 head it unpacks the codes into small float32 scratch arrays in L1 (32 codes at a time as one
-vector operation: ``_unpack.py``), computes scores for every query row of that head (the 8
-query heads of a GPT-OSS KV head share the scratch), updates an online softmax (running
-max, sum and weighted value sum) and moves on. No dequantized copy of the cache is built;
-the scratch holds one block of one head. Per-token keys, per-channel values and ragged
-tails go through a slower token-at-a-time decoder, compiled once and not inlined.
+vector operation: ``_unpack.py``), computes scores for every query row of that head (the
+GQA group's rows share the decoded block), updates an online softmax (running max, sum and
+weighted value sum) and moves on. No dequantized copy of the cache is built; the scratch
+holds one block of one head. The two products run as register tiles (``_tiles.py``) of 4
+query rows, and of 1-3 rows for the rest of a group (GQA 1, 3, 7 ...). After the parallel
+loop the partial softmaxes of the token ranges are merged (with the sinks) in float64.
 
-Not done, by arithmetic rather than measurement: folding the group scales into the query
-and the softmax weights instead of dequantizing would save only the multiply-add per element
-(the code-to-float conversion stays), and with 8 query rows sharing each decoded block that
-is about 1/9 of the block's arithmetic. Unpacking as vectors and streaming the codes in
-order took single-thread time at 32K from 19 to 12-13 ms.
+Per-channel keys decode a chunk a channel at a time; per-token keys and values decode a token
+at a time, 32 codes per vector operation when head_dim and the group are multiples of 32
+(keys are then transposed into the channel-major scratch). Residual tokens, per-channel
+values and other shapes go through a slower token-at-a-time decoder, compiled once and not
+inlined.
 
-Stream layout (``layout`` int64[12]): bits, per_channel, group, chunk, first_chunk, chunks,
-slots, double_quant, half, n_residual, heads, head_dim. Param arrays: plain params are
-``p0`` scales and ``p1`` mins (float32, or float16 bits as uint16 with ``half``); with
-double_quant ``p0``/``p1`` are packed 6-bit scale/min codes and ``p2``/``p3`` float16 bits of
-the per-8-group steps.
+A stream arrives as a :class:`StreamView` (built by ``TensorStream.kernel_view()``): the
+scheme's integers and the store's arrays by name. Param arrays: plain params are ``p0``
+scales and ``p1`` mins (float32, or float16 bits with ``half``), as bytes; with double_quant
+``p0``/``p1`` are packed 6-bit scale/min codes and ``p2``/``p3`` float16 bits of the
+per-8-group steps.
 """
+
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
-from kvq._format import MIN_OFFSET, SUB_BITS, SUB_LEVELS, SUPER_GROUPS
+from kvq._format import MIN_OFFSET, SUB_BITS, SUPER_GROUPS
 from kvq.kernels._floatbits import bits_to_float, half_bits_to_float
-from kvq.kernels._tiles import scores_tile, values_tile
+from kvq.kernels._tiles import (
+    scores_tile,
+    scores_tile_1,
+    scores_tile_2,
+    scores_tile_3,
+    transpose_16,
+    values_tile,
+    values_tile_1,
+    values_tile_2,
+    values_tile_3,
+)
 from kvq.kernels._unpack import (
     RUN,
+    code_at,
     unpack_affine_32_2,
     unpack_affine_32_3,
     unpack_affine_32_4,
     unpack_affine_32_6,
     unpack_affine_32_8,
+    unpack_run,
 )
 
-_BITS, _PER_CHANNEL, _GROUP, _CHUNK, _FIRST, _CHUNKS, _SLOTS, _DQ, _HALF, _RES, _HEADS, _DIM = (
-    range(12)
-)
+
+class StreamView(NamedTuple):
+    """One K or V stream as the kernel reads it (``TensorStream.kernel_view()``)."""
+
+    bits: int  # 2, 3, 4 or 8 bits per code
+    per_channel: bool  # groups run across tokens (axis -2) rather than along head_dim
+    group: int  # the scheme's group_size
+    chunk: int  # tokens quantized together (one slot row)
+    chunks: int  # chunks quantized so far: positions below chunks * chunk are codes
+    slots: int  # rows of the store (a ring when windowed)
+    double_quant: bool  # p0/p1 are 6-bit codes under the float16 steps p2/p3
+    half: bool  # plain params are float16
+    codes: np.ndarray  # uint8 (slots, code bytes of a chunk)
+    p0: np.ndarray  # uint8 (slots, bytes): scales, or scale codes
+    p1: np.ndarray  # mins, or min codes
+    p2: np.ndarray  # float16 scale steps (double_quant), else a dummy
+    p3: np.ndarray  # float16 min steps (double_quant), else a dummy
+    residual: np.ndarray  # float32 (heads, residual tokens, head_dim), after the chunks
+
+
 _NEG_INF = np.float32(-np.inf)
 
 
@@ -64,56 +96,6 @@ def _exp(x):
     p = p * y + np.float32(1.0)
     p = p * y + np.float32(1.0)
     return p * bits_to_float(np.int32((np.int32(n) + 127) << 23))
-
-
-@njit(inline="always")
-def _code(row, index, bits):
-    """Code ``index`` of a little-endian bit stream ``row`` (uint8)."""
-    bit = index * bits
-    byte = bit >> 3
-    shift = bit & 7
-    value = np.int64(row[byte])
-    if shift + bits > 8:
-        value |= np.int64(row[byte + 1]) << 8
-    return (value >> shift) & ((1 << bits) - 1)
-
-
-@njit(inline="always")
-def _unpack_run(row, start, count, bits, out):
-    """out[:count] = float32 codes ``start .. start + count`` of bit stream ``row``."""
-    if bits == 8:
-        run = row[start : start + count]
-        for i in range(count):
-            out[i] = np.float32(run[i])
-    elif bits == 4 and start % 2 == 0 and count % 2 == 0:
-        run = row[start // 2 : (start + count) // 2]
-        for i in range(count // 2):
-            b = np.int32(run[i])
-            out[2 * i] = np.float32(b & 15)
-            out[2 * i + 1] = np.float32(b >> 4)
-    elif bits == 2 and start % 4 == 0 and count % 4 == 0:
-        run = row[start // 4 : (start + count) // 4]
-        for i in range(count // 4):
-            b = np.int32(run[i])
-            out[4 * i] = np.float32(b & 3)
-            out[4 * i + 1] = np.float32((b >> 2) & 3)
-            out[4 * i + 2] = np.float32((b >> 4) & 3)
-            out[4 * i + 3] = np.float32(b >> 6)
-    elif bits == 6 and start % 4 == 0 and count % 4 == 0:  # second-level codes
-        run = row[start // 4 * 3 : (start + count) // 4 * 3]
-        for i in range(count // 4):
-            word = (
-                np.int32(run[3 * i])
-                | (np.int32(run[3 * i + 1]) << 8)
-                | (np.int32(run[3 * i + 2]) << 16)
-            )
-            out[4 * i] = np.float32(word & 63)
-            out[4 * i + 1] = np.float32((word >> 6) & 63)
-            out[4 * i + 2] = np.float32((word >> 12) & 63)
-            out[4 * i + 3] = np.float32(word >> 18)
-    else:
-        for i in range(count):
-            out[i] = np.float32(_code(row, start + i, bits))
 
 
 @njit(inline="always")
@@ -150,136 +132,208 @@ def _f32_at(row, index):
     return bits_to_float(np.int32(bits))
 
 
+class _Flat(NamedTuple):
+    """A StreamView's arrays as flat 1-D views with their row lengths (in their own units):
+    hot loops index them without slicing, since every Numba slice is an atomic incref and
+    decref (measured with perf: a quarter of the time when rows were sliced per token)."""
+
+    codes: np.ndarray
+    p0: np.ndarray
+    p1: np.ndarray
+    p2: np.ndarray
+    p3: np.ndarray
+    codes_row: int  # codes per slot row
+    param_row: int  # params of p0/p1 per slot row (6-bit codes, float16 or float32 values)
+    step_row: int  # float16 steps of p2/p3 per slot row
+
+
 @njit(inline="always")
-def _params(layout, slot, group, p0, p1, p2, p3):
+def _flat(view):
+    """The :class:`_Flat` of a StreamView."""
+    if view.double_quant:
+        param_row = view.p0.shape[1] * 8 // SUB_BITS
+    elif view.half:
+        param_row = view.p0.shape[1] // 2
+    else:
+        param_row = view.p0.shape[1] // 4
+    return _Flat(
+        view.codes.reshape(view.codes.size),
+        view.p0.reshape(view.p0.size),
+        view.p1.reshape(view.p1.size),
+        view.p2.reshape(view.p2.size),
+        view.p3.reshape(view.p3.size),
+        view.codes.shape[1] * 8 // view.bits,
+        param_row,
+        view.p2.shape[1] // 2,
+    )
+
+
+@njit(inline="always")
+def _params(view, flat, slot, group):
     """(scale, min) float32 of ``group`` in chunk ``slot`` of a stream (params as bytes)."""
-    if layout[_DQ]:
-        sc = _code(p0[slot], group, SUB_BITS)
-        mc = _code(p1[slot], group, SUB_BITS) - MIN_OFFSET
-        d = _f16_at(p2[slot], group // SUPER_GROUPS)
-        dmin = _f16_at(p3[slot], group // SUPER_GROUPS)
+    if view.double_quant:
+        at = slot * flat.param_row + group
+        sc = code_at(flat.p0, at, SUB_BITS)
+        mc = code_at(flat.p1, at, SUB_BITS) - MIN_OFFSET
+        step_at = slot * flat.step_row + group // SUPER_GROUPS
+        d = _f16_at(flat.p2, step_at)
+        dmin = _f16_at(flat.p3, step_at)
         return np.float32(d * np.float32(sc)), np.float32(dmin * np.float32(mc))
-    if layout[_HALF]:
-        return _f16_at(p0[slot], group), _f16_at(p1[slot], group)
-    return _f32_at(p0[slot], group), _f32_at(p1[slot], group)
+    at = slot * flat.param_row + group
+    if view.half:
+        return _f16_at(flat.p0, at), _f16_at(flat.p1, at)
+    return _f32_at(flat.p0, at), _f32_at(flat.p1, at)
 
 
 @njit(cache=True)  # slow paths only: compiled once, not inlined (halves compile time)
 def _decode_token_major(
-    layout,
-    codes,
-    p0,
-    p1,
-    p2,
-    p3,
-    residual,
-    head,
-    position,
-    codes_out,
-    scales_out,
-    mins_out,
-    values_out,
-    dequantize,
+    view, flat, head, position, dim, codes_out, scales_out, mins_out, values_out
 ):
-    """One token of one head: float32 codes (or values) along head_dim.
-
-    Per-token streams give codes plus per-dim scale/min (``scales_out``/``mins_out`` per
-    head_dim element); residual tokens give exact values. Returns 0 for codes, 1 for values.
-    """
-    chunk = layout[_CHUNK]
-    dim = layout[_DIM]
+    """values_out[:dim] = one token of one head, dequantized (or copied from the residual)."""
+    chunk = view.chunk
     index = position // chunk
-    if index >= layout[_CHUNKS]:
-        offset = position - layout[_CHUNKS] * chunk
+    if index >= view.chunks:
+        offset = position - view.chunks * chunk
         for d in range(dim):
-            values_out[d] = residual[head, offset, d]
-        return 1
-    slot = index % layout[_SLOTS]
+            values_out[d] = view.residual[head, offset, d]
+        return
+    slot = index % view.slots
     inner = position - index * chunk
-    bits = layout[_BITS]
-    group = min(layout[_GROUP], dim)
-    if not layout[_PER_CHANNEL]:
+    bits = view.bits
+    group = min(view.group, dim)
+    row_at = slot * flat.codes_row
+    if not view.per_channel:
         groups_per_token = (dim + group - 1) // group
-        _unpack_run(codes[slot], (head * chunk + inner) * dim, dim, bits, codes_out)
+        unpack_run(flat.codes, row_at + (head * chunk + inner) * dim, dim, bits, codes_out)
         base = (head * chunk + inner) * groups_per_token
         for g in range(groups_per_token):
-            s, m = _params(layout, slot, base + g, p0, p1, p2, p3)
+            s, m = _params(view, flat, slot, base + g)
             lo = g * group
             hi = min(dim, lo + group)
-            if dequantize:  # straight to values: no per-element scale arrays
-                for d in range(lo, hi):
-                    values_out[d] = m + s * codes_out[d]
-            else:
-                for d in range(lo, hi):
-                    scales_out[d] = s
-                    mins_out[d] = m
-        return 1 if dequantize else 0
-    else:
-        token_group = min(layout[_GROUP], chunk)
-        groups_per_channel = chunk // token_group
-        for d in range(dim):
-            run = (head * dim + d) * chunk
-            codes_out[d] = np.float32(_code(codes[slot], run + inner, bits))
-            s, m = _params(
-                layout,
-                slot,
-                (head * dim + d) * groups_per_channel + inner // token_group,
-                p0,
-                p1,
-                p2,
-                p3,
-            )
-            scales_out[d] = s
-            mins_out[d] = m
-    if dequantize:
-        for d in range(dim):
-            values_out[d] = mins_out[d] + scales_out[d] * codes_out[d]
-        return 1
-    return 0
+            for d in range(lo, hi):
+                values_out[d] = m + s * codes_out[d]
+        return
+    token_group = min(view.group, chunk)
+    groups_per_channel = chunk // token_group
+    for d in range(dim):
+        run = (head * dim + d) * chunk
+        codes_out[d] = np.float32(code_at(flat.codes, row_at + run + inner, bits))
+        s, m = _params(
+            view, flat, slot, (head * dim + d) * groups_per_channel + inner // token_group
+        )
+        scales_out[d] = s
+        mins_out[d] = m
+    for d in range(dim):
+        values_out[d] = mins_out[d] + scales_out[d] * codes_out[d]
+
+
+@njit(inline="always")
+def _vector_tokens(view, dim):
+    """Whether per-token rows of ``view`` decode 32 codes per vector operation."""
+    group = min(view.group, dim)
+    return (
+        not view.per_channel
+        and dim % RUN == 0
+        and group % RUN == 0
+        and (view.bits == 2 or view.bits == 3 or view.bits == 4 or view.bits == 8)
+    )
+
+
+@njit(inline="always")
+def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
+    """out[at + t, :dim] = per-token codes of positions first .. first + count - 1 (all
+    quantized and held) dequantized; ``vector``: :func:`_vector_tokens` of the view;
+    ``out_flat``: ``out`` as a flat view."""
+    chunk = view.chunk
+    slots = view.slots
+    bits = view.bits
+    group = min(view.group, dim)
+    groups = (dim + group - 1) // group
+    index = first // chunk
+    inner = first - index * chunk
+    slot = index % slots
+    for t in range(count):
+        base = head * chunk + inner
+        codes_at = slot * flat.codes_row + base * dim
+        out_at = (at + t) * dim
+        if vector and view.double_quant:  # one float16 step pair per super-group
+            super_group = -1
+            step = step_min = np.float32(0.0)
+            for j in range(dim // RUN):
+                index_ = base * groups + (j * RUN) // group
+                if index_ // SUPER_GROUPS != super_group:
+                    super_group = index_ // SUPER_GROUPS
+                    step = _f16_at(flat.p2, slot * flat.step_row + super_group)
+                    step_min = _f16_at(flat.p3, slot * flat.step_row + super_group)
+                param_at = slot * flat.param_row + index_
+                s = step * np.float32(code_at(flat.p0, param_at, SUB_BITS))
+                m = step_min * np.float32(code_at(flat.p1, param_at, SUB_BITS) - MIN_OFFSET)
+                _affine_run(flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
+        elif vector:
+            for j in range(dim // RUN):
+                s, m = _params(view, flat, slot, base * groups + (j * RUN) // group)
+                _affine_run(flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
+        else:
+            row = out[at + t]
+            unpack_run(flat.codes, codes_at, dim, bits, row)
+            for g in range(groups):
+                s, m = _params(view, flat, slot, base * groups + g)
+                lo = g * group
+                for d in range(lo, min(dim, lo + group)):
+                    row[d] = m + s * row[d]
+        inner += 1
+        if inner == chunk:
+            inner = 0
+            slot += 1
+            if slot == slots:
+                slot = 0
 
 
 @njit(inline="always")
 def _dequantize_chunk_keys(
-    layout, codes, p0, p1, p2, p3, head, index, offset, keys, scratch, channel_scales, channel_mins
+    view, flat, head, index, offset, dim, keys, keys_flat, scratch, channel_scales, channel_mins
 ):
-    """keys[d, offset:offset + chunk] = dequantized per-channel chunk ``index`` of ``head``."""
-    chunk = layout[_CHUNK]
-    dim = layout[_DIM]
-    slot = index % layout[_SLOTS]
-    token_group = min(layout[_GROUP], chunk)
+    """keys[d, offset:offset + chunk] = dequantized per-channel chunk ``index`` of ``head``
+    (``keys_flat``: ``keys`` as a flat view)."""
+    chunk = view.chunk
+    block = keys.shape[1]
+    slot = index % view.slots
+    token_group = min(view.group, chunk)
     per_channel = chunk // token_group
-    code_row = codes[slot]
-    bits = layout[_BITS]
-    if layout[_DQ] and per_channel == 1 and dim % SUPER_GROUPS == 0:
+    row_at = slot * flat.codes_row
+    bits = view.bits
+    if view.double_quant and per_channel == 1 and dim % SUPER_GROUPS == 0:
         # all of the head's channel params at once: 6-bit codes unpacked as runs
         base = head * dim
+        param_at = slot * flat.param_row + base
         if dim % RUN == 0:  # the 6-bit codes as float vectors
             for at in range(0, dim, RUN):
-                unpack_affine_32_6(p0[slot], base + at, 1.0, 0.0, channel_scales, at)
-                unpack_affine_32_6(p1[slot], base + at, 1.0, 0.0, channel_mins, at)
+                unpack_affine_32_6(flat.p0, param_at + at, 1.0, 0.0, channel_scales, at)
+                unpack_affine_32_6(flat.p1, param_at + at, 1.0, 0.0, channel_mins, at)
         else:
-            _unpack_run(p0[slot], base, dim, SUB_BITS, channel_scales)
-            _unpack_run(p1[slot], base, dim, SUB_BITS, channel_mins)
+            unpack_run(flat.p0, param_at, dim, SUB_BITS, channel_scales)
+            unpack_run(flat.p1, param_at, dim, SUB_BITS, channel_mins)
         for first in range(0, dim, SUPER_GROUPS):
-            step = _f16_at(p2[slot], (base + first) // SUPER_GROUPS)
-            step_min = _f16_at(p3[slot], (base + first) // SUPER_GROUPS)
+            step_at = slot * flat.step_row + (base + first) // SUPER_GROUPS
+            step = _f16_at(flat.p2, step_at)
+            step_min = _f16_at(flat.p3, step_at)
             for j in range(first, first + SUPER_GROUPS):
                 channel_scales[j] = step * channel_scales[j]
                 channel_mins[j] = step_min * (channel_mins[j] - np.float32(MIN_OFFSET))
         if chunk == RUN and bits in (2, 3, 4, 8):
             for d in range(dim):
                 _affine_run(
-                    code_row,
-                    (head * dim + d) * chunk,
+                    flat.codes,
+                    row_at + (head * dim + d) * chunk,
                     bits,
                     channel_scales[d],
                     channel_mins[d],
-                    keys[d],
-                    offset,
+                    keys_flat,
+                    d * block + offset,
                 )
             return
         for d in range(dim):
-            _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
+            unpack_run(flat.codes, row_at + (head * dim + d) * chunk, chunk, bits, scratch)
             s, m = channel_scales[d], channel_mins[d]
             target = keys[d, offset : offset + chunk]
             for i in range(chunk):
@@ -288,21 +342,21 @@ def _dequantize_chunk_keys(
     if token_group == RUN and bits in (2, 3, 4, 8):
         for d in range(dim):
             for g in range(per_channel):
-                s, m = _params(layout, slot, (head * dim + d) * per_channel + g, p0, p1, p2, p3)
+                s, m = _params(view, flat, slot, (head * dim + d) * per_channel + g)
                 _affine_run(
-                    code_row,
-                    (head * dim + d) * chunk + g * RUN,
+                    flat.codes,
+                    row_at + (head * dim + d) * chunk + g * RUN,
                     bits,
                     s,
                     m,
-                    keys[d],
-                    offset + g * RUN,
+                    keys_flat,
+                    d * block + offset + g * RUN,
                 )
         return
     for d in range(dim):
-        _unpack_run(code_row, (head * dim + d) * chunk, chunk, bits, scratch)
+        unpack_run(flat.codes, row_at + (head * dim + d) * chunk, chunk, bits, scratch)
         for g in range(per_channel):
-            s, m = _params(layout, slot, (head * dim + d) * per_channel + g, p0, p1, p2, p3)
+            s, m = _params(view, flat, slot, (head * dim + d) * per_channel + g)
             lo = g * token_group
             target = keys[d, offset + lo : offset + lo + token_group]
             source = scratch[lo : lo + token_group]
@@ -311,96 +365,149 @@ def _dequantize_chunk_keys(
 
 
 @njit(inline="always")
-def _dequantize_token_values(layout, codes, p0, p1, p2, p3, head, first, count, values):
-    """values[t] = dequantized per-token values of positions first .. first + count - 1, all
-    quantized, for a stream of one-token chunks (slots advance without divisions)."""
-    dim = layout[_DIM]
-    slots = layout[_SLOTS]
-    bits = layout[_BITS]
-    group = min(layout[_GROUP], dim)
-    groups = (dim + group - 1) // group
-    half = dim // 2
-    slot = first % slots
-    fast_params = layout[_DQ] != 0 and groups == 2 and dim == 2 * group
-    if fast_params and group == RUN and bits in (2, 3, 4, 8):  # GPT-OSS q8/q4: vector unpacking
-        pair = head * 2
-        bit = pair * SUB_BITS
-        byte, shift = bit >> 3, bit & 7
-        for t in range(count):
-            sc_row, mc_row = p0[slot], p1[slot]
-            sc_pair = (np.int32(sc_row[byte]) | (np.int32(sc_row[byte + 1]) << 8)) >> shift
-            mc_pair = (np.int32(mc_row[byte]) | (np.int32(mc_row[byte + 1]) << 8)) >> shift
-            step = _f16_at(p2[slot], pair // SUPER_GROUPS)
-            step_min = _f16_at(p3[slot], pair // SUPER_GROUPS)
-            row = values[t]
-            for g in range(2):
-                s = step * np.float32((sc_pair >> (SUB_BITS * g)) & SUB_LEVELS)
-                m = step_min * np.float32(((mc_pair >> (SUB_BITS * g)) & SUB_LEVELS) - MIN_OFFSET)
-                _affine_run(codes[slot], head * dim + g * RUN, bits, s, m, row, g * RUN)
-            slot += 1
-            if slot == slots:
-                slot = 0
+def _touch(view, flat, first, count):
+    """Sum of one byte in 64 of the slot rows that hold positions first .. first + count - 1
+    (the quantized ones): many independent loads in flight bring a block's rows into cache
+    before its heads are walked one at a time. Without them a per-token stream (a slot row
+    per token, all heads side by side) is read a head's slice per row, one row after the
+    other: perf put 70% of Llama-2's time on those loads."""
+    total = 0
+    row_bytes = view.codes.shape[1]
+    lo = first // view.chunk
+    hi = min(view.chunks, (first + count - 1) // view.chunk + 1)
+    for index in range(lo, hi):
+        base = (index % view.slots) * row_bytes
+        for at in range(0, row_bytes, 64):
+            total += flat.codes[base + at]
+    return total
+
+
+@njit(inline="always")
+def _scores(keys, q, scores, rows, width):
+    """scores[r, :width] = q[r] @ keys[:, :width] for every row: register tiles of 4 rows (and
+    one of the 1-3 rows left) over 32 tokens, plain loops for the last width % 32 tokens."""
+    dim = q.shape[1]
+    tiled_width = width - width % 32
+    rest = rows % 4
+    for r0 in range(0, rows - rest, 4):
+        for i0 in range(0, tiled_width, 32):
+            scores_tile(keys, q, scores, r0, i0)
+    r0 = rows - rest
+    if rest == 3:
+        for i0 in range(0, tiled_width, 32):
+            scores_tile_3(keys, q, scores, r0, i0)
+    elif rest == 2:
+        for i0 in range(0, tiled_width, 32):
+            scores_tile_2(keys, q, scores, r0, i0)
+    elif rest == 1:
+        for i0 in range(0, tiled_width, 32):
+            scores_tile_1(keys, q, scores, r0, i0)
+    if tiled_width < width:
+        for r in range(rows):
+            row = scores[r]
+            for i in range(tiled_width, width):
+                row[i] = 0.0
+            for d in range(dim):
+                key_row = keys[d]
+                f = q[r, d]
+                for i in range(tiled_width, width):
+                    row[i] += f * key_row[i]
+
+
+@njit(inline="always")
+def _accumulate(scores, values, acc, rows, width):
+    """acc[r] += scores[r, :width] @ values[:width] for every row: tiles of 4 rows (and one
+    of the 1-3 left) by 64 columns when head_dim is a multiple of 64, else plain loops."""
+    dim = acc.shape[1]
+    if dim % 64 == 0:
+        rest = rows % 4
+        for c0 in range(0, dim, 64):
+            for r0 in range(0, rows - rest, 4):
+                values_tile(scores, values, acc, r0, width, c0)
+            r0 = rows - rest
+            if rest == 3:
+                values_tile_3(scores, values, acc, r0, width, c0)
+            elif rest == 2:
+                values_tile_2(scores, values, acc, r0, width, c0)
+            elif rest == 1:
+                values_tile_1(scores, values, acc, r0, width, c0)
         return
-    for t in range(count):
-        row = values[t]
-        _unpack_run(codes[slot], head * dim, dim, bits, row)
-        if fast_params:  # both groups' 6-bit codes in one 16-bit read, one shared step
-            pair = head * 2
-            bit = pair * SUB_BITS
-            sc_row, mc_row = p0[slot], p1[slot]
-            byte, shift = bit >> 3, bit & 7
-            sc_pair = (np.int32(sc_row[byte]) | (np.int32(sc_row[byte + 1]) << 8)) >> shift
-            mc_pair = (np.int32(mc_row[byte]) | (np.int32(mc_row[byte + 1]) << 8)) >> shift
-            step = _f16_at(p2[slot], pair // SUPER_GROUPS)
-            step_min = _f16_at(p3[slot], pair // SUPER_GROUPS)
-            for g in range(2):
-                s = step * np.float32((sc_pair >> (SUB_BITS * g)) & SUB_LEVELS)
-                m = step_min * np.float32(((mc_pair >> (SUB_BITS * g)) & SUB_LEVELS) - MIN_OFFSET)
-                part = row[g * half : (g + 1) * half]
-                for d in range(half):
-                    part[d] = m + s * part[d]
-            slot += 1
-            if slot == slots:
-                slot = 0
-            continue
-        for g in range(groups):
-            s, m = _params(layout, slot, head * groups + g, p0, p1, p2, p3)
-            lo = g * group
-            hi = min(dim, lo + group)
-            part = row[lo:hi]
-            for d in range(hi - lo):
-                part[d] = m + s * part[d]
-        slot += 1
-        if slot == slots:
-            slot = 0
+    for r in range(rows):
+        acc_row = acc[r]
+        for t in range(width):
+            p = scores[r, t]
+            value_row = values[t]
+            for d in range(dim):
+                acc_row[d] += p * value_row[d]
+
+
+@njit(inline="always")
+def _merge_row(part_max, part_sum, part_acc, sinks, t_q, splits, out, head, r, weights):
+    """out[head, r] = the softmax of the splits' partials of one row, with its sink, in
+    float64 (zeros for a row that sees nothing)."""
+    dim = out.shape[2]
+    top = sinks[head, r // t_q]
+    for split in range(splits):
+        top = max(top, np.float64(part_max[head * splits + split, r]))
+    if top == -np.inf:
+        for d in range(dim):
+            out[head, r, d] = 0.0
+        return
+    total = 0.0
+    if sinks[head, r // t_q] > -np.inf:
+        total = np.exp(sinks[head, r // t_q] - top)
+    for split in range(splits):
+        m = np.float64(part_max[head * splits + split, r])
+        w = np.exp(m - top) if m > -np.inf else 0.0
+        weights[split] = w
+        total += w * np.float64(part_sum[head * splits + split, r])
+    scale = 1.0 / total if total > 0 else 1.0
+    for d in range(dim):
+        a = 0.0
+        for split in range(splits):
+            a += weights[split] * np.float64(part_acc[head * splits + split, r, d])
+        out[head, r, d] = np.float32(a * scale)
+
+
+_MERGE_PARALLEL = 1 << 16  # merge work (rows x splits x head_dim) worth a parallel loop
 
 
 @njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
 def attention_blocks(
-    queries, row_first, row_last, origin, first_held, end_position, block, splits, head_groups,
-    k_layout, k_codes, k_p0, k_p1, k_p2, k_p3, k_residual,
-    v_layout, v_codes, v_p0, v_p1, v_p2, v_p3, v_residual,
-    part_max, part_sum, part_acc,
+    queries, t_q, query_end, causal, window, first_visible, first_held, end_position,
+    origin, block, splits, head_groups, k, v, sinks, part_max, part_sum, part_acc, out,
 ):  # fmt: skip
-    """Partial softmax attention per (split, KV head): ``splits * head_groups`` parallel
-    tasks, each a contiguous range of blocks walked through its group of KV heads (all heads
-    when ``head_groups`` is 1; more groups keep threads busy when there are few blocks).
+    """Softmax attention of ``queries`` over two streams ``k`` and ``v`` (:class:`StreamView`).
 
-    queries: float32 (kv_heads, rows, head_dim), already scaled (and rotated); row_first,
-    row_last: int64 (rows,) visible absolute positions per query row (inclusive). Blocks of
-    ``block`` tokens start at ``origin`` and run to ``end_position``. Out per partial
-    t = head * splits + split: part_max, part_sum float32 (kv_heads * splits, rows); part_acc
-    float32 (kv_heads * splits, rows, head_dim).
+    queries: float32 (kv_heads, rows, head_dim), already scaled (and rotated); rows are
+    (group, t_q) group-major, and query token j sits at position query_end - t_q + j. It sees
+    positions from max(first_visible, position - window + 1) (no window when window is 0)
+    up to its own (``causal``) or end_position - 1. Blocks of ``block`` tokens start at
+    ``origin`` and run to ``end_position``; positions before ``first_held`` were dropped by a
+    window. sinks: float64 (kv_heads, group) logits (-inf: none). ``splits * head_groups``
+    parallel tasks each take a contiguous range of blocks through their group of KV heads,
+    writing partials t = head * splits + split to part_max, part_sum float32 (kv_heads *
+    splits, rows) and part_acc float32 (kv_heads * splits, rows, head_dim); they are merged
+    into out float32 (kv_heads, rows, head_dim).
 
     Each block is dequantized into L1 scratch once per KV head and shared by all its query
-    rows (grouped-query attention: 8 rows for GPT-OSS), then scores and values are two small
-    matrix products with register-tiled inner loops.
+    rows, then scores and values are two small matrix products with register-tiled loops.
     """
     kv_heads, rows, dim = queries.shape
+    row_first = np.empty(rows, np.int64)
+    row_last = np.empty(rows, np.int64)
+    for r in range(rows):
+        position = query_end - t_q + r % t_q
+        row_first[r] = max(first_visible, position - window + 1) if window > 0 else first_visible
+        row_last[r] = position if causal else end_position - 1
     n_blocks = (end_position - origin + block - 1) // block
     per_split = (n_blocks + splits - 1) // splits
-    k_chunk = k_layout[_CHUNK]
-    chunk_keys = k_layout[_PER_CHANNEL] != 0 and block % k_chunk == 0 and origin % k_chunk == 0
+    k_chunk = k.chunk
+    chunk_keys = k.per_channel and block % k_chunk == 0 and origin % k_chunk == 0
+    k_vector = _vector_tokens(k, dim)
+    v_vector = _vector_tokens(v, dim)
+    k_flat = _flat(k)
+    v_flat = _flat(v)
     heads_per_task = (kv_heads + head_groups - 1) // head_groups
     for task in prange(splits * head_groups):
         split = task // head_groups
@@ -410,7 +517,11 @@ def attention_blocks(
         all_sum = np.zeros((kv_heads, rows), np.float32)
         all_acc = np.zeros((kv_heads, rows, dim), np.float32)
         keys = np.empty((dim, block), np.float32)  # channel-major
+        keys_tok = np.empty((block, dim), np.float32)  # token-major (per-token keys)
         values = np.empty((block, dim), np.float32)  # token-major
+        keys_flat = keys.reshape(dim * block)
+        keys_tok_flat = keys_tok.reshape(block * dim)
+        values_flat = values.reshape(block * dim)
         scores = np.empty((rows, block), np.float32)
         scratch = np.empty(max(k_chunk, dim), np.float32)
         channel_scales = np.empty(dim, np.float32)
@@ -419,9 +530,12 @@ def attention_blocks(
         scales = np.empty(dim, np.float32)
         mins = np.empty(dim, np.float32)
         value = np.empty(dim, np.float32)
+        touched = 0
         for b in range(split * per_split, min(n_blocks, (split + 1) * per_split)):
             start = origin + b * block
             width = min(block, end_position - start)
+            if last_head - first_head > 1:
+                touched += _touch(k, k_flat, start, width) + _touch(v, v_flat, start, width)
             # every head of the block in turn: a slot row holds all heads, so the block's
             # codes stream through the cache once, whole lines and pages at a time
             for head in range(first_head, last_head):
@@ -439,65 +553,44 @@ def attention_blocks(
                     values[t, :] = 0.0
                 # --- keys of the block, dequantized into scratch ---
                 t = dropped
+                if k_vector:  # per-token codes, 32 a vector operation, then transposed
+                    coded = max(t, min(width, k.chunks * k_chunk - start))
+                    if coded > t:
+                        _token_rows(
+                            k, k_flat, True, head, start + t, coded - t, dim, keys_tok,
+                            keys_tok_flat, t,
+                        )  # fmt: skip
+                        for i0 in range(t, coded - 15, 16):  # 16 x 16 register transposes
+                            for d0 in range(0, dim, 16):
+                                transpose_16(keys_tok, keys, i0, d0)
+                        for i in range(coded - (coded - t) % 16, coded):
+                            for d in range(dim):
+                                keys[d, i] = keys_tok[i, d]
+                        t = coded
+                k_residual = k.chunks * k_chunk - start  # block offset of the float32 tail
                 while t < width:
+                    if t >= k_residual:  # the rest of the block is residual: copied
+                        for i in range(t, width):
+                            for d in range(dim):
+                                keys[d, i] = k.residual[head, i - k_residual, d]
+                        break
                     index = (start + t) // k_chunk
                     aligned = (start + t) % k_chunk == 0
-                    if (
-                        chunk_keys
-                        and aligned
-                        and index < k_layout[_CHUNKS]
-                        and t + k_chunk <= width
-                    ):
+                    if chunk_keys and aligned and index < k.chunks and t + k_chunk <= width:
                         _dequantize_chunk_keys(
-                            k_layout,
-                            k_codes,
-                            k_p0,
-                            k_p1,
-                            k_p2,
-                            k_p3,
-                            head,
-                            index,
-                            t,
-                            keys,
-                            scratch,
-                            channel_scales,
-                            channel_mins,
-                        )
+                            k, k_flat, head, index, t, dim, keys, keys_flat, scratch,
+                            channel_scales, channel_mins,
+                        )  # fmt: skip
                         t += k_chunk
                     else:
                         _decode_token_major(
-                            k_layout,
-                            k_codes,
-                            k_p0,
-                            k_p1,
-                            k_p2,
-                            k_p3,
-                            k_residual,
-                            head,
-                            start + t,
-                            codes,
-                            scales,
-                            mins,
-                            value,
-                            True,
+                            k, k_flat, head, start + t, dim, codes, scales, mins, value
                         )
                         for d in range(dim):
                             keys[d, t] = value[d]
                         t += 1
-                # --- scores = q . keys: register tiles of 4 rows x 32 tokens, then the rest ---
-                tiled = rows - rows % 4 if width % 32 == 0 else 0
-                for r0 in range(0, tiled, 4):
-                    for i0 in range(0, width, 32):
-                        scores_tile(keys, q, scores, r0, i0)
-                for r in range(tiled, rows):
-                    row = scores[r]
-                    for i in range(width):
-                        row[i] = 0.0
-                    for d in range(dim):
-                        key_row = keys[d]
-                        f = q[r, d]
-                        for i in range(width):
-                            row[i] += f * key_row[i]
+                # --- scores = q . keys ---
+                _scores(keys, q, scores, rows, width)
                 # --- mask, online softmax: scores become weights p ---
                 for r in range(rows):
                     lo = max(row_first[r] - start, 0)
@@ -532,49 +625,26 @@ def attention_blocks(
                     run_max[r] = new_max
                 # --- values of the block, dequantized into scratch ---
                 quantized_v = dropped
-                if v_layout[_CHUNK] == 1 and v_layout[_PER_CHANNEL] == 0:
-                    quantized_v = max(dropped, min(width, v_layout[_CHUNKS] - start))
+                if not v.per_channel:
+                    quantized_v = max(dropped, min(width, v.chunks * v.chunk - start))
                     if quantized_v > dropped:
-                        _dequantize_token_values(
-                            v_layout,
-                            v_codes,
-                            v_p0,
-                            v_p1,
-                            v_p2,
-                            v_p3,
-                            head,
-                            start + dropped,
-                            quantized_v - dropped,
-                            values[dropped:],
+                        _token_rows(
+                            v, v_flat, v_vector, head, start + dropped, quantized_v - dropped,
+                            dim, values, values_flat, dropped,
+                        )  # fmt: skip
+                if v.per_channel:
+                    for t in range(quantized_v, width):
+                        _decode_token_major(
+                            v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
                         )
-                for t in range(quantized_v, width):
-                    _decode_token_major(
-                        v_layout,
-                        v_codes,
-                        v_p0,
-                        v_p1,
-                        v_p2,
-                        v_p3,
-                        v_residual,
-                        head,
-                        start + t,
-                        codes,
-                        scales,
-                        mins,
-                        values[t],
-                        True,
-                    )
-                # --- acc += p . values: register tiles of 4 rows x 64 columns, then the rest ---
-                tiled = rows - rows % 4 if dim == 64 else 0
-                for r0 in range(0, tiled, 4):
-                    values_tile(scores, values, acc, r0, width)
-                for r in range(tiled, rows):
-                    acc_row = acc[r]
-                    for t in range(width):
-                        p = scores[r, t]
-                        value_row = values[t]
+                else:  # the rest of the block is residual: copied
+                    v_residual = v.chunks * v.chunk - start
+                    for t in range(quantized_v, width):
                         for d in range(dim):
-                            acc_row[d] += p * value_row[d]
+                            values[t, d] = v.residual[head, t - v_residual, d]
+                # --- acc += p . values ---
+                _accumulate(scores, values, acc, rows, width)
+        scratch[0] = np.float32(touched & 1)  # keeps the touching loads
         for head in range(first_head, last_head):
             partial = head * splits + split
             for r in range(rows):
@@ -582,3 +652,17 @@ def attention_blocks(
                 part_sum[partial, r] = all_sum[head, r]
                 for d in range(dim):
                     part_acc[partial, r, d] = all_acc[head, r, d]
+    # --- merge the splits' partial softmaxes (float64) ---
+    weights = np.empty((kv_heads * rows, splits), np.float64)
+    if kv_heads * rows * splits * dim >= _MERGE_PARALLEL:
+        for index in prange(kv_heads * rows):
+            _merge_row(
+                part_max, part_sum, part_acc, sinks, t_q, splits, out,
+                index // rows, index % rows, weights[index],
+            )  # fmt: skip
+    else:
+        for index in range(kv_heads * rows):
+            _merge_row(
+                part_max, part_sum, part_acc, sinks, t_q, splits, out,
+                index // rows, index % rows, weights[index],
+            )  # fmt: skip

@@ -8,6 +8,8 @@ Code ``i`` occupies bits ``[i * bits, (i + 1) * bits)`` of the stream, low bits 
 import numpy as np
 from numba import njit, prange
 
+from kvq.kernels._unpack import unpack_run
+
 _CODES_PER_CHUNK = 8  # 8 codes of b bits are exactly b bytes
 
 
@@ -59,23 +61,15 @@ def pack_codes(codes, bits, packed):
         _pack_chunk(codes, whole * 8, rest, bits, packed, whole * bits, (rest * bits + 7) // 8)
 
 
-@njit(inline="always")
-def _unpack_chunk(packed, first, count, bits, codes, out_first, out_count):
-    value = np.uint64(0)
-    for j in range(count):
-        value |= np.uint64(packed[first + j]) << np.uint64(8 * j)
-    mask = np.uint64((1 << bits) - 1)
-    for i in range(out_count):
-        codes[out_first + i] = np.uint8((value >> np.uint64(bits * i)) & mask)
+_UNPACK_SLAB = 1 << 16  # codes per prange iteration of unpack_codes (a multiple of 8)
 
 
 @njit(parallel=True, cache=True)
 def unpack_codes(packed, bits, codes):
-    """codes (uint8[n]) <- packed, the inverse of :func:`pack_codes`."""
+    """codes (uint8[n]) <- packed, the inverse of :func:`pack_codes`, through the one decoder
+    of the format (``_unpack.unpack_run``), in slabs of 65536 codes."""
     n = codes.shape[0]
-    whole = n // _CODES_PER_CHUNK
-    for chunk in prange(whole):
-        _unpack_chunk(packed, chunk * bits, bits, bits, codes, chunk * 8, 8)
-    rest = n - whole * 8
-    if rest:
-        _unpack_chunk(packed, whole * bits, (rest * bits + 7) // 8, bits, codes, whole * 8, rest)
+    for slab in prange((n + _UNPACK_SLAB - 1) // _UNPACK_SLAB):
+        lo = slab * _UNPACK_SLAB
+        hi = min(n, lo + _UNPACK_SLAB)
+        unpack_run(packed, lo, hi - lo, bits, codes[lo:hi])
