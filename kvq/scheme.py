@@ -206,26 +206,24 @@ class QuantConfig:
         real text (bench/model_quality_experiments.py; mean KLD against the float32 cache):
         0.025 (+1.6% perplexity) at 1K tokens through KVQCache in chunks of 64, 0.021 (+1.7%)
         at 4K (fake-quantized); llama.cpp's Hadamard-rotated q4_0 about 0.08."""
-        return cls._searched(4, keys_rotated=rotate)
+        return cls._searched(4, rotate)
 
     @classmethod
     def q3(cls, rotate: bool = True) -> QuantConfig:
-        """3-bit, per-group range search and second-level scales as :meth:`q4`, but the keys
-        per channel unrotated (KIVI's layout) and the values Hadamard-rotated: 3.5 bits per
-        element. On SmolLM2-135M: mean KLD 0.096 (+8.2% perplexity) at 1K tokens through
-        KVQCache, 0.105 (+8.2%) at 4K (fake-quantized). Before (keys rotated, values not):
-        0.118 (+9.3%) at 1K and 0.097 (+10.0%) at 4K, fake-quantized; both rotated: 0.113
-        (+11.6%) at 1K through KVQCache, 0.093 (+8.9%) at 4K: a tie at 4K, so the cheaper
-        kernel path (no query rotation) won. ``rotate=False`` leaves the values unrotated."""
-        return cls._searched(3, keys_rotated=False, values_rotated=rotate)
+        """3-bit, as :meth:`q4` with the values Hadamard-rotated too: 3.5 bits per element.
+        On SmolLM2-135M: mean KLD 0.113 (+11.6% perplexity) at 1K tokens through KVQCache,
+        0.093 (+8.9%) at 4K (fake-quantized); keys-only rotation (before) gave 0.131
+        (+14.1%) and 0.097 (+10.0%). Keys per channel unrotated with rotated values gave
+        0.096 (+8.2%) at 1K but 0.105 at 4K. ``rotate=False`` rotates neither."""
+        return cls._searched(3, rotate, values_rotated=rotate)
 
     @classmethod
     def q2(cls, rotate: bool = True) -> QuantConfig:
-        """2-bit, as :meth:`q4` with the values Hadamard-rotated too: 2.5 bits per element.
-        On SmolLM2-135M: mean KLD 0.43 (+37% perplexity) at 1K tokens through KVQCache, 0.46
-        (+54%) at 4K (fake-quantized); keys-only rotation (before) gave 0.60 (+67%) and 0.62
-        (+79%), fake-quantized. ``rotate=False`` rotates neither."""
-        return cls._searched(2, keys_rotated=rotate, values_rotated=rotate)
+        """2-bit, as :meth:`q3`: 2.5 bits per element. On SmolLM2-135M: mean KLD 0.43 (+37%
+        perplexity) at 1K tokens through KVQCache, 0.46 (+54%) at 4K (fake-quantized);
+        keys-only rotation (before) gave 0.62 (+67%) and 0.62 (+79%).
+        ``rotate=False`` rotates neither."""
+        return cls._searched(2, rotate, values_rotated=rotate)
 
     @classmethod
     def _searched(cls, bits: int, keys_rotated: bool, values_rotated: bool = False) -> QuantConfig:
