@@ -138,7 +138,12 @@ def test_gpt_oss_shape_vector_paths(bits, heads, dim):
     if bits in (3, 2):
         config = getattr(kvq.QuantConfig, f"q{bits}")()
     if dim & (dim - 1):  # rotation needs a power of two
-        config = replace(config, k=replace(config.k, rotate=None), rotate=None)
+        config = replace(
+            config,
+            k=replace(config.k, rotate=None),
+            v=replace(config.v, rotate=None),
+            rotate=None,
+        )
     cache, _, _ = build(config, heads=heads, tokens=300, dim=dim)
     q = queries(heads * 8, 1, dim)
     ref = kvq.attention_reference(q, cache.keys(), cache.values())

@@ -540,3 +540,21 @@ def test_check_append_raises_what_append_would(layer):
     assert len(cache) == 10
     cache.check_append(k[:, 10:12], v[:, 10:12])
     assert len(cache) == 10
+
+
+@pytest.mark.parametrize(("name", "nominal"), [("q8", 8.5), ("q4", 4.5), ("q3", 3.5), ("q2", 2.5)])
+def test_presets_stay_within_their_bits_over_a_4k_cache(name, nominal):
+    """Issue 15: each preset's measured bits per element (every stored byte: codes, scales,
+    second-level scales, float32 residual) over a 4,096-token cache of SmolLM2's shape (3 KV
+    heads of 64) are at most its nominal bits, and its nominal bits are the promised ones."""
+    config = getattr(kvq.QuantConfig, name)()
+    assert config.nominal_bits_per_element == nominal
+    cache = kvq.KVCache(3, 64, config)
+    rng = np.random.default_rng(15)
+    for _ in range(4):
+        k, v = rng.standard_normal((2, 3, 1024, 64), dtype=np.float32)
+        cache.append(k, v)
+    assert len(cache) == 4096
+    stored = 8 * cache.nbytes / (2 * 4096 * 3 * 64)
+    assert cache.bits_per_element == pytest.approx(stored)
+    assert stored <= nominal

@@ -228,11 +228,11 @@ def kvq_spec(name: str, config: QuantConfig) -> CacheSpec:
         raise TypeError(f"config must be a kvq.QuantConfig, got {type(config).__name__}")
 
     def make(model):
-        from kvq.hf import KVQCache
+        from kvq.hf.cache import KVQCache
 
         return KVQCache(model, config)
 
-    return CacheSpec(name, make, "kvq", config.bits_per_element)
+    return CacheSpec(name, make, "kvq", config.nominal_bits_per_element)
 
 
 def resolve_configs(configs: Iterable) -> list[CacheSpec]:
