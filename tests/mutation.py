@@ -157,6 +157,20 @@ MUTANTS = (
         "attention's per-token decode computes scale + min * code",
     ),
     Mutant(
+        "attention-vector-decode-scale-min-swapped",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "s, m = _params(view, flat, slot, base * groups + (j * RUN) // group)\n"
+                "                _affine_run(flat.codes, codes_at + j * RUN, bits, s, m,",
+                "s, m = _params(view, flat, slot, base * groups + (j * RUN) // group)\n"
+                "                _affine_run(flat.codes, codes_at + j * RUN, bits, m, s,",
+            ),
+        ),
+        ("tests/test_attention.py",),
+        "attention's vector decode of per-token rows (any chunk) swaps scale and min",
+    ),
+    Mutant(
         "ring-drops-a-chunk-early",
         "kvq/kvcache.py",
         (

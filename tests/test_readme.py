@@ -118,6 +118,8 @@ def test_example_values_are_the_shown_ones(index):
     """Run each example statement by statement and compare every expression whose comment
     starts with a value (a number, shape, dtype and shape, bool, list or repr) with it."""
     block = python_blocks()[index]
+    if "kvq.hf" in block:  # shows no values; test_example_runs runs it (SmolLM2: ~25 s)
+        pytest.skip("the transformers example shows no values to check")
     lines = block.splitlines()
     namespace: dict = {}
     failures = []

@@ -12,7 +12,7 @@ described and read tensor by tensor, with tracemalloc checking that no more is a
 a tensor whose shape differs from its ``info()``, or whose bytes differ from what the
 safetensors package reads from the same file (for the files and dtypes it reads).
 
-Time budget: ``KVQ_FUZZ_SECONDS`` seconds for the four fuzz tests together (default 60 when
+Time budget: ``KVQ_FUZZ_SECONDS`` seconds for the four fuzz tests together (default 30 when
 ``CI=true``, else 10), shared 10/20/45/25 %. Each test runs Hypothesis in batches of 50
 examples until its share is spent (at least one batch); the batches' seeds follow from
 ``KVQ_FUZZ_SEED`` (random unless set; a failure names it, and Hypothesis prints the shrunk
@@ -41,7 +41,7 @@ from tests.robustness import loader_fuzz
 from tests.safetensors_files import write_raw
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-SECONDS = float(os.environ.get("KVQ_FUZZ_SECONDS", 60 if IN_CI else 10))
+SECONDS = float(os.environ.get("KVQ_FUZZ_SECONDS", 30 if IN_CI else 10))
 SEED = int(os.environ.get("KVQ_FUZZ_SEED", random.randrange(2**32)))
 SHARES = loader_fuzz.SHARES
 
