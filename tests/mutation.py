@@ -142,8 +142,12 @@ MUTANTS = (
         "kvq/kernels/_unpack.py",
         (
             (
-                "row_value, index_value, scale_value, lowest_value, out_value, at_value = args",
-                "row_value, index_value, lowest_value, scale_value, out_value, at_value = args",
+                "_splat(builder, scale_value, RUN, _f32),\n"
+                "            values,\n"
+                "            _splat(builder, lowest_value, RUN, _f32),",
+                "_splat(builder, lowest_value, RUN, _f32),\n"
+                "            values,\n"
+                "            _splat(builder, scale_value, RUN, _f32),",
             ),
         ),
         ("tests/test_attention.py",),
@@ -161,10 +165,14 @@ MUTANTS = (
         "kvq/kernels/attention.py",
         (
             (
-                "s, m = _params(view, flat, slot, base * groups + (j * RUN) // group)\n"
-                "                _affine_run(flat.codes, codes_at + j * RUN, bits, s, m,",
-                "s, m = _params(view, flat, slot, base * groups + (j * RUN) // group)\n"
-                "                _affine_run(flat.codes, codes_at + j * RUN, bits, m, s,",
+                "s, m = _params(view, flat, slot, base * groups + g)\n"
+                "                for j in range(g * runs_per_group, (g + 1) * runs_per_group):\n"
+                "                    _affine_run(\n"
+                "                        flat.codes, codes_at + j * RUN, bits, s, m,",
+                "s, m = _params(view, flat, slot, base * groups + g)\n"
+                "                for j in range(g * runs_per_group, (g + 1) * runs_per_group):\n"
+                "                    _affine_run(\n"
+                "                        flat.codes, codes_at + j * RUN, bits, m, s,",
             ),
         ),
         ("tests/test_attention.py",),

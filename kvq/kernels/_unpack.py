@@ -36,9 +36,11 @@ def code_at(row, index, bits):
     bit = index * bits
     byte = bit >> 3
     shift = bit & 7
-    value = np.int64(row[byte])
-    if shift + bits > 8:
-        value |= np.int64(row[byte + 1]) << 8
+    # branch-free (the next byte is read always, clamped to the row): a branch here splits
+    # Numba's reference counts of ``row`` across blocks, and the pair is then not pruned: an
+    # atomic incref and decref per code in the callers' hot loops
+    high = np.int64(row[min(byte + 1, row.size - 1)])
+    value = np.int64(row[byte]) | (high << 8)
     return (value >> shift) & ((1 << bits) - 1)
 
 
@@ -106,13 +108,47 @@ def _splat(builder, scalar, count, element):
     return builder.shuffle_vector(first, undefined, ir.Constant(_vector(_i32, count), [0] * count))
 
 
-def _make(bits: int):
+def _emit(builder, row_data, index_value, scale_value, lowest_value, out_data, at_value, bits):
+    """The LLVM IR of one 32-code run of ``bits``-bit codes (see the module docstring)."""
     run_bytes = RUN * bits // 8
     low_index = [(i * bits) // 8 for i in range(RUN)]
     high_index = [min(j + 1, run_bytes - 1) for j in low_index]
     shifts = [(i * bits) % 8 for i in range(RUN)]
     needs_high = any(s + bits > 8 for s in shifts)
+    byte = builder.lshr(builder.mul(index_value, ir.Constant(_i64, bits)), ir.Constant(_i64, 3))
+    source = builder.bitcast(builder.gep(row_data, [byte]), _vector(_i8, run_bytes).as_pointer())
+    packed = builder.zext(builder.load(source, align=1), _vector(_i32, run_bytes))
+    undefined = ir.Constant(_vector(_i32, run_bytes), ir.Undefined)
+    if bits == 8:
+        codes = packed
+    else:
+        window = builder.shuffle_vector(packed, undefined, ir.Constant(_vector(_i32), low_index))
+        if needs_high:
+            high = builder.shuffle_vector(
+                packed, undefined, ir.Constant(_vector(_i32), high_index)
+            )
+            window = builder.or_(window, builder.shl(high, ir.Constant(_vector(_i32), [8] * RUN)))
+        shifted = builder.lshr(window, ir.Constant(_vector(_i32), shifts))
+        codes = builder.and_(shifted, ir.Constant(_vector(_i32), [(1 << bits) - 1] * RUN))
+    values = builder.uitofp(codes, _vector(_f32))
+    fma_name = "llvm.fma.v32f32"
+    module = builder.module
+    fma = module.globals.get(fma_name) or ir.Function(
+        module, ir.FunctionType(_vector(_f32), [_vector(_f32)] * 3), fma_name
+    )
+    result = builder.call(
+        fma,
+        [
+            _splat(builder, scale_value, RUN, _f32),
+            values,
+            _splat(builder, lowest_value, RUN, _f32),
+        ],
+    )
+    target = builder.bitcast(builder.gep(out_data, [at_value]), _vector(_f32).as_pointer())
+    builder.store(result, target, align=4)
 
+
+def _make(bits: int):
     @intrinsic
     def unpack_affine_32(typingctx, row, index, scale, lowest, out, at):
         if not (_is_array(row, types.uint8) and _is_array(out, types.float32)):
@@ -120,48 +156,12 @@ def _make(bits: int):
 
         def codegen(context, builder, signature, args):
             row_value, index_value, scale_value, lowest_value, out_value, at_value = args
-            row_type, out_type = signature.args[0], signature.args[4]
-            row_data = context.make_array(row_type)(context, builder, row_value).data
-            out_data = context.make_array(out_type)(context, builder, out_value).data
-            byte = builder.lshr(
-                builder.mul(index_value, ir.Constant(_i64, bits)), ir.Constant(_i64, 3)
-            )
-            source = builder.bitcast(
-                builder.gep(row_data, [byte]), _vector(_i8, run_bytes).as_pointer()
-            )
-            packed = builder.zext(builder.load(source, align=1), _vector(_i32, run_bytes))
-            undefined = ir.Constant(_vector(_i32, run_bytes), ir.Undefined)
-            if bits == 8:
-                codes = packed
-            else:
-                window = builder.shuffle_vector(
-                    packed, undefined, ir.Constant(_vector(_i32), low_index)
-                )
-                if needs_high:
-                    high = builder.shuffle_vector(
-                        packed, undefined, ir.Constant(_vector(_i32), high_index)
-                    )
-                    window = builder.or_(
-                        window, builder.shl(high, ir.Constant(_vector(_i32), [8] * RUN))
-                    )
-                shifted = builder.lshr(window, ir.Constant(_vector(_i32), shifts))
-                codes = builder.and_(shifted, ir.Constant(_vector(_i32), [(1 << bits) - 1] * RUN))
-            values = builder.uitofp(codes, _vector(_f32))
-            fma_name = "llvm.fma.v32f32"
-            module = builder.module
-            fma = module.globals.get(fma_name) or ir.Function(
-                module, ir.FunctionType(_vector(_f32), [_vector(_f32)] * 3), fma_name
-            )
-            result = builder.call(
-                fma,
-                [
-                    _splat(builder, scale_value, RUN, _f32),
-                    values,
-                    _splat(builder, lowest_value, RUN, _f32),
-                ],
-            )
-            target = builder.bitcast(builder.gep(out_data, [at_value]), _vector(_f32).as_pointer())
-            builder.store(result, target, align=4)
+            row_data = context.make_array(signature.args[0])(context, builder, row_value).data
+            out_data = context.make_array(signature.args[4])(context, builder, out_value).data
+            _emit(
+                builder, row_data, index_value, scale_value, lowest_value, out_data, at_value,
+                bits,
+            )  # fmt: skip
             return context.get_dummy_value()
 
         return types.void(
@@ -169,6 +169,44 @@ def _make(bits: int):
         ), codegen
 
     return unpack_affine_32
+
+
+ANY_BITS = (8, 4, 2, 3)  # unpack_affine_32's widths: any other reads as 3
+
+
+@intrinsic
+def unpack_affine_32(typingctx, row, index, bits, scale, lowest, out, at):
+    """``unpack_affine_32_<bits>`` for a run-time ``bits`` in 2, 3, 4, 8 (any other reads as
+    3): one intrinsic whose branch on ``bits`` is in the IR, so Numba sees no branch between
+    its reference counts of ``row`` and ``out`` and prunes them (a Numba-level branch left an
+    atomic incref and decref per run in attention's hot loops)."""
+    if not (_is_array(row, types.uint8) and _is_array(out, types.float32)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        row_value, index_value, bits_value, scale_value, lowest_value, out_value, at_value = args
+        row_data = context.make_array(signature.args[0])(context, builder, row_value).data
+        out_data = context.make_array(signature.args[5])(context, builder, out_value).data
+        bits_value = builder.sext(bits_value, _i64) if bits_value.type != _i64 else bits_value
+        function = builder.function
+        done = function.append_basic_block("unpack.done")
+        cases = {width: function.append_basic_block(f"unpack.{width}") for width in ANY_BITS}
+        switch = builder.switch(bits_value, cases[3])
+        for width in (8, 4, 2):
+            switch.add_case(ir.Constant(_i64, width), cases[width])
+        for width, block in cases.items():
+            builder.position_at_end(block)
+            _emit(
+                builder, row_data, index_value, scale_value, lowest_value, out_data, at_value,
+                width,
+            )  # fmt: skip
+            builder.branch(done)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return types.void(
+        row, types.int64, types.int64, types.float32, types.float32, out, types.int64
+    ), codegen
 
 
 unpack_affine_32_8 = _make(8)

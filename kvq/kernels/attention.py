@@ -45,11 +45,8 @@ from kvq.kernels._tiles import (
 from kvq.kernels._unpack import (
     RUN,
     code_at,
-    unpack_affine_32_2,
-    unpack_affine_32_3,
-    unpack_affine_32_4,
+    unpack_affine_32,
     unpack_affine_32_6,
-    unpack_affine_32_8,
     unpack_run,
 )
 
@@ -102,15 +99,10 @@ def _exp(x):
 def _affine_run(row, index, bits, scale, lowest, out, at):
     """out[at:at + 32] = lowest + scale * codes index .. index + 31 of bit stream ``row``, one
     vector operation; bits in (2, 3, 4, 8) (any other width reads as 3), ``index * bits`` a
-    multiple of 8. No scalar fallback here: one stops LLVM optimizing the callers' loops."""
-    if bits == 8:
-        unpack_affine_32_8(row, index, scale, lowest, out, at)
-    elif bits == 4:
-        unpack_affine_32_4(row, index, scale, lowest, out, at)
-    elif bits == 2:
-        unpack_affine_32_2(row, index, scale, lowest, out, at)
-    else:
-        unpack_affine_32_3(row, index, scale, lowest, out, at)
+    multiple of 8. One intrinsic (its branch on bits inside), no scalar fallback: a branch
+    here keeps Numba's reference counts in the callers' loops, and a fallback stops LLVM
+    optimizing them."""
+    unpack_affine_32(row, index, np.int64(bits), scale, lowest, out, at)
 
 
 @njit(inline="always")
@@ -249,6 +241,7 @@ def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
     bits = view.bits
     group = min(view.group, dim)
     groups = (dim + group - 1) // group
+    runs_per_group = group // RUN  # vector: group is a multiple of RUN
     index = first // chunk
     inner = first - index * chunk
     slot = index % slots
@@ -256,23 +249,27 @@ def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
         base = head * chunk + inner
         codes_at = slot * flat.codes_row + base * dim
         out_at = (at + t) * dim
-        if vector and view.double_quant:  # one float16 step pair per super-group
-            super_group = -1
-            step = step_min = np.float32(0.0)
-            for j in range(dim // RUN):
-                index_ = base * groups + (j * RUN) // group
-                if index_ // SUPER_GROUPS != super_group:
-                    super_group = index_ // SUPER_GROUPS
-                    step = _f16_at(flat.p2, slot * flat.step_row + super_group)
-                    step_min = _f16_at(flat.p3, slot * flat.step_row + super_group)
+        if vector and view.double_quant:  # each group's params once, then its runs
+            first_group = base * groups
+            for g in range(groups):
+                index_ = first_group + g
+                step_at = slot * flat.step_row + index_ // SUPER_GROUPS
                 param_at = slot * flat.param_row + index_
-                s = step * np.float32(code_at(flat.p0, param_at, SUB_BITS))
-                m = step_min * np.float32(code_at(flat.p1, param_at, SUB_BITS) - MIN_OFFSET)
-                _affine_run(flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
+                s = _f16_at(flat.p2, step_at) * np.float32(code_at(flat.p0, param_at, SUB_BITS))
+                m = _f16_at(flat.p3, step_at) * np.float32(
+                    code_at(flat.p1, param_at, SUB_BITS) - MIN_OFFSET
+                )
+                for j in range(g * runs_per_group, (g + 1) * runs_per_group):
+                    _affine_run(
+                        flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN
+                    )
         elif vector:
-            for j in range(dim // RUN):
-                s, m = _params(view, flat, slot, base * groups + (j * RUN) // group)
-                _affine_run(flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN)
+            for g in range(groups):
+                s, m = _params(view, flat, slot, base * groups + g)
+                for j in range(g * runs_per_group, (g + 1) * runs_per_group):
+                    _affine_run(
+                        flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN
+                    )
         else:
             row = out[at + t]
             unpack_run(flat.codes, codes_at, dim, bits, row)
