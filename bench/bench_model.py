@@ -9,8 +9,9 @@ MLX cache formats.
   original 8-bit per-token scheme; peers: GGML q8_0/q4_0/q4_1 with and without a
   Walsh-Hadamard rotation, MLX affine 4/8-bit at groups of 32 and 64, QuantizedCache with
   quanto and HQQ at 4 and 2 bits.
-- Speed: decode ms/token at 1K, 4K and 8K tokens of context (the cache filled with random K/V
-  by kvq.hf.evaluate.fill_cache, then single-token forward steps, median), and the attention
+- Speed: decode ms/token at 1K, 4K and 8K tokens of context (every cache filled with random
+  K/V by kvq.hf.evaluate.fill_cache, then single-token forward steps, one step of each cache
+  per round so that a drifting machine shifts them alike; median), and the attention
   function's time per layer within a step; prefill time of 4K real tokens in one forward.
 - Memory: cache bytes and process peak-RSS growth (VmHWM, reset through
   /proc/self/clear_refs) while filling the cache to 8K and decoding one step, each cache in
@@ -179,6 +180,52 @@ def decode_run(model, kind: str, context: int, steps: int) -> dict:
     return result
 
 
+def decode_interleaved(model, kinds: dict[str, str], context: int, steps: int) -> dict:
+    """label -> figures of :func:`decode_run` (without RSS) for every cache of ``kinds``
+    (label -> kind), each filled to ``context`` tokens and stepped in turn, one step of each
+    per round: a drifting machine then shifts every cache alike. A cache that cannot be made
+    is reported under label "skip:<label>" with its error."""
+    import torch
+
+    from kvq.hf.evaluate import cache_bytes, fill_cache
+
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    token = torch.tensor([[42]])
+    prepared, results = {}, {}
+    for label, kind in kinds.items():
+        try:
+            cache, attn = make_cache(model, kind)
+            model.set_attn_implementation(attn)
+            fill_cache(model, cache, context)
+            forward(model, token, cache)  # warm-up (compiles, allocates)
+            prepared[label] = (cache, attn)
+        except Exception as error:  # a missing backend is reported, not fatal
+            results["skip:" + label] = f"{type(error).__name__}: {error}"
+    times = {label: [] for label in prepared}
+    attention = {label: [] for label in prepared}
+    with timed_attention(("sdpa", "kvq")) as calls:
+        for _ in range(steps):
+            for label, (cache, attn) in prepared.items():
+                if model.config._attn_implementation != attn:
+                    model.set_attn_implementation(attn)
+                calls.clear()
+                start = time.perf_counter()
+                forward(model, token, cache)
+                times[label].append(time.perf_counter() - start)
+                attention[label].append(sum(calls) / max(len(calls), 1))
+    for label, (cache, _) in prepared.items():
+        results[label] = {
+            "ms": 1e3 * float(np.median(times[label])),
+            "attention_ms_per_layer": 1e3 * float(np.median(attention[label])),
+            "layers": layers,
+            "cache_bytes": cache_bytes(cache),
+            "rss_growth_mib": math.nan,
+        }
+    del prepared
+    gc.collect()
+    return results
+
+
 def prefill_seconds(model, kind: str, ids) -> float:
     """Seconds of one forward over ``ids`` (1, t) into a fresh cache of ``kind``."""
     cache, attn = make_cache(model, kind)
@@ -283,15 +330,23 @@ def main() -> None:
         results: dict[tuple[str, int], dict] = {}
         prefill_s: dict[str, float] = {}
         t0 = time.perf_counter()
+        skipped: dict[str, str] = {}
+        for context in decode_contexts:
+            for label, figures_ in decode_interleaved(model, SPEED, context, steps).items():
+                if label.startswith("skip:"):
+                    skipped.setdefault(label[5:], figures_)
+                else:
+                    results[label, context] = figures_
         for label, kind in SPEED.items():
+            if (label, decode_contexts[-1]) not in results:
+                continue
             try:
-                for context in decode_contexts:
-                    results[label, context] = decode_run(model, kind, context, steps)
                 last_run = results[label, decode_contexts[-1]]
                 last_run["rss_growth_mib"] = rss_in_fresh_process(kind, decode_contexts[-1])
                 prefill_s[label] = prefill_seconds(model, kind, ids)
             except Exception as error:  # a missing backend is reported, not fatal
-                lines.append(f"- SKIP {label}: {type(error).__name__}: {error}")
+                skipped.setdefault(label, f"{type(error).__name__}: {error}")
+        lines += [f"- SKIP {label}: {error}" for label, error in skipped.items()]
         model.set_attn_implementation("sdpa")
         timings["speed_s"] = time.perf_counter() - t0
         header = ["cache", *(f"decode at {c:,} (ms)" for c in decode_contexts)]
@@ -318,8 +373,8 @@ def main() -> None:
                 ]
             )
         lines += [
-            f"## Decode and prefill ({steps} timed steps per point, median; cache filled with "
-            f"random K/V; {timings['speed_s']:.0f} s)",
+            f"## Decode and prefill ({steps} timed steps per point, median, the caches stepped "
+            f"in turn; cache filled with random K/V; {timings['speed_s']:.0f} s)",
             "",
             markdown_table(header, table),
             "",
