@@ -80,12 +80,12 @@ def attention(
 
 
 # Calls of at most this many elements of work (2 x held tokens x kv_heads x head_dim, times
-# query rows per KV head over 8) run on the calling thread: below it (about 40 us of work,
-# SmolLM2's shape at 256 tokens) a parallel launch costs about what it saves, and on a
-# loaded machine it waits for every worker thread to be scheduled (milliseconds). Measured
-# on the idle 2-core machine after the kernel lost its reference counts: 2 threads beat 1
-# from about 2^17 (SmolLM2 at 1K tokens: 151 us against 234 us on the calling thread).
-SERIAL_WORK = 1 << 17
+# query rows per KV head over 8) run on the calling thread: below it (about 0.1-0.2 ms of
+# work, GPT-OSS's shape at 512 tokens) a parallel launch costs about what it saves, and on a
+# loaded machine it waits for every worker thread to be scheduled (milliseconds). On the idle
+# 2-core machine 2^17 was tried: SmolLM2's shape at 1K tokens went from 234 to 151 us, but
+# 128-token calls at Llama-3's and Llama-2's shapes went from 130-420 to 330-950 us.
+SERIAL_WORK = 1 << 19
 
 
 def _attend_all(view, queries, group, sinks, causal, start, threads) -> np.ndarray:
