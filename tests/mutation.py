@@ -167,11 +167,11 @@ MUTANTS = (
             (
                 "s, m = _params(view, flat, slot, base * groups + g)\n"
                 "                for j in range(g * runs_per_group, (g + 1) * runs_per_group):\n"
-                "                    _affine_run(\n"
+                "                    unpack_affine_32(\n"
                 "                        flat.codes, codes_at + j * RUN, bits, s, m,",
                 "s, m = _params(view, flat, slot, base * groups + g)\n"
                 "                for j in range(g * runs_per_group, (g + 1) * runs_per_group):\n"
-                "                    _affine_run(\n"
+                "                    unpack_affine_32(\n"
                 "                        flat.codes, codes_at + j * RUN, bits, m, s,",
             ),
         ),

@@ -58,6 +58,57 @@ def _is_matrix(value) -> bool:
     )
 
 
+def _emit_tile(builder, a, b, out, row0, col0, steps, count, vectors, accumulate, name):
+    """IR of a register tile: for rows r < count and the ``16 * vectors`` columns from col0,
+    ``out[row0 + r, col] (+)= sum_k a[row0 + r, k] * b[k, col]`` over k < steps (steps >= 1);
+    ``a``, ``b``, ``out``: (data pointer, row stride) of C-contiguous float32 matrices. The
+    ``count * vectors`` accumulators stay in registers (phi nodes) through the whole loop;
+    ``accumulate`` adds them to ``out``, else they overwrite it."""
+    (a_data, a_stride), (b_data, b_stride), (out_data, out_stride) = a, b, out
+    fma = _fma(builder.module)
+    zero = ir.Constant(_v16, [0.0] * 16)
+    entry = builder.basic_block
+    loop = builder.append_basic_block(f"{name}.loop")
+    done = builder.append_basic_block(f"{name}.done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    k = builder.phi(_i64)
+    k.add_incoming(ir.Constant(_i64, 0), entry)
+    accs = [builder.phi(_v16) for _ in range(count * vectors)]
+    for acc in accs:
+        acc.add_incoming(zero, entry)
+    b_base = builder.add(builder.mul(k, b_stride), col0)
+    columns = [
+        builder.load(
+            _vector_at(builder, b_data, builder.add(b_base, ir.Constant(_i64, 16 * c))), align=4
+        )
+        for c in range(vectors)
+    ]
+    updated = []
+    for r in range(count):
+        row = builder.add(row0, ir.Constant(_i64, r))
+        weight = builder.load(builder.gep(a_data, [builder.add(builder.mul(row, a_stride), k)]))
+        broadcast = _splat(builder, weight)
+        for c in range(vectors):
+            updated.append(builder.call(fma, [broadcast, columns[c], accs[vectors * r + c]]))
+    next_k = builder.add(k, ir.Constant(_i64, 1))
+    body_end = builder.basic_block
+    k.add_incoming(next_k, body_end)
+    for acc, value in zip(accs, updated, strict=True):
+        acc.add_incoming(value, body_end)
+    builder.cbranch(builder.icmp_signed("<", next_k, steps), loop, done)
+    builder.position_at_end(done)
+    for r in range(count):
+        row = builder.add(row0, ir.Constant(_i64, r))
+        base = builder.add(builder.mul(row, out_stride), col0)
+        for c in range(vectors):
+            pointer = _vector_at(builder, out_data, builder.add(base, ir.Constant(_i64, 16 * c)))
+            value = updated[vectors * r + c]
+            if accumulate:
+                value = builder.fadd(builder.load(pointer, align=4), value)
+            builder.store(value, pointer, align=4)
+
+
 def _make_scores_tile(count: int):
     @intrinsic
     def scores_tile(typingctx, keys, q, scores, r0, i0):
@@ -71,49 +122,10 @@ def _make_scores_tile(count: int):
             k_data, k_stride, dim = _array(context, builder, k_type, keys_value)
             q_data, q_stride, _ = _array(context, builder, q_type, q_value)
             s_data, s_stride, _ = _array(context, builder, s_type, scores_value)
-            fma = _fma(builder.module)
-            zero = ir.Constant(_v16, [0.0] * 16)
-            entry = builder.basic_block
-            loop = builder.append_basic_block("scores.loop")
-            done = builder.append_basic_block("scores.done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            d = builder.phi(_i64)
-            d.add_incoming(ir.Constant(_i64, 0), entry)
-            accs = [builder.phi(_v16) for _ in range(2 * count)]
-            for acc in accs:
-                acc.add_incoming(zero, entry)
-            key_base = builder.add(builder.mul(d, k_stride), col0)
-            keys0 = builder.load(_vector_at(builder, k_data, key_base), align=4)
-            keys1 = builder.load(
-                _vector_at(builder, k_data, builder.add(key_base, ir.Constant(_i64, 16))),
-                align=4,
-            )
-            updated = []
-            for r in range(count):
-                row = builder.add(row0, ir.Constant(_i64, r))
-                weight = builder.load(
-                    builder.gep(q_data, [builder.add(builder.mul(row, q_stride), d)])
-                )
-                broadcast = _splat(builder, weight)
-                updated.append(builder.call(fma, [broadcast, keys0, accs[2 * r]]))
-                updated.append(builder.call(fma, [broadcast, keys1, accs[2 * r + 1]]))
-            next_d = builder.add(d, ir.Constant(_i64, 1))
-            body_end = builder.basic_block
-            d.add_incoming(next_d, body_end)
-            for acc, value in zip(accs, updated, strict=True):
-                acc.add_incoming(value, body_end)
-            builder.cbranch(builder.icmp_signed("<", next_d, dim), loop, done)
-            builder.position_at_end(done)
-            for r in range(count):
-                row = builder.add(row0, ir.Constant(_i64, r))
-                base = builder.add(builder.mul(row, s_stride), col0)
-                builder.store(updated[2 * r], _vector_at(builder, s_data, base), align=4)
-                builder.store(
-                    updated[2 * r + 1],
-                    _vector_at(builder, s_data, builder.add(base, ir.Constant(_i64, 16))),
-                    align=4,
-                )
+            _emit_tile(
+                builder, (q_data, q_stride), (k_data, k_stride), (s_data, s_stride), row0, col0,
+                dim, count, 2, False, "scores",
+            )  # fmt: skip
             return context.get_dummy_value()
 
         return types.void(keys, q, scores, types.int64, types.int64), codegen
@@ -130,58 +142,15 @@ def _make_values_tile(count: int):
             return None
 
         def codegen(context, builder, signature, args):
-            w_value, v_value, a_value, row0, count_t, col0 = args
+            w_value, v_value, a_value, row0, width_value, col0 = args
             w_type, v_type, a_type = signature.args[:3]
             w_data, w_stride, _ = _array(context, builder, w_type, w_value)
             v_data, v_stride, _ = _array(context, builder, v_type, v_value)
             a_data, a_stride, _ = _array(context, builder, a_type, a_value)
-            fma = _fma(builder.module)
-            zero = ir.Constant(_v16, [0.0] * 16)
-            entry = builder.basic_block
-            loop = builder.append_basic_block("values.loop")
-            done = builder.append_basic_block("values.done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            t = builder.phi(_i64)
-            t.add_incoming(ir.Constant(_i64, 0), entry)
-            accs = [builder.phi(_v16) for _ in range(4 * count)]
-            for accumulator in accs:
-                accumulator.add_incoming(zero, entry)
-            value_base = builder.add(builder.mul(t, v_stride), col0)
-            columns = [
-                builder.load(
-                    _vector_at(
-                        builder, v_data, builder.add(value_base, ir.Constant(_i64, 16 * c))
-                    ),
-                    align=4,
-                )
-                for c in range(4)
-            ]
-            updated = []
-            for r in range(count):
-                row = builder.add(row0, ir.Constant(_i64, r))
-                weight = builder.load(
-                    builder.gep(w_data, [builder.add(builder.mul(row, w_stride), t)])
-                )
-                broadcast = _splat(builder, weight)
-                for c in range(4):
-                    updated.append(builder.call(fma, [broadcast, columns[c], accs[4 * r + c]]))
-            next_t = builder.add(t, ir.Constant(_i64, 1))
-            body_end = builder.basic_block
-            t.add_incoming(next_t, body_end)
-            for accumulator, value in zip(accs, updated, strict=True):
-                accumulator.add_incoming(value, body_end)
-            builder.cbranch(builder.icmp_signed("<", next_t, count_t), loop, done)
-            builder.position_at_end(done)
-            for r in range(count):
-                row = builder.add(row0, ir.Constant(_i64, r))
-                base = builder.add(builder.mul(row, a_stride), col0)
-                for c in range(4):
-                    pointer = _vector_at(
-                        builder, a_data, builder.add(base, ir.Constant(_i64, 16 * c))
-                    )
-                    old = builder.load(pointer, align=4)
-                    builder.store(builder.fadd(old, updated[4 * r + c]), pointer, align=4)
+            _emit_tile(
+                builder, (w_data, w_stride), (v_data, v_stride), (a_data, a_stride), row0, col0,
+                width_value, count, 4, True, "values",
+            )  # fmt: skip
             return context.get_dummy_value()
 
         return types.void(weights, values, acc, types.int64, types.int64, types.int64), codegen

@@ -4,12 +4,12 @@
 - ``unpack_run(row, start, count, bits, out)``: a run of codes into ``out`` (float32 codes for
   attention, uint8 codes for ``packing.unpack_codes``): byte loops for 8, 4, 2 and 6 bits,
   eight codes per ``bits`` bytes through a 64-bit word otherwise;
-- ``unpack_affine_32_<bits>``: 32 codes with a group's scale and min applied, as one LLVM
-  vector operation (below).
+- ``unpack_affine_32(row, index, bits, scale, lowest, out, at)``: 32 codes with a group's
+  scale and min applied, as one LLVM vector operation (below).
 
 Unpack 32 bit-packed codes and apply a group's scale and min, as one LLVM vector operation.
 
-``unpack_affine_32[bits](row, index, scale, lowest, out, at)`` sets
+``unpack_affine_32(row, index, bits, scale, lowest, out, at)`` sets
 ``out[at:at + 32] = lowest + scale * code(row, index + i)`` for ``i < 32``, where ``row`` is a
 little-endian bit stream of ``bits``-bit codes (uint8) and ``index * bits`` is a multiple of 8.
 Lane ``i`` reads the 16-bit window at byte ``i * bits // 8`` of the run, shifts it by
@@ -148,38 +148,16 @@ def _emit(builder, row_data, index_value, scale_value, lowest_value, out_data, a
     builder.store(result, target, align=4)
 
 
-def _make(bits: int):
-    @intrinsic
-    def unpack_affine_32(typingctx, row, index, scale, lowest, out, at):
-        if not (_is_array(row, types.uint8) and _is_array(out, types.float32)):
-            return None
-
-        def codegen(context, builder, signature, args):
-            row_value, index_value, scale_value, lowest_value, out_value, at_value = args
-            row_data = context.make_array(signature.args[0])(context, builder, row_value).data
-            out_data = context.make_array(signature.args[4])(context, builder, out_value).data
-            _emit(
-                builder, row_data, index_value, scale_value, lowest_value, out_data, at_value,
-                bits,
-            )  # fmt: skip
-            return context.get_dummy_value()
-
-        return types.void(
-            row, types.int64, types.float32, types.float32, out, types.int64
-        ), codegen
-
-    return unpack_affine_32
-
-
-ANY_BITS = (8, 4, 2, 3)  # unpack_affine_32's widths: any other reads as 3
+WIDTHS = (8, 6, 4, 2, 3)  # the widths unpack_affine_32 decodes: any other reads as 3
 
 
 @intrinsic
 def unpack_affine_32(typingctx, row, index, bits, scale, lowest, out, at):
-    """``unpack_affine_32_<bits>`` for a run-time ``bits`` in 2, 3, 4, 8 (any other reads as
-    3): one intrinsic whose branch on ``bits`` is in the IR, so Numba sees no branch between
-    its reference counts of ``row`` and ``out`` and prunes them (a Numba-level branch left an
-    atomic incref and decref per run in attention's hot loops)."""
+    """out[at:at + 32] = lowest + scale * codes index .. index + 31 of the ``bits``-bit stream
+    ``row`` (see the module docstring), for ``bits`` in :data:`WIDTHS`. The branch on
+    ``bits`` is in the IR (LLVM folds it where ``bits`` is a constant), so Numba sees no
+    branch between its reference counts of ``row`` and ``out`` and prunes them: a Numba-level
+    branch left an atomic incref and decref per run in attention's hot loops."""
     if not (_is_array(row, types.uint8) and _is_array(out, types.float32)):
         return None
 
@@ -187,12 +165,11 @@ def unpack_affine_32(typingctx, row, index, bits, scale, lowest, out, at):
         row_value, index_value, bits_value, scale_value, lowest_value, out_value, at_value = args
         row_data = context.make_array(signature.args[0])(context, builder, row_value).data
         out_data = context.make_array(signature.args[5])(context, builder, out_value).data
-        bits_value = builder.sext(bits_value, _i64) if bits_value.type != _i64 else bits_value
         function = builder.function
         done = function.append_basic_block("unpack.done")
-        cases = {width: function.append_basic_block(f"unpack.{width}") for width in ANY_BITS}
+        cases = {width: function.append_basic_block(f"unpack.{width}") for width in WIDTHS}
         switch = builder.switch(bits_value, cases[3])
-        for width in (8, 4, 2):
+        for width in WIDTHS[:-1]:
             switch.add_case(ir.Constant(_i64, width), cases[width])
         for width, block in cases.items():
             builder.position_at_end(block)
@@ -207,10 +184,3 @@ def unpack_affine_32(typingctx, row, index, bits, scale, lowest, out, at):
     return types.void(
         row, types.int64, types.int64, types.float32, types.float32, out, types.int64
     ), codegen
-
-
-unpack_affine_32_8 = _make(8)
-unpack_affine_32_4 = _make(4)
-unpack_affine_32_3 = _make(3)
-unpack_affine_32_2 = _make(2)
-unpack_affine_32_6 = _make(6)  # second-level scale and min codes

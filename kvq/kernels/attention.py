@@ -46,7 +46,6 @@ from kvq.kernels._unpack import (
     RUN,
     code_at,
     unpack_affine_32,
-    unpack_affine_32_6,
     unpack_run,
 )
 
@@ -93,16 +92,6 @@ def _exp(x):
     p = p * y + np.float32(1.0)
     p = p * y + np.float32(1.0)
     return p * bits_to_float(np.int32((np.int32(n) + 127) << 23))
-
-
-@njit(inline="always")
-def _affine_run(row, index, bits, scale, lowest, out, at):
-    """out[at:at + 32] = lowest + scale * codes index .. index + 31 of bit stream ``row``, one
-    vector operation; bits in (2, 3, 4, 8) (any other width reads as 3), ``index * bits`` a
-    multiple of 8. One intrinsic (its branch on bits inside), no scalar fallback: a branch
-    here keeps Numba's reference counts in the callers' loops, and a fallback stops LLVM
-    optimizing them."""
-    unpack_affine_32(row, index, np.int64(bits), scale, lowest, out, at)
 
 
 @njit(inline="always")
@@ -260,14 +249,14 @@ def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
                     code_at(flat.p1, param_at, SUB_BITS) - MIN_OFFSET
                 )
                 for j in range(g * runs_per_group, (g + 1) * runs_per_group):
-                    _affine_run(
+                    unpack_affine_32(
                         flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN
                     )
         elif vector:
             for g in range(groups):
                 s, m = _params(view, flat, slot, base * groups + g)
                 for j in range(g * runs_per_group, (g + 1) * runs_per_group):
-                    _affine_run(
+                    unpack_affine_32(
                         flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN
                     )
         else:
@@ -305,8 +294,8 @@ def _dequantize_chunk_keys(
         param_at = slot * flat.param_row + base
         if dim % RUN == 0:  # the 6-bit codes as float vectors
             for at in range(0, dim, RUN):
-                unpack_affine_32_6(flat.p0, param_at + at, 1.0, 0.0, channel_scales, at)
-                unpack_affine_32_6(flat.p1, param_at + at, 1.0, 0.0, channel_mins, at)
+                unpack_affine_32(flat.p0, param_at + at, SUB_BITS, 1.0, 0.0, channel_scales, at)
+                unpack_affine_32(flat.p1, param_at + at, SUB_BITS, 1.0, 0.0, channel_mins, at)
         else:
             unpack_run(flat.p0, param_at, dim, SUB_BITS, channel_scales)
             unpack_run(flat.p1, param_at, dim, SUB_BITS, channel_mins)
@@ -319,7 +308,7 @@ def _dequantize_chunk_keys(
                 channel_mins[j] = step_min * (channel_mins[j] - np.float32(MIN_OFFSET))
         if chunk == RUN and bits in (2, 3, 4, 8):
             for d in range(dim):
-                _affine_run(
+                unpack_affine_32(
                     flat.codes,
                     row_at + (head * dim + d) * chunk,
                     bits,
@@ -340,7 +329,7 @@ def _dequantize_chunk_keys(
         for d in range(dim):
             for g in range(per_channel):
                 s, m = _params(view, flat, slot, (head * dim + d) * per_channel + g)
-                _affine_run(
+                unpack_affine_32(
                     flat.codes,
                     row_at + (head * dim + d) * chunk + g * RUN,
                     bits,
