@@ -143,49 +143,12 @@ def forward(model, ids, cache):
         return model(input_ids=ids, use_cache=True, cache=cache)
 
 
-def decode_run(model, kind: str, context: int, steps: int) -> dict:
-    """ms per decode step after ``context`` cached tokens, attention ms per layer, cache bytes
-    and peak-RSS growth (MiB) over filling and decoding."""
-    import torch
-
-    from kvq.hf.evaluate import cache_bytes, fill_cache
-
-    layers = model.config.get_text_config(decoder=True).num_hidden_layers
-    gc.collect()
-    reset = rss_reset()
-    before = rss_kib("VmRSS")
-    cache, attn = make_cache(model, kind)
-    if model.config._attn_implementation != attn:
-        model.set_attn_implementation(attn)
-    fill_cache(model, cache, context)
-    token = torch.tensor([[42]])
-    forward(model, token, cache)  # warm-up (compiles, allocates)
-    times, attention = [], []
-    with timed_attention(("sdpa", "kvq")) as calls:
-        for _ in range(steps):
-            calls.clear()
-            start = time.perf_counter()
-            forward(model, token, cache)
-            times.append(time.perf_counter() - start)
-            attention.append(sum(calls) / max(len(calls), 1))
-    growth = (rss_kib("VmHWM") - before) / 1024 if reset else float("nan")
-    result = {
-        "ms": 1e3 * float(np.median(times)),
-        "attention_ms_per_layer": 1e3 * float(np.median(attention)),
-        "layers": layers,
-        "cache_bytes": cache_bytes(cache),
-        "rss_growth_mib": growth,
-    }
-    del cache
-    gc.collect()
-    return result
-
-
 def decode_interleaved(model, kinds: dict[str, str], context: int, steps: int) -> dict:
-    """label -> figures of :func:`decode_run` (without RSS) for every cache of ``kinds``
-    (label -> kind), each filled to ``context`` tokens and stepped in turn, one step of each
-    per round: a drifting machine then shifts every cache alike. A cache that cannot be made
-    is reported under label "skip:<label>" with its error."""
+    """label -> {ms per decode step, attention ms per layer, layers, cache bytes,
+    rss_growth_mib (NaN: measured by :func:`rss_in_fresh_process`)} for every cache of
+    ``kinds`` (label -> kind), each filled to ``context`` tokens and stepped in turn, one step
+    of each per round: a drifting machine then shifts every cache alike. A cache that cannot be
+    made is reported under label "skip:<label>" with its error."""
     import torch
 
     from kvq.hf.evaluate import cache_bytes, fill_cache
@@ -252,12 +215,20 @@ def rss_in_fresh_process(kind: str, context: int) -> float:
 
 
 def memory_child(kind: str, context: int) -> None:
-    """--memory-child: load the model, run decode_run once, print its figures as JSON."""
+    """--memory-child: load the model, fill a ``kind`` cache to ``context`` tokens and decode
+    one step, and print the peak-RSS growth (MiB) over that as JSON."""
     import kvq.hf  # noqa: F401  (registers attention "kvq")
     from kvq.hf.models import load_model
 
     model, _ = load_model()
-    print(json.dumps(decode_run(model, kind, context, 1)))
+    gc.collect()
+    reset = rss_reset()
+    before = rss_kib("VmRSS")
+    results = decode_interleaved(model, {kind: kind}, context, 1)
+    if kind not in results:
+        raise RuntimeError(results.get("skip:" + kind, kind))
+    growth = (rss_kib("VmHWM") - before) / 1024 if reset else math.nan
+    print(json.dumps({"rss_growth_mib": growth}))
 
 
 def main() -> None:
