@@ -142,12 +142,12 @@ MUTANTS = (
         "kvq/kernels/_unpack.py",
         (
             (
-                "_splat(builder, scale_value, RUN, _f32),\n"
-                "            values,\n"
-                "            _splat(builder, lowest_value, RUN, _f32),",
-                "_splat(builder, lowest_value, RUN, _f32),\n"
-                "            values,\n"
-                "            _splat(builder, scale_value, RUN, _f32),",
+                "_splat(builder, scale_value, count, _f32),\n"
+                "                    values,\n"
+                "                    _splat(builder, lowest_value, count, _f32),",
+                "_splat(builder, lowest_value, count, _f32),\n"
+                "                    values,\n"
+                "                    _splat(builder, scale_value, count, _f32),",
             ),
         ),
         ("tests/test_attention.py",),
@@ -165,18 +165,55 @@ MUTANTS = (
         "kvq/kernels/attention.py",
         (
             (
-                "s, m = _params(view, flat, slot, base * groups + g)\n"
-                "                for j in range(g * runs_per_group, (g + 1) * runs_per_group):\n"
-                "                    unpack_affine_32(\n"
-                "                        flat.codes, codes_at + j * RUN, bits, s, m,",
-                "s, m = _params(view, flat, slot, base * groups + g)\n"
-                "                for j in range(g * runs_per_group, (g + 1) * runs_per_group):\n"
-                "                    unpack_affine_32(\n"
-                "                        flat.codes, codes_at + j * RUN, bits, m, s,",
+                "s = scales[t * groups + g]\n                m = mins[t * groups + g]",
+                "m = scales[t * groups + g]\n                s = mins[t * groups + g]",
+            ),
+        ),
+        ("tests/test_attention_paths.py",),
+        "attention's vector decode of per-token rows (any chunk) swaps scale and min",
+    ),
+    Mutant(
+        "values-codes-centre-dropped",
+        "kvq/kernels/_tiles.py",
+        (
+            (
+                "group_mins.append(builder.fadd(lowest, builder.fmul(scale, middle)))",
+                "group_mins.append(lowest)",
             ),
         ),
         ("tests/test_attention.py",),
-        "attention's vector decode of per-token rows (any chunk) swaps scale and min",
+        "values read from their codes take the codes centred but add the plain min",
+    ),
+    Mutant(
+        "scores-codes-centre-dropped",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "offset += q[r, d] * (channel_mins[d] + channel_scales[d] * half)",
+                "offset += q[r, d] * channel_mins[d]",
+            ),
+        ),
+        ("tests/test_attention.py",),
+        "scores from per-channel key codes take the codes centred but add q . min",
+    ),
+    Mutant(
+        "scores-tokens-group-zero",
+        "kvq/kernels/_tiles.py",
+        (
+            (
+                "param = builder.add(first_param, builder.sdiv(j, runs_v))",
+                "param = builder.add(first_param, ir.Constant(_i64, 0))",
+            ),
+        ),
+        ("tests/test_attention_paths.py",),
+        "scores from per-token key codes use the token's first group's params for every run",
+    ),
+    Mutant(
+        "token-params-min-offset-dropped",
+        "kvq/kernels/attention.py",
+        (("np.float32(-MIN_OFFSET) * step_min", "np.float32(0.0) * step_min"),),
+        ("tests/test_attention.py",),
+        "per-token 6-bit min codes decode without their offset of 32 steps",
     ),
     Mutant(
         "ring-drops-a-chunk-early",

@@ -5,7 +5,7 @@ import pytest
 from numba import njit
 
 from kvq.kernels import pack_codes
-from kvq.kernels._unpack import RUN, WIDTHS, code_at, unpack_affine_32
+from kvq.kernels._unpack import RUN, WIDTHS, code_at, unpack_affine_8, unpack_affine_32
 
 
 @njit
@@ -31,6 +31,29 @@ def test_every_run_of_a_stream_decodes_to_numpy(bits):
         # one fused multiply-add per lane: within half an ulp of the exact value
         np.testing.assert_allclose(out[5 : 5 + RUN], expected, rtol=2**-24, atol=0)
         assert (out[:5] == -7.0).all() and (out[5 + RUN :] == -7.0).all(), "wrote outside"
+
+
+@njit
+def _unpack_8(row, index, bits, scale, lowest, out, at):
+    unpack_affine_8(row, index, bits, scale, lowest, out, at)
+
+
+@pytest.mark.parametrize("bits", WIDTHS)
+def test_every_run_of_8_decodes_to_numpy(bits):
+    """unpack_affine_8 (a super-group of second-level codes at a time) decodes every run of
+    8 codes of a stream to NumPy's values and writes nothing else."""
+    rng = np.random.default_rng(bits + 1)
+    codes = rng.integers(0, 2**bits, 8 * 5).astype(np.uint8)
+    codes[:8] = 2**bits - 1
+    packed = np.zeros(codes.size * bits // 8, np.uint8)
+    pack_codes(codes, bits, packed)
+    scale, lowest = np.float32(0.37), np.float32(-2.5)
+    for run in range(5):
+        out = np.full(8 + 6, -7.0, np.float32)
+        _unpack_8(packed, run * 8, bits, scale, lowest, out, 3)
+        expected = codes[run * 8 : (run + 1) * 8].astype(np.float64) * scale + lowest
+        np.testing.assert_allclose(out[3:11], expected, rtol=2**-24, atol=0)
+        assert (out[:3] == -7.0).all() and (out[11:] == -7.0).all(), "wrote outside"
 
 
 def test_last_run_of_a_row_decodes_from_a_view_ending_there():

@@ -199,3 +199,364 @@ def transpose_16(typingctx, source, target, t0, d0):
         return context.get_dummy_value()
 
     return types.void(source, target, types.int64, types.int64), codegen
+
+
+def _is_vector(value, dtype) -> bool:
+    return (
+        isinstance(value, types.Array)
+        and value.dtype == dtype
+        and value.ndim == 1
+        and value.layout == "C"
+    )
+
+
+def _make_values_codes_tile(count: int):
+    @intrinsic
+    def values_codes_tile(
+        typingctx, codes, token_at, bits, weights, scales, mins, groups, group_runs, acc, r0,
+        t0, t1, c0,
+    ):  # fmt: skip
+        """acc[r0:r0+count, c0:c0+64] += sum over t in t0..t1-1 of weights[r, t] * value(t),
+        value(t)[c] = mins[j] + scales[j] * code, j = (t - t0) * groups + c // (32 *
+        group_runs): token t's code of column c is code token_at[t - t0] + c of ``codes``
+        (``bits`` wide). The scale is folded into the weight and the group's centre (min plus
+        scale times 2 ** (bits - 1), the codes taken centred) summed apart, so the codes are
+        decoded into registers and never stored (t1 > t0)."""
+        if not (
+            _is_vector(codes, types.uint8)
+            and _is_vector(token_at, types.int64)
+            and _is_matrix(weights)
+            and _is_vector(scales, types.float32)
+            and _is_vector(mins, types.float32)
+            and _is_matrix(acc)
+        ):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from kvq.kernels._unpack import CODE_WIDTHS, emit_codes
+
+            (codes_v, at_v, bits_v, w_v, s_v, m_v, groups_v, runs_v, acc_v, row0, first, last,
+             col0) = args  # fmt: skip
+            types_ = signature.args
+            codes_data = context.make_array(types_[0])(context, builder, codes_v).data
+            at_data = context.make_array(types_[1])(context, builder, at_v).data
+            w_data, w_stride, _ = _array(context, builder, types_[3], w_v)
+            s_data = context.make_array(types_[4])(context, builder, s_v).data
+            m_data = context.make_array(types_[5])(context, builder, m_v).data
+            a_data, a_stride, _ = _array(context, builder, types_[8], acc_v)
+            fma = _fma(builder.module)
+            zero = ir.Constant(_v16, [0.0] * 16)
+            # codes arrive centred (minus 2 ** (bits - 1), so the two sums do not both grow
+            # with the group's offset): the min becomes the group's centre
+            middle = builder.sitofp(
+                builder.shl(ir.Constant(_i64, 1), builder.sub(bits_v, ir.Constant(_i64, 1))), _f32
+            )
+            # the tile's two 32-column runs and their groups
+            run0 = builder.sdiv(col0, ir.Constant(_i64, 32))
+            group_of = [
+                builder.sdiv(builder.add(run0, ir.Constant(_i64, j)), runs_v) for j in (0, 1)
+            ]
+            entry = builder.basic_block
+            loop = builder.append_basic_block("vcodes.loop")
+            done = builder.append_basic_block("vcodes.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            t = builder.phi(_i64)
+            t.add_incoming(first, entry)
+            accs = [builder.phi(_v16) for _ in range(count * 4)]
+            for a in accs:
+                a.add_incoming(zero, entry)
+            low_sums = [builder.phi(_f32) for _ in range(count * 2)]
+            for m in low_sums:
+                m.add_incoming(ir.Constant(_f32, 0.0), entry)
+            local = builder.sub(t, first)
+            base = builder.load(builder.gep(at_data, [local]))
+            halves = []
+            group_scales = []
+            group_mins = []
+            for j in (0, 1):
+                index = builder.add(base, builder.add(col0, ir.Constant(_i64, 32 * j)))
+                values = emit_codes(builder, codes_data, index, bits_v, 32, CODE_WIDTHS, True)
+                undefined = ir.Constant(ir.VectorType(_f32, 32), ir.Undefined)
+                for half in (0, 1):
+                    mask = ir.Constant(
+                        ir.VectorType(_i32, 16), list(range(16 * half, 16 * half + 16))
+                    )
+                    halves.append(builder.shuffle_vector(values, undefined, mask))
+                param = builder.add(builder.mul(local, groups_v), group_of[j])
+                scale = builder.load(builder.gep(s_data, [param]))
+                lowest = builder.load(builder.gep(m_data, [param]))
+                group_scales.append(scale)
+                group_mins.append(builder.fadd(lowest, builder.fmul(scale, middle)))
+            updated = []
+            updated_sums = []
+            for r in range(count):
+                row = builder.add(row0, ir.Constant(_i64, r))
+                p = builder.load(builder.gep(w_data, [builder.add(builder.mul(row, w_stride), t)]))
+                for j in (0, 1):
+                    weight = _splat(builder, builder.fmul(p, group_scales[j]))
+                    for half in (0, 1):
+                        c = 2 * j + half
+                        updated.append(builder.call(fma, [weight, halves[c], accs[4 * r + c]]))
+                    low = builder.fadd(low_sums[2 * r + j], builder.fmul(p, group_mins[j]))
+                    updated_sums.append(low)
+            next_t = builder.add(t, ir.Constant(_i64, 1))
+            body_end = builder.basic_block
+            t.add_incoming(next_t, body_end)
+            for a, value in zip(accs, updated, strict=True):
+                a.add_incoming(value, body_end)
+            for m, value in zip(low_sums, updated_sums, strict=True):
+                m.add_incoming(value, body_end)
+            builder.cbranch(builder.icmp_signed("<", next_t, last), loop, done)
+            builder.position_at_end(done)
+            for r in range(count):
+                row = builder.add(row0, ir.Constant(_i64, r))
+                out_base = builder.add(builder.mul(row, a_stride), col0)
+                for c in range(4):
+                    at = builder.add(out_base, ir.Constant(_i64, 16 * c))
+                    pointer = _vector_at(builder, a_data, at)
+                    total = builder.fadd(
+                        updated[4 * r + c], _splat(builder, updated_sums[2 * r + c // 2])
+                    )
+                    builder.store(
+                        builder.fadd(builder.load(pointer, align=4), total), pointer, align=4
+                    )
+            return context.get_dummy_value()
+
+        return types.void(
+            codes, token_at, types.int64, weights, scales, mins, types.int64, types.int64, acc,
+            types.int64, types.int64, types.int64, types.int64,
+        ), codegen  # fmt: skip
+
+    return values_codes_tile
+
+
+values_codes_tile_1, values_codes_tile_2, values_codes_tile_3, values_codes_tile = (
+    _make_values_codes_tile(n) for n in (1, 2, 3, 4)
+)
+
+
+def _make_scores_codes_tile(count: int):
+    @intrinsic
+    def scores_codes_tile(typingctx, codes, at, stride, bits, weights, bias, scores, r0, i0):
+        """scores[r, i0:i0+32] = bias[r] + sum_d weights[r, d] * (code(at + d * stride + i) -
+        2 ** (bits - 1)) for rows r0..r0+count-1: per-channel key codes (32 tokens of channel
+        d from code at + d * stride, ``bits`` wide), centred, with each channel's scale folded
+        into the weights (q times scale) and its centre into ``bias``: decoded in registers,
+        never stored."""
+        if not (
+            _is_vector(codes, types.uint8)
+            and _is_matrix(weights)
+            and _is_vector(bias, types.float32)
+            and _is_matrix(scores)
+        ):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from kvq.kernels._unpack import CODE_WIDTHS, emit_codes
+
+            codes_v, at_v, stride_v, bits_v, w_v, bias_v, s_v, row0, col0 = args
+            types_ = signature.args
+            codes_data = context.make_array(types_[0])(context, builder, codes_v).data
+            w_data, w_stride, _ = _array(context, builder, types_[4], w_v)
+            bias_data = context.make_array(types_[5])(context, builder, bias_v).data
+            s_data, s_stride, _ = _array(context, builder, types_[6], s_v)
+            fma = _fma(builder.module)
+            zero = ir.Constant(_v16, [0.0] * 16)
+            entry = builder.basic_block
+            loop = builder.append_basic_block("kcodes.loop")
+            done = builder.append_basic_block("kcodes.done")
+            builder.branch(loop)
+            builder.position_at_end(loop)
+            d = builder.phi(_i64)
+            d.add_incoming(ir.Constant(_i64, 0), entry)
+            accs = [builder.phi(_v16) for _ in range(count * 2)]
+            for a in accs:
+                a.add_incoming(zero, entry)
+            index = builder.add(at_v, builder.mul(d, stride_v))
+            values = emit_codes(builder, codes_data, index, bits_v, 32, CODE_WIDTHS, True)
+            undefined = ir.Constant(ir.VectorType(_f32, 32), ir.Undefined)
+            halves = [
+                builder.shuffle_vector(
+                    values, undefined, ir.Constant(ir.VectorType(_i32, 16), list(range(h, h + 16)))
+                )
+                for h in (0, 16)
+            ]
+            updated = []
+            for r in range(count):
+                row = builder.add(row0, ir.Constant(_i64, r))
+                weight = builder.load(
+                    builder.gep(w_data, [builder.add(builder.mul(row, w_stride), d)])
+                )
+                broadcast = _splat(builder, weight)
+                for h in (0, 1):
+                    updated.append(builder.call(fma, [broadcast, halves[h], accs[2 * r + h]]))
+            next_d = builder.add(d, ir.Constant(_i64, 1))
+            body_end = builder.basic_block
+            d.add_incoming(next_d, body_end)
+            for a, value in zip(accs, updated, strict=True):
+                a.add_incoming(value, body_end)
+            dim = _array(context, builder, types_[4], w_v)[1]
+            builder.cbranch(builder.icmp_signed("<", next_d, dim), loop, done)
+            builder.position_at_end(done)
+            for r in range(count):
+                row = builder.add(row0, ir.Constant(_i64, r))
+                offset = _splat(builder, builder.load(builder.gep(bias_data, [row])))
+                base = builder.add(builder.mul(row, s_stride), col0)
+                for h in (0, 1):
+                    at = builder.add(base, ir.Constant(_i64, 16 * h))
+                    total = builder.fadd(updated[2 * r + h], offset)
+                    builder.store(total, _vector_at(builder, s_data, at), align=4)
+            return context.get_dummy_value()
+
+        return types.void(
+            codes, types.int64, types.int64, types.int64, weights, bias, scores, types.int64,
+            types.int64,
+        ), codegen  # fmt: skip
+
+    return scores_codes_tile
+
+
+scores_codes_tile_1, scores_codes_tile_2, scores_codes_tile_3, scores_codes_tile = (
+    _make_scores_codes_tile(n) for n in (1, 2, 3, 4)
+)
+
+
+def _sum_lanes(builder, vector):
+    """IR of the sum of a <16 x float>'s lanes: four rounds of halving shuffles and adds."""
+    width = 16
+    while width > 1:
+        width //= 2
+        mask = ir.Constant(
+            ir.VectorType(_i32, 16), [i + width if i < width else i for i in range(16)]
+        )
+        vector = builder.fadd(vector, builder.shuffle_vector(vector, vector, mask))
+    return builder.extract_element(vector, ir.Constant(_i32, 0))
+
+
+def _make_scores_tokens_tile(count: int):
+    @intrinsic
+    def scores_tokens_tile(
+        typingctx, codes, token_at, bits, q, run_sums, scales, mins, groups, group_runs,
+        scores, r0, t1,
+    ):  # fmt: skip
+        """scores[r, t] = q[r] . key(t) for rows r0..r0+count-1 and tokens t < t1, the keys
+        read from per-token codes: token t's code of channel d is code token_at[t] + d,
+        key(t)[d] = mins[j] + scales[j] * code, j = t * groups + d // (32 * group_runs).
+        Each 32-channel run is decoded in registers (centred: minus 2 ** (bits - 1)) and
+        multiplied with q, its group's scale applied to the run's sum and its centre times
+        ``run_sums[r, run]`` (q summed over the run's channels) added apart; one sum of
+        lanes per token and row."""
+        if not (
+            _is_vector(codes, types.uint8)
+            and _is_vector(token_at, types.int64)
+            and _is_matrix(q)
+            and _is_matrix(run_sums)
+            and _is_vector(scales, types.float32)
+            and _is_vector(mins, types.float32)
+            and _is_matrix(scores)
+        ):
+            return None
+
+        def codegen(context, builder, signature, args):
+            from kvq.kernels._unpack import CODE_WIDTHS, emit_codes
+
+            (codes_v, at_v, bits_v, q_v, sums_v, s_v, m_v, groups_v, runs_v, scores_v, row0,
+             last) = args  # fmt: skip
+            types_ = signature.args
+            codes_data = context.make_array(types_[0])(context, builder, codes_v).data
+            at_data = context.make_array(types_[1])(context, builder, at_v).data
+            q_data, dim, _ = _array(context, builder, types_[3], q_v)
+            sums_data, sums_stride, _ = _array(context, builder, types_[4], sums_v)
+            s_data = context.make_array(types_[5])(context, builder, s_v).data
+            m_data = context.make_array(types_[6])(context, builder, m_v).data
+            out_data, out_stride, _ = _array(context, builder, types_[9], scores_v)
+            fma = _fma(builder.module)
+            middle = builder.sitofp(
+                builder.shl(ir.Constant(_i64, 1), builder.sub(bits_v, ir.Constant(_i64, 1))), _f32
+            )
+            runs_total = builder.sdiv(dim, ir.Constant(_i64, 32))
+            zero = ir.Constant(_v16, [0.0] * 16)
+            rows = [builder.add(row0, ir.Constant(_i64, r)) for r in range(count)]
+            # outer loop over tokens
+            entry = builder.basic_block
+            tokens = builder.append_basic_block("ktok.tokens")
+            runs = builder.append_basic_block("ktok.runs")
+            token_end = builder.append_basic_block("ktok.token_end")
+            done = builder.append_basic_block("ktok.done")
+            builder.branch(tokens)
+            builder.position_at_end(tokens)
+            t = builder.phi(_i64)
+            t.add_incoming(ir.Constant(_i64, 0), entry)
+            base = builder.load(builder.gep(at_data, [t]))
+            first_param = builder.mul(t, groups_v)
+            builder.branch(runs)
+            # inner loop over the token's 32-channel runs
+            builder.position_at_end(runs)
+            j = builder.phi(_i64)
+            j.add_incoming(ir.Constant(_i64, 0), tokens)
+            totals = [builder.phi(_v16) for _ in range(count)]
+            offsets = [builder.phi(_f32) for _ in range(count)]
+            for total in totals:
+                total.add_incoming(zero, tokens)
+            for offset in offsets:
+                offset.add_incoming(ir.Constant(_f32, 0.0), tokens)
+            channel = builder.mul(j, ir.Constant(_i64, 32))
+            values = emit_codes(
+                builder, codes_data, builder.add(base, channel), bits_v, 32, CODE_WIDTHS, True
+            )
+            undefined = ir.Constant(ir.VectorType(_f32, 32), ir.Undefined)
+            halves = [
+                builder.shuffle_vector(
+                    values, undefined, ir.Constant(ir.VectorType(_i32, 16), list(range(h, h + 16)))
+                )
+                for h in (0, 16)
+            ]
+            param = builder.add(first_param, builder.sdiv(j, runs_v))
+            scale = builder.load(builder.gep(s_data, [param]))
+            centre = builder.fadd(
+                builder.load(builder.gep(m_data, [param])), builder.fmul(scale, middle)
+            )
+            broadcast = _splat(builder, scale)
+            new_totals, new_offsets = [], []
+            for r in range(count):
+                q_at = builder.add(builder.mul(rows[r], dim), channel)
+                low = builder.load(_vector_at(builder, q_data, q_at), align=4)
+                high = builder.load(
+                    _vector_at(builder, q_data, builder.add(q_at, ir.Constant(_i64, 16))), align=4
+                )
+                partial = builder.fmul(halves[0], low)
+                partial = builder.call(fma, [halves[1], high, partial])
+                new_totals.append(builder.call(fma, [broadcast, partial, totals[r]]))
+                run_sum = builder.load(
+                    builder.gep(sums_data, [builder.add(builder.mul(rows[r], sums_stride), j)])
+                )
+                new_offsets.append(builder.fadd(offsets[r], builder.fmul(centre, run_sum)))
+            next_j = builder.add(j, ir.Constant(_i64, 1))
+            runs_end = builder.basic_block
+            j.add_incoming(next_j, runs_end)
+            for phi, value in zip(totals + offsets, new_totals + new_offsets, strict=True):
+                phi.add_incoming(value, runs_end)
+            builder.cbranch(builder.icmp_signed("<", next_j, runs_total), runs, token_end)
+            builder.position_at_end(token_end)
+            for r in range(count):
+                score = builder.fadd(_sum_lanes(builder, new_totals[r]), new_offsets[r])
+                at = builder.add(builder.mul(rows[r], out_stride), t)
+                builder.store(score, builder.gep(out_data, [at]))
+            next_t = builder.add(t, ir.Constant(_i64, 1))
+            t.add_incoming(next_t, token_end)
+            builder.cbranch(builder.icmp_signed("<", next_t, last), tokens, done)
+            builder.position_at_end(done)
+            return context.get_dummy_value()
+
+        return types.void(
+            codes, token_at, types.int64, q, run_sums, scales, mins, types.int64, types.int64,
+            scores, types.int64, types.int64,
+        ), codegen  # fmt: skip
+
+    return scores_tokens_tile
+
+
+scores_tokens_tile_1, scores_tokens_tile_2, scores_tokens_tile_3, scores_tokens_tile = (
+    _make_scores_tokens_tile(n) for n in (1, 2, 3, 4)
+)

@@ -5,7 +5,8 @@
   attention, uint8 codes for ``packing.unpack_codes``): byte loops for 8, 4, 2 and 6 bits,
   eight codes per ``bits`` bytes through a 64-bit word otherwise;
 - ``unpack_affine_32(row, index, bits, scale, lowest, out, at)``: 32 codes with a group's
-  scale and min applied, as one LLVM vector operation (below).
+  scale and min applied, as one LLVM vector operation (below); ``unpack_affine_8``: the
+  same for 8 codes (one second-level super-group of 6-bit scale or min codes).
 
 Unpack 32 bit-packed codes and apply a group's scale and min, as one LLVM vector operation.
 
@@ -108,79 +109,110 @@ def _splat(builder, scalar, count, element):
     return builder.shuffle_vector(first, undefined, ir.Constant(_vector(_i32, count), [0] * count))
 
 
-def _emit(builder, row_data, index_value, scale_value, lowest_value, out_data, at_value, bits):
-    """The LLVM IR of one 32-code run of ``bits``-bit codes (see the module docstring)."""
-    run_bytes = RUN * bits // 8
-    low_index = [(i * bits) // 8 for i in range(RUN)]
+def _emit_codes(builder, row_data, index_value, bits, count, centred=False):
+    """The LLVM IR of ``count`` ``bits``-bit codes from code ``index_value`` of byte stream
+    ``row_data``, as a float vector (see the module docstring); ``centred``: each code minus
+    ``2 ** (bits - 1)``."""
+    run_bytes = count * bits // 8
+    low_index = [(i * bits) // 8 for i in range(count)]
     high_index = [min(j + 1, run_bytes - 1) for j in low_index]
-    shifts = [(i * bits) % 8 for i in range(RUN)]
+    shifts = [(i * bits) % 8 for i in range(count)]
     needs_high = any(s + bits > 8 for s in shifts)
     byte = builder.lshr(builder.mul(index_value, ir.Constant(_i64, bits)), ir.Constant(_i64, 3))
     source = builder.bitcast(builder.gep(row_data, [byte]), _vector(_i8, run_bytes).as_pointer())
     packed = builder.zext(builder.load(source, align=1), _vector(_i32, run_bytes))
     undefined = ir.Constant(_vector(_i32, run_bytes), ir.Undefined)
+    lanes = _vector(_i32, count)
     if bits == 8:
         codes = packed
     else:
-        window = builder.shuffle_vector(packed, undefined, ir.Constant(_vector(_i32), low_index))
+        window = builder.shuffle_vector(packed, undefined, ir.Constant(lanes, low_index))
         if needs_high:
-            high = builder.shuffle_vector(
-                packed, undefined, ir.Constant(_vector(_i32), high_index)
+            high = builder.shuffle_vector(packed, undefined, ir.Constant(lanes, high_index))
+            window = builder.or_(window, builder.shl(high, ir.Constant(lanes, [8] * count)))
+        shifted = builder.lshr(window, ir.Constant(lanes, shifts))
+        codes = builder.and_(shifted, ir.Constant(lanes, [(1 << bits) - 1] * count))
+    if centred:
+        codes = builder.sub(codes, ir.Constant(lanes, [1 << (bits - 1)] * count))
+        return builder.sitofp(codes, _vector(_f32, count))
+    return builder.uitofp(codes, _vector(_f32, count))
+
+
+WIDTHS = (8, 6, 4, 2, 3)  # the widths the decoders take: any other reads as 3 (the last)
+CODE_WIDTHS = (8, 4, 2, 3)  # the widths of K/V codes
+
+
+def emit_codes(builder, row_data, index_value, bits_value, count, widths=WIDTHS, centred=False):
+    """IR of ``count`` codes (a float vector, ``centred`` as :func:`_emit_codes`) for a
+    run-time width ``bits_value`` (i64): a ``switch`` over ``widths`` inside the IR (LLVM
+    folds it for a constant width); a width not listed reads as the last."""
+    function = builder.function
+    done = function.append_basic_block("codes.done")
+    cases = {w: function.append_basic_block(f"codes.{w}") for w in widths}
+    switch = builder.switch(bits_value, cases[widths[-1]])
+    for width in widths[:-1]:
+        switch.add_case(ir.Constant(_i64, width), cases[width])
+    results = []
+    for width, block in cases.items():
+        builder.position_at_end(block)
+        value = _emit_codes(builder, row_data, index_value, width, count, centred)
+        results.append((value, builder.basic_block))
+        builder.branch(done)
+    builder.position_at_end(done)
+    merged = builder.phi(_vector(_f32, count))
+    for value, block in results:
+        merged.add_incoming(value, block)
+    return merged
+
+
+def _fma_function(module, count):
+    name = f"llvm.fma.v{count}f32"
+    return module.globals.get(name) or ir.Function(
+        module, ir.FunctionType(_vector(_f32, count), [_vector(_f32, count)] * 3), name
+    )
+
+
+def _unpack_affine(count):
+    """The intrinsic of a ``count``-code run (see :func:`unpack_affine_32`)."""
+
+    def typer(typingctx, row, index, bits, scale, lowest, out, at):
+        if not (_is_array(row, types.uint8) and _is_array(out, types.float32)):
+            return None
+
+        def codegen(context, builder, signature, args):
+            row_value, index_value, bits_value, scale_value, lowest_value, out_value, at = args
+            row_data = context.make_array(signature.args[0])(context, builder, row_value).data
+            out_data = context.make_array(signature.args[5])(context, builder, out_value).data
+            values = emit_codes(builder, row_data, index_value, bits_value, count)
+            result = builder.call(
+                _fma_function(builder.module, count),
+                [
+                    _splat(builder, scale_value, count, _f32),
+                    values,
+                    _splat(builder, lowest_value, count, _f32),
+                ],
             )
-            window = builder.or_(window, builder.shl(high, ir.Constant(_vector(_i32), [8] * RUN)))
-        shifted = builder.lshr(window, ir.Constant(_vector(_i32), shifts))
-        codes = builder.and_(shifted, ir.Constant(_vector(_i32), [(1 << bits) - 1] * RUN))
-    values = builder.uitofp(codes, _vector(_f32))
-    fma_name = "llvm.fma.v32f32"
-    module = builder.module
-    fma = module.globals.get(fma_name) or ir.Function(
-        module, ir.FunctionType(_vector(_f32), [_vector(_f32)] * 3), fma_name
-    )
-    result = builder.call(
-        fma,
-        [
-            _splat(builder, scale_value, RUN, _f32),
-            values,
-            _splat(builder, lowest_value, RUN, _f32),
-        ],
-    )
-    target = builder.bitcast(builder.gep(out_data, [at_value]), _vector(_f32).as_pointer())
-    builder.store(result, target, align=4)
+            target = builder.gep(out_data, [at])
+            builder.store(
+                result, builder.bitcast(target, _vector(_f32, count).as_pointer()), align=4
+            )
+            return context.get_dummy_value()
+
+        return types.void(
+            row, types.int64, types.int64, types.float32, types.float32, out, types.int64
+        ), codegen
+
+    typer.__name__ = typer.__qualname__ = f"unpack_affine_{count}"
+    return typer
 
 
-WIDTHS = (8, 6, 4, 2, 3)  # the widths unpack_affine_32 decodes: any other reads as 3
+unpack_affine_32 = intrinsic(_unpack_affine(RUN))
+"""out[at:at + 32] = lowest + scale * codes index .. index + 31 of the ``bits``-bit
+stream ``row`` (see the module docstring), for ``bits`` in :data:`WIDTHS`. The branch on
+``bits`` is in the IR (LLVM folds it where ``bits`` is a constant), so Numba sees no branch
+between its reference counts of ``row`` and ``out`` and prunes them: a Numba-level branch
+left an atomic incref and decref per run in attention's hot loops."""
 
-
-@intrinsic
-def unpack_affine_32(typingctx, row, index, bits, scale, lowest, out, at):
-    """out[at:at + 32] = lowest + scale * codes index .. index + 31 of the ``bits``-bit stream
-    ``row`` (see the module docstring), for ``bits`` in :data:`WIDTHS`. The branch on
-    ``bits`` is in the IR (LLVM folds it where ``bits`` is a constant), so Numba sees no
-    branch between its reference counts of ``row`` and ``out`` and prunes them: a Numba-level
-    branch left an atomic incref and decref per run in attention's hot loops."""
-    if not (_is_array(row, types.uint8) and _is_array(out, types.float32)):
-        return None
-
-    def codegen(context, builder, signature, args):
-        row_value, index_value, bits_value, scale_value, lowest_value, out_value, at_value = args
-        row_data = context.make_array(signature.args[0])(context, builder, row_value).data
-        out_data = context.make_array(signature.args[5])(context, builder, out_value).data
-        function = builder.function
-        done = function.append_basic_block("unpack.done")
-        cases = {width: function.append_basic_block(f"unpack.{width}") for width in WIDTHS}
-        switch = builder.switch(bits_value, cases[3])
-        for width in WIDTHS[:-1]:
-            switch.add_case(ir.Constant(_i64, width), cases[width])
-        for width, block in cases.items():
-            builder.position_at_end(block)
-            _emit(
-                builder, row_data, index_value, scale_value, lowest_value, out_data, at_value,
-                width,
-            )  # fmt: skip
-            builder.branch(done)
-        builder.position_at_end(done)
-        return context.get_dummy_value()
-
-    return types.void(
-        row, types.int64, types.int64, types.float32, types.float32, out, types.int64
-    ), codegen
+unpack_affine_8 = intrinsic(_unpack_affine(8))
+"""out[at:at + 8] = lowest + scale * codes index .. index + 7 of ``row``, as
+:func:`unpack_affine_32` (``index * bits`` a multiple of 8; ``bits`` bytes are read)."""

@@ -32,11 +32,23 @@ from numba import njit, prange
 from kvq._format import MIN_OFFSET, SUB_BITS, SUPER_GROUPS
 from kvq.kernels._floatbits import bits_to_float, half_bits_to_float
 from kvq.kernels._tiles import (
+    scores_codes_tile,
+    scores_codes_tile_1,
+    scores_codes_tile_2,
+    scores_codes_tile_3,
     scores_tile,
     scores_tile_1,
     scores_tile_2,
     scores_tile_3,
+    scores_tokens_tile,
+    scores_tokens_tile_1,
+    scores_tokens_tile_2,
+    scores_tokens_tile_3,
     transpose_16,
+    values_codes_tile,
+    values_codes_tile_1,
+    values_codes_tile_2,
+    values_codes_tile_3,
     values_tile,
     values_tile_1,
     values_tile_2,
@@ -45,6 +57,7 @@ from kvq.kernels._tiles import (
 from kvq.kernels._unpack import (
     RUN,
     code_at,
+    unpack_affine_8,
     unpack_affine_32,
     unpack_run,
 )
@@ -221,10 +234,59 @@ def _vector_tokens(view, dim):
 
 
 @njit(inline="always")
-def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
+def _token_params(view, flat, head, first, count, groups, scales, mins, staged):
+    """scales[t * groups + g], mins[...] = the float32 scale and min of group g of per-token
+    position first + t of ``head`` (t < count; all quantized and held): each slot's run of
+    params at once, 6-bit codes a super-group (8) per vector operation. staged: float32
+    (2 * SUPER_GROUPS) scratch."""
+    chunk = view.chunk
+    index = first // chunk
+    inner = first - index * chunk
+    slot = index % view.slots
+    done = 0
+    while done < count:
+        n = min(chunk - inner, count - done)
+        lo = (head * chunk + inner) * groups  # the run's first param in its slot row
+        hi = lo + n * groups
+        out_at = done * groups - lo  # param p of the row goes to out_at + p
+        row_at = slot * flat.param_row
+        if view.double_quant:  # rows hold whole super-groups: each read stays in its row
+            for sg in range(lo // SUPER_GROUPS, (hi - 1) // SUPER_GROUPS + 1):
+                step_at = slot * flat.step_row + sg
+                step = _f16_at(flat.p2, step_at)
+                step_min = _f16_at(flat.p3, step_at)
+                base = sg * SUPER_GROUPS
+                unpack_affine_8(flat.p0, row_at + base, SUB_BITS, step, 0.0, staged, 0)
+                unpack_affine_8(
+                    flat.p1, row_at + base, SUB_BITS, step_min,
+                    np.float32(-MIN_OFFSET) * step_min, staged, SUPER_GROUPS,
+                )  # fmt: skip
+                for p in range(max(lo, base), min(hi, base + SUPER_GROUPS)):
+                    scales[out_at + p] = staged[p - base]
+                    mins[out_at + p] = staged[SUPER_GROUPS + p - base]
+        elif view.half:
+            for p in range(lo, hi):
+                scales[out_at + p] = _f16_at(flat.p0, row_at + p)
+                mins[out_at + p] = _f16_at(flat.p1, row_at + p)
+        else:
+            for p in range(lo, hi):
+                scales[out_at + p] = _f32_at(flat.p0, row_at + p)
+                mins[out_at + p] = _f32_at(flat.p1, row_at + p)
+        done += n
+        inner = 0
+        slot += 1
+        if slot == view.slots:
+            slot = 0
+
+
+@njit(inline="always")
+def _token_rows(
+    view, flat, vector, head, first, count, dim, out, out_flat, at, scales, mins, staged
+):
     """out[at + t, :dim] = per-token codes of positions first .. first + count - 1 (all
     quantized and held) dequantized; ``vector``: :func:`_vector_tokens` of the view;
-    ``out_flat``: ``out`` as a flat view."""
+    ``out_flat``: ``out`` as a flat view; scales, mins: float32 (count * groups) scratch for
+    the vector path's params, staged: (2 * SUPER_GROUPS)."""
     chunk = view.chunk
     slots = view.slots
     bits = view.bits
@@ -234,27 +296,16 @@ def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
     index = first // chunk
     inner = first - index * chunk
     slot = index % slots
+    if vector:
+        _token_params(view, flat, head, first, count, groups, scales, mins, staged)
     for t in range(count):
         base = head * chunk + inner
         codes_at = slot * flat.codes_row + base * dim
         out_at = (at + t) * dim
-        if vector and view.double_quant:  # each group's params once, then its runs
-            first_group = base * groups
+        if vector:
             for g in range(groups):
-                index_ = first_group + g
-                step_at = slot * flat.step_row + index_ // SUPER_GROUPS
-                param_at = slot * flat.param_row + index_
-                s = _f16_at(flat.p2, step_at) * np.float32(code_at(flat.p0, param_at, SUB_BITS))
-                m = _f16_at(flat.p3, step_at) * np.float32(
-                    code_at(flat.p1, param_at, SUB_BITS) - MIN_OFFSET
-                )
-                for j in range(g * runs_per_group, (g + 1) * runs_per_group):
-                    unpack_affine_32(
-                        flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN
-                    )
-        elif vector:
-            for g in range(groups):
-                s, m = _params(view, flat, slot, base * groups + g)
+                s = scales[t * groups + g]
+                m = mins[t * groups + g]
                 for j in range(g * runs_per_group, (g + 1) * runs_per_group):
                     unpack_affine_32(
                         flat.codes, codes_at + j * RUN, bits, s, m, out_flat, out_at + j * RUN
@@ -276,21 +327,13 @@ def _token_rows(view, flat, vector, head, first, count, dim, out, out_flat, at):
 
 
 @njit(inline="always")
-def _dequantize_chunk_keys(
-    view, flat, head, index, offset, dim, keys, keys_flat, scratch, channel_scales, channel_mins
-):
-    """keys[d, offset:offset + chunk] = dequantized per-channel chunk ``index`` of ``head``
-    (``keys_flat``: ``keys`` as a flat view)."""
-    chunk = view.chunk
-    block = keys.shape[1]
+def _channel_params(view, flat, head, index, dim, channel_scales, channel_mins):
+    """channel_scales[d], channel_mins[d] = the scale and min of channel d of ``head`` in
+    per-channel chunk ``index`` whose tokens form one group (chunk == group); with
+    double_quant and dim a multiple of 8, the 6-bit codes are unpacked as runs."""
     slot = index % view.slots
-    token_group = min(view.group, chunk)
-    per_channel = chunk // token_group
-    row_at = slot * flat.codes_row
-    bits = view.bits
-    if view.double_quant and per_channel == 1 and dim % SUPER_GROUPS == 0:
-        # all of the head's channel params at once: 6-bit codes unpacked as runs
-        base = head * dim
+    base = head * dim
+    if view.double_quant and dim % SUPER_GROUPS == 0:
         param_at = slot * flat.param_row + base
         if dim % RUN == 0:  # the 6-bit codes as float vectors
             for at in range(0, dim, RUN):
@@ -306,6 +349,28 @@ def _dequantize_chunk_keys(
             for j in range(first, first + SUPER_GROUPS):
                 channel_scales[j] = step * channel_scales[j]
                 channel_mins[j] = step_min * (channel_mins[j] - np.float32(MIN_OFFSET))
+        return
+    for d in range(dim):
+        s, m = _params(view, flat, slot, base + d)
+        channel_scales[d] = s
+        channel_mins[d] = m
+
+
+@njit(inline="always")
+def _dequantize_chunk_keys(
+    view, flat, head, index, offset, dim, keys, keys_flat, scratch, channel_scales, channel_mins
+):
+    """keys[d, offset:offset + chunk] = dequantized per-channel chunk ``index`` of ``head``
+    (``keys_flat``: ``keys`` as a flat view)."""
+    chunk = view.chunk
+    block = keys.shape[1]
+    slot = index % view.slots
+    token_group = min(view.group, chunk)
+    per_channel = chunk // token_group
+    row_at = slot * flat.codes_row
+    bits = view.bits
+    if view.double_quant and per_channel == 1 and dim % SUPER_GROUPS == 0:
+        _channel_params(view, flat, head, index, dim, channel_scales, channel_mins)
         if chunk == RUN and bits in (2, 3, 4, 8):
             for d in range(dim):
                 unpack_affine_32(
@@ -401,6 +466,53 @@ def _scores(keys, q, scores, rows, width):
 
 
 @njit(inline="always")
+def _scores_codes(codes, at, stride, bits, weights, bias, scores, rows, i0):
+    """scores[r, i0:i0 + 32] for every row from 32 tokens of per-channel key codes (channel d
+    from code at + d * stride), scales folded into ``weights`` and mins into ``bias``."""
+    rest = rows % 4
+    for r0 in range(0, rows - rest, 4):
+        scores_codes_tile(codes, at, stride, bits, weights, bias, scores, r0, i0)
+    r0 = rows - rest
+    if rest == 3:
+        scores_codes_tile_3(codes, at, stride, bits, weights, bias, scores, r0, i0)
+    elif rest == 2:
+        scores_codes_tile_2(codes, at, stride, bits, weights, bias, scores, r0, i0)
+    elif rest == 1:
+        scores_codes_tile_1(codes, at, stride, bits, weights, bias, scores, r0, i0)
+
+
+@njit(inline="always")
+def _scores_tokens(view, flat, token_at, q, run_sums, scales, mins, scores, rows, width):
+    """scores[r, :width] = q[r] . keys read from their per-token codes (positions token_at,
+    params scales/mins as :func:`_token_params` leaves them; run_sums: q summed over each
+    32-channel run): tiles of 4 rows (and one of the 1-3 left)."""
+    dim = q.shape[1]
+    group = min(view.group, dim)
+    groups = dim // group
+    runs = group // RUN
+    bits = view.bits
+    codes = flat.codes
+    rest = rows % 4
+    for r0 in range(0, rows - rest, 4):
+        scores_tokens_tile(
+            codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
+        )
+    r0 = rows - rest
+    if rest == 3:
+        scores_tokens_tile_3(
+            codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
+        )
+    elif rest == 2:
+        scores_tokens_tile_2(
+            codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
+        )
+    elif rest == 1:
+        scores_tokens_tile_1(
+            codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
+        )
+
+
+@njit(inline="always")
 def _accumulate(scores, values, acc, rows, width):
     """acc[r] += scores[r, :width] @ values[:width] for every row: tiles of 4 rows (and one
     of the 1-3 left) by 64 columns when head_dim is a multiple of 64, else plain loops."""
@@ -425,6 +537,56 @@ def _accumulate(scores, values, acc, rows, width):
             value_row = values[t]
             for d in range(dim):
                 acc_row[d] += p * value_row[d]
+
+
+@njit(inline="always")
+def _token_offsets(view, flat, head, first, count, dim, token_at):
+    """token_at[t] = index in ``flat.codes`` of the first code of per-token position
+    first + t of ``head`` (t < count; all quantized and held)."""
+    chunk = view.chunk
+    index = first // chunk
+    inner = first - index * chunk
+    slot = index % view.slots
+    for t in range(count):
+        token_at[t] = slot * flat.codes_row + (head * chunk + inner) * dim
+        inner += 1
+        if inner == chunk:
+            inner = 0
+            slot += 1
+            if slot == view.slots:
+                slot = 0
+
+
+@njit(inline="always")
+def _accumulate_codes(view, flat, token_at, scores, scales, mins, acc, rows, width):
+    """acc[r] += scores[r, :width] @ values, the values read from their per-token codes
+    (positions token_at, params scales/mins as :func:`_token_params` leaves them): tiles of
+    4 rows (and one of the 1-3 left) by 64 columns that decode the codes in registers."""
+    dim = acc.shape[1]
+    group = min(view.group, dim)
+    groups = (dim + group - 1) // group
+    runs = group // RUN
+    bits = view.bits
+    codes = flat.codes
+    rest = rows % 4
+    for c0 in range(0, dim, 64):
+        for r0 in range(0, rows - rest, 4):
+            values_codes_tile(
+                codes, token_at, bits, scores, scales, mins, groups, runs, acc, r0, 0, width, c0
+            )
+        r0 = rows - rest
+        if rest == 3:
+            values_codes_tile_3(
+                codes, token_at, bits, scores, scales, mins, groups, runs, acc, r0, 0, width, c0
+            )
+        elif rest == 2:
+            values_codes_tile_2(
+                codes, token_at, bits, scores, scales, mins, groups, runs, acc, r0, 0, width, c0
+            )
+        elif rest == 1:
+            values_codes_tile_1(
+                codes, token_at, bits, scores, scales, mins, groups, runs, acc, r0, 0, width, c0
+            )
 
 
 @njit(inline="always")
@@ -490,8 +652,12 @@ def attention_blocks(
     per_split = (n_blocks + splits - 1) // splits
     k_chunk = k.chunk
     chunk_keys = k.per_channel and block % k_chunk == 0 and origin % k_chunk == 0
+    # per-channel chunks of one token group, few rows: scores straight from the key codes
+    k_fused = chunk_keys and k_chunk == RUN and k.group >= RUN and rows <= 4
+    k_tokens = rows <= 4  # per-token keys: scores from the codes (one lane sum per token)
     k_vector = _vector_tokens(k, dim)
     v_vector = _vector_tokens(v, dim)
+    v_fused = v_vector and dim % 64 == 0  # values accumulated from their codes
     k_flat = _flat(k)
     v_flat = _flat(v)
     heads_per_task = (kv_heads + head_groups - 1) // head_groups
@@ -516,14 +682,22 @@ def attention_blocks(
         scales = np.empty(dim, np.float32)
         mins = np.empty(dim, np.float32)
         value = np.empty(dim, np.float32)
+        group_scales = np.empty(block * max(1, dim // RUN), np.float32)  # per-token params
+        group_mins = np.empty(block * max(1, dim // RUN), np.float32)
+        staged = np.empty(2 * SUPER_GROUPS, np.float32)
+        token_at = np.empty(block, np.int64)
+        folded = np.empty((rows, dim), np.float32)  # q times the channel scales of a chunk
+        bias = np.empty(rows, np.float32)  # q . the channel mins of a chunk
+        run_sums = np.empty((rows, max(1, dim // RUN)), np.float32)  # q summed per 32 channels
+        last_block = min(n_blocks, (split + 1) * per_split)
         touched = 0
-        for b in range(split * per_split, min(n_blocks, (split + 1) * per_split)):
+        for b in range(split * per_split, last_block):
             start = origin + b * block
             width = min(block, end_position - start)
-            if last_head - first_head > 1:
-                touched += _touch(k, k_flat, start, width) + _touch(v, v_flat, start, width)
             # every head of the block in turn: a slot row holds all heads, so the block's
             # codes stream through the cache once, whole lines and pages at a time
+            if last_head - first_head > 1:
+                touched += _touch(k, k_flat, start, width) + _touch(v, v_flat, start, width)
             for head in range(first_head, last_head):
                 q = queries[head]
                 run_max = all_max[head]
@@ -537,14 +711,50 @@ def attention_blocks(
                     for d in range(dim):
                         keys[d, t] = 0.0
                     values[t, :] = 0.0
-                # --- keys of the block, dequantized into scratch ---
+                # --- keys of the block: scores from their codes, or dequantized into scratch ---
                 t = dropped
+                fused_k = k_fused and dropped == 0 and start + width <= k.chunks * k_chunk
+                if fused_k:
+                    t = width  # nothing left for the scratch path
+                    half = np.float32(1 << (k.bits - 1))  # the tile takes codes centred
+                    for i0 in range(0, width, RUN):
+                        index = (start + i0) // k_chunk
+                        _channel_params(k, k_flat, head, index, dim, channel_scales, channel_mins)
+                        for r in range(rows):
+                            offset = np.float32(0.0)
+                            for d in range(dim):
+                                folded[r, d] = q[r, d] * channel_scales[d]
+                                offset += q[r, d] * (channel_mins[d] + channel_scales[d] * half)
+                            bias[r] = offset
+                        at = (index % k.slots) * k_flat.codes_row + head * dim * k_chunk
+                        _scores_codes(
+                            k_flat.codes, at, k_chunk, k.bits, folded, bias, scores, rows, i0
+                        )
+                if k_vector and k_tokens and t == 0 and start + width <= k.chunks * k_chunk:
+                    # every token quantized, few rows: scores straight from the codes
+                    fused_k = True
+                    t = width
+                    k_groups = dim // min(k.group, dim)
+                    _token_params(
+                        k, k_flat, head, start, width, k_groups, group_scales, group_mins, staged
+                    )
+                    _token_offsets(k, k_flat, head, start, width, dim, token_at)
+                    for r in range(rows):
+                        for j in range(dim // RUN):
+                            total = np.float32(0.0)
+                            for d in range(j * RUN, (j + 1) * RUN):
+                                total += q[r, d]
+                            run_sums[r, j] = total
+                    _scores_tokens(
+                        k, k_flat, token_at, q, run_sums, group_scales, group_mins, scores, rows,
+                        width,
+                    )  # fmt: skip
                 if k_vector:  # per-token codes, 32 a vector operation, then transposed
                     coded = max(t, min(width, k.chunks * k_chunk - start))
                     if coded > t:
                         _token_rows(
                             k, k_flat, True, head, start + t, coded - t, dim, keys_tok,
-                            keys_tok_flat, t,
+                            keys_tok_flat, t, group_scales, group_mins, staged,
                         )  # fmt: skip
                         for i0 in range(t, coded - 15, 16):  # 16 x 16 register transposes
                             for d0 in range(0, dim, 16):
@@ -576,7 +786,8 @@ def attention_blocks(
                             keys[d, t] = value[d]
                         t += 1
                 # --- scores = q . keys ---
-                _scores(keys, q, scores, rows, width)
+                if not fused_k:
+                    _scores(keys, q, scores, rows, width)
                 # --- mask, online softmax: scores become weights p ---
                 for r in range(rows):
                     lo = max(row_first[r] - start, 0)
@@ -609,14 +820,27 @@ def attention_blocks(
                         total += p
                     run_sum[r] += total
                     run_max[r] = new_max
-                # --- values of the block, dequantized into scratch ---
+                # --- values of the block: from their codes, or dequantized into scratch ---
                 quantized_v = dropped
+                fused = False
                 if not v.per_channel:
                     quantized_v = max(dropped, min(width, v.chunks * v.chunk - start))
-                    if quantized_v > dropped:
+                    fused = v_fused and dropped == 0 and quantized_v == width
+                    if fused:  # every token quantized: decoded in registers, never stored
+                        v_groups = dim // min(v.group, dim)
+                        _token_params(
+                            v, v_flat, head, start, width, v_groups, group_scales, group_mins,
+                            staged,
+                        )  # fmt: skip
+                        _token_offsets(v, v_flat, head, start, width, dim, token_at)
+                        _accumulate_codes(
+                            v, v_flat, token_at, scores, group_scales, group_mins, acc, rows,
+                            width,
+                        )  # fmt: skip
+                    elif quantized_v > dropped:
                         _token_rows(
                             v, v_flat, v_vector, head, start + dropped, quantized_v - dropped,
-                            dim, values, values_flat, dropped,
+                            dim, values, values_flat, dropped, group_scales, group_mins, staged,
                         )  # fmt: skip
                 if v.per_channel:
                     for t in range(quantized_v, width):
@@ -629,7 +853,8 @@ def attention_blocks(
                         for d in range(dim):
                             values[t, d] = v.residual[head, t - v_residual, d]
                 # --- acc += p . values ---
-                _accumulate(scores, values, acc, rows, width)
+                if not fused:
+                    _accumulate(scores, values, acc, rows, width)
         scratch[0] = np.float32(touched & 1)  # keeps the touching loads
         for head in range(first_head, last_head):
             partial = head * splits + split

@@ -1,0 +1,170 @@
+"""attention's register tiles that read K/V codes directly (``kernels/_tiles.py``), against
+NumPy: values accumulated from per-token codes, scores from per-channel key codes."""
+
+import numpy as np
+import pytest
+from numba import njit
+
+from kvq.kernels import pack_codes
+from kvq.kernels._tiles import (
+    scores_codes_tile,
+    scores_codes_tile_1,
+    scores_codes_tile_2,
+    scores_codes_tile_3,
+    scores_tokens_tile,
+    scores_tokens_tile_1,
+    scores_tokens_tile_2,
+    scores_tokens_tile_3,
+    values_codes_tile,
+    values_codes_tile_1,
+    values_codes_tile_2,
+    values_codes_tile_3,
+)
+
+
+@njit
+def _values(rows, codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, t1, c0):
+    if rows == 1:
+        values_codes_tile_1(
+            codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1, c0
+        )
+    elif rows == 2:
+        values_codes_tile_2(
+            codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1, c0
+        )
+    elif rows == 3:
+        values_codes_tile_3(
+            codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1, c0
+        )
+    else:
+        values_codes_tile(
+            codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1, c0
+        )
+
+
+@njit
+def _scores(rows, codes, at, stride, bits, weights, bias, scores, r0, i0):
+    if rows == 1:
+        scores_codes_tile_1(codes, at, stride, bits, weights, bias, scores, r0, i0)
+    elif rows == 2:
+        scores_codes_tile_2(codes, at, stride, bits, weights, bias, scores, r0, i0)
+    elif rows == 3:
+        scores_codes_tile_3(codes, at, stride, bits, weights, bias, scores, r0, i0)
+    else:
+        scores_codes_tile(codes, at, stride, bits, weights, bias, scores, r0, i0)
+
+
+@njit
+def _token_scores(
+    rows, codes, token_at, bits, q, sums, scales, mins, groups, runs, scores, r0, t1
+):
+    if rows == 1:
+        scores_tokens_tile_1(
+            codes, token_at, bits, q, sums, scales, mins, groups, runs, scores, r0, t1
+        )
+    elif rows == 2:
+        scores_tokens_tile_2(
+            codes, token_at, bits, q, sums, scales, mins, groups, runs, scores, r0, t1
+        )
+    elif rows == 3:
+        scores_tokens_tile_3(
+            codes, token_at, bits, q, sums, scales, mins, groups, runs, scores, r0, t1
+        )
+    else:
+        scores_tokens_tile(
+            codes, token_at, bits, q, sums, scales, mins, groups, runs, scores, r0, t1
+        )
+
+
+def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
+    packed = np.zeros(codes.size * bits // 8, np.uint8)
+    pack_codes(codes.reshape(-1), bits, packed)
+    return packed
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_values_from_codes_equal_numpy(bits, rows, group):
+    """acc[r, c0:c0+64] += sum_t w[r, t] (min + scale * code) over tokens whose codes sit at
+    scattered offsets, each token's groups with their own params (both tiles of dim 128)."""
+    rng = np.random.default_rng(bits * 10 + rows)
+    dim, tokens, r0 = 128, 37, 1
+    groups = dim // group
+    codes = rng.integers(0, 2**bits, (tokens + 3, dim)).astype(np.uint8)
+    order = rng.permutation(tokens + 3)[:tokens]  # token t's codes are row order[t]
+    token_at = (order * dim).astype(np.int64)
+    weights = rng.random((r0 + rows + 1, tokens)).astype(np.float32)
+    scales = rng.uniform(0.01, 0.5, tokens * groups).astype(np.float32)
+    mins = rng.uniform(-4.0, 1.0, tokens * groups).astype(np.float32)
+    acc = rng.standard_normal((r0 + rows + 1, dim)).astype(np.float32)
+    before = acc.copy()
+    values = (
+        mins.reshape(tokens, groups, 1).astype(np.float64)
+        + scales.reshape(tokens, groups, 1) * codes[order].reshape(tokens, groups, group)
+    ).reshape(tokens, dim)
+    expected = before.astype(np.float64)
+    expected[r0 : r0 + rows] += weights[r0 : r0 + rows].astype(np.float64) @ values
+    packed = _packed(codes, bits)
+    for c0 in (0, 64):
+        _values(
+            rows, packed, token_at, bits, weights, scales, mins, groups, group // 32, acc, r0,
+            tokens, c0,
+        )  # fmt: skip
+    np.testing.assert_allclose(acc, expected, rtol=1e-5, atol=1e-5)
+    assert (acc[:r0] == before[:r0]).all() and (acc[r0 + rows :] == before[r0 + rows :]).all()
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_scores_from_codes_equal_numpy(bits, rows):
+    """scores[r, i0:i0+32] = bias[r] + sum_d w[r, d] (code - 2 ** (bits - 1)) for channel runs
+    of 32 codes ``stride`` apart, written (not added) into the tile only."""
+    rng = np.random.default_rng(bits * 10 + rows + 5)
+    dim, stride, at, r0, i0 = 64, 40, 8, 1, 32
+    codes = rng.integers(0, 2**bits, at + dim * stride).astype(np.uint8)
+    weights = rng.standard_normal((r0 + rows + 1, dim)).astype(np.float32)
+    bias = rng.standard_normal(r0 + rows + 1).astype(np.float32)
+    scores = np.full((r0 + rows + 1, 96), -9.0, np.float32)
+    channels = np.stack([codes[at + d * stride : at + d * stride + 32] for d in range(dim)])
+    centred = channels.astype(np.float64) - 2 ** (bits - 1)
+    expected = bias[r0 : r0 + rows, None] + weights[r0 : r0 + rows].astype(np.float64) @ centred
+    _scores(rows, _packed(codes, bits), at, stride, bits, weights, bias, scores, r0, i0)
+    np.testing.assert_allclose(
+        scores[r0 : r0 + rows, i0 : i0 + 32], expected, rtol=1e-5, atol=1e-4
+    )
+    untouched = np.ones(scores.shape, bool)
+    untouched[r0 : r0 + rows, i0 : i0 + 32] = False
+    assert (scores[untouched] == -9.0).all(), "wrote outside the tile"
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("group", [32, 64])
+def test_scores_from_token_codes_equal_numpy(bits, rows, group):
+    """scores[r, t] = q[r] . (min + scale * code) for per-token key codes at scattered
+    offsets, each token's groups with their own params; nothing else is written."""
+    rng = np.random.default_rng(bits * 10 + rows + 9)
+    dim, tokens, r0 = 128, 21, 1
+    groups = dim // group
+    codes = rng.integers(0, 2**bits, (tokens + 2, dim)).astype(np.uint8)
+    order = rng.permutation(tokens + 2)[:tokens]
+    token_at = (order * dim).astype(np.int64)
+    q = rng.standard_normal((r0 + rows + 1, dim)).astype(np.float32)
+    sums = q.reshape(r0 + rows + 1, dim // 32, 32).sum(axis=2).astype(np.float32)
+    scales = rng.uniform(0.01, 0.5, tokens * groups).astype(np.float32)
+    mins = rng.uniform(-4.0, 1.0, tokens * groups).astype(np.float32)
+    scores = np.full((r0 + rows + 1, tokens + 5), -9.0, np.float32)
+    keys = (
+        mins.reshape(tokens, groups, 1).astype(np.float64)
+        + scales.reshape(tokens, groups, 1) * codes[order].reshape(tokens, groups, group)
+    ).reshape(tokens, dim)
+    expected = q[r0 : r0 + rows].astype(np.float64) @ keys.T
+    _token_scores(
+        rows, _packed(codes, bits), token_at, bits, q, sums, scales, mins, groups, group // 32,
+        scores, r0, tokens,
+    )  # fmt: skip
+    np.testing.assert_allclose(scores[r0 : r0 + rows, :tokens], expected, rtol=1e-5, atol=1e-4)
+    untouched = np.ones(scores.shape, bool)
+    untouched[r0 : r0 + rows, :tokens] = False
+    assert (scores[untouched] == -9.0).all(), "wrote outside the tile"
