@@ -10,14 +10,23 @@ vector registers across the whole reduction loop:
   c0..c0+63 of head_dim, ``acc[r, c] += sum_t weights[r, t] * values[t, c]`` (16
   accumulators).
 
-``scores_tiles[n]`` and ``values_tiles[n]`` are the same for n = 1..4 rows (a GQA group of
-1-3 rows, or the rows left after tiles of 4). Arrays are 2-D C-contiguous float32; callers
-guarantee the tile lies inside them.
+For 1-4 query rows per KV head, three tiles read K/V codes themselves (decoded in registers
+as ``_unpack.py`` does, never stored): ``values_codes_tile`` (per-token value codes),
+``scores_codes_tile`` (32 tokens of per-channel key codes) and ``scores_tokens_tile``
+(per-token key codes, one sum of lanes per token and row).
+
+``scores_tile_n`` and ``values_tile_n`` (and the code tiles' ``_n``) are the same for
+n = 1..3 rows (a GQA group of 1-3 rows, or the rows left after tiles of 4). Arrays are 2-D
+C-contiguous float32 (codes uint8, offsets int64, params float32 1-D); callers guarantee the
+tile lies inside them.
 """
 
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
+
+from kvq.kernels._simd import _is_array
+from kvq.kernels._unpack import CODE_WIDTHS, emit_codes
 
 _f32 = ir.FloatType()
 _i32 = ir.IntType(32)
@@ -201,15 +210,6 @@ def transpose_16(typingctx, source, target, t0, d0):
     return types.void(source, target, types.int64, types.int64), codegen
 
 
-def _is_vector(value, dtype) -> bool:
-    return (
-        isinstance(value, types.Array)
-        and value.dtype == dtype
-        and value.ndim == 1
-        and value.layout == "C"
-    )
-
-
 def _make_values_codes_tile(count: int):
     @intrinsic
     def values_codes_tile(
@@ -223,18 +223,16 @@ def _make_values_codes_tile(count: int):
         scale times 2 ** (bits - 1), the codes taken centred) summed apart, so the codes are
         decoded into registers and never stored (t1 > t0)."""
         if not (
-            _is_vector(codes, types.uint8)
-            and _is_vector(token_at, types.int64)
+            _is_array(codes, types.uint8)
+            and _is_array(token_at, types.int64)
             and _is_matrix(weights)
-            and _is_vector(scales, types.float32)
-            and _is_vector(mins, types.float32)
+            and _is_array(scales, types.float32)
+            and _is_array(mins, types.float32)
             and _is_matrix(acc)
         ):
             return None
 
         def codegen(context, builder, signature, args):
-            from kvq.kernels._unpack import CODE_WIDTHS, emit_codes
-
             (codes_v, at_v, bits_v, w_v, s_v, m_v, groups_v, runs_v, acc_v, row0, first, last,
              col0) = args  # fmt: skip
             types_ = signature.args
@@ -345,16 +343,14 @@ def _make_scores_codes_tile(count: int):
         into the weights (q times scale) and its centre into ``bias``: decoded in registers,
         never stored."""
         if not (
-            _is_vector(codes, types.uint8)
+            _is_array(codes, types.uint8)
             and _is_matrix(weights)
-            and _is_vector(bias, types.float32)
+            and _is_array(bias, types.float32)
             and _is_matrix(scores)
         ):
             return None
 
         def codegen(context, builder, signature, args):
-            from kvq.kernels._unpack import CODE_WIDTHS, emit_codes
-
             codes_v, at_v, stride_v, bits_v, w_v, bias_v, s_v, row0, col0 = args
             types_ = signature.args
             codes_data = context.make_array(types_[0])(context, builder, codes_v).data
@@ -448,19 +444,17 @@ def _make_scores_tokens_tile(count: int):
         ``run_sums[r, run]`` (q summed over the run's channels) added apart; one sum of
         lanes per token and row."""
         if not (
-            _is_vector(codes, types.uint8)
-            and _is_vector(token_at, types.int64)
+            _is_array(codes, types.uint8)
+            and _is_array(token_at, types.int64)
             and _is_matrix(q)
             and _is_matrix(run_sums)
-            and _is_vector(scales, types.float32)
-            and _is_vector(mins, types.float32)
+            and _is_array(scales, types.float32)
+            and _is_array(mins, types.float32)
             and _is_matrix(scores)
         ):
             return None
 
         def codegen(context, builder, signature, args):
-            from kvq.kernels._unpack import CODE_WIDTHS, emit_codes
-
             (codes_v, at_v, bits_v, q_v, sums_v, s_v, m_v, groups_v, runs_v, scores_v, row0,
              last) = args  # fmt: skip
             types_ = signature.args

@@ -11,11 +11,17 @@ holds one block of one head. The two products run as register tiles (``_tiles.py
 query rows, and of 1-3 rows for the rest of a group (GQA 1, 3, 7 ...). After the parallel
 loop the partial softmaxes of the token ranges are merged (with the sinks) in float64.
 
-Per-channel keys decode a chunk a channel at a time; per-token keys and values decode a token
-at a time, 32 codes per vector operation when head_dim and the group are multiples of 32
-(keys are then transposed into the channel-major scratch). Residual tokens, per-channel
-values and other shapes go through a slower token-at-a-time decoder, compiled once and not
-inlined.
+With at most 4 query rows per KV head (GQA 1-4 at decode) each decoded element feeds only
+1-4 multiply-adds, so storing it to scratch and reading it back would cost more than the
+products: there the register tiles read the codes themselves (``values_codes_tile``,
+``scores_codes_tile``, ``scores_tokens_tile`` in ``_tiles.py``), for blocks whose tokens are
+all quantized. A group's scale is folded into the weights (q times the per-channel scales, or
+the softmax weight times a token's scale) and its centre (min plus scale times 2**(bits-1),
+the codes taken centred) is summed apart. Otherwise per-channel keys decode a chunk a channel
+at a time; per-token keys and values decode a token at a time, 32 codes per vector operation
+when head_dim and the group are multiples of 32 (keys are then transposed into the
+channel-major scratch). Residual tokens, per-channel values and other shapes go through a
+slower token-at-a-time decoder, compiled once and not inlined.
 
 A stream arrives as a :class:`StreamView` (built by ``TensorStream.kernel_view()``): the
 scheme's integers and the store's arrays by name. Param arrays: plain params are ``p0``
