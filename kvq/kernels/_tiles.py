@@ -26,7 +26,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from kvq.kernels._simd import _is_array
-from kvq.kernels._unpack import CODE_WIDTHS, emit_codes
+from kvq.kernels._unpack import CODE_WIDTHS, emit_codes, fma_function
 
 _f32 = ir.FloatType()
 _i32 = ir.IntType(32)
@@ -35,10 +35,7 @@ _v16 = ir.VectorType(_f32, 16)
 
 
 def _fma(module):
-    name = "llvm.fma.v16f32"
-    if name in module.globals:
-        return module.globals[name]
-    return ir.Function(module, ir.FunctionType(_v16, [_v16, _v16, _v16]), name)
+    return fma_function(module, 16)
 
 
 def _splat(builder, scalar):

@@ -26,7 +26,7 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-from kvq.kernels._simd import _is_array
+from kvq.kernels._simd import _is_array, _llvm_function
 
 RUN = 32  # codes per call
 
@@ -165,11 +165,10 @@ def emit_codes(builder, row_data, index_value, bits_value, count, widths=WIDTHS,
     return merged
 
 
-def _fma_function(module, count):
-    name = f"llvm.fma.v{count}f32"
-    return module.globals.get(name) or ir.Function(
-        module, ir.FunctionType(_vector(_f32, count), [_vector(_f32, count)] * 3), name
-    )
+def fma_function(module, count):
+    """``llvm.fma`` on ``count`` float32 lanes, declared once per module."""
+    vector = _vector(_f32, count)
+    return _llvm_function(module, f"llvm.fma.v{count}f32", vector, [vector] * 3)
 
 
 def _unpack_affine(count):
@@ -185,7 +184,7 @@ def _unpack_affine(count):
             out_data = context.make_array(signature.args[5])(context, builder, out_value).data
             values = emit_codes(builder, row_data, index_value, bits_value, count)
             result = builder.call(
-                _fma_function(builder.module, count),
+                fma_function(builder.module, count),
                 [
                     _splat(builder, scale_value, count, _f32),
                     values,
