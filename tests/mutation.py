@@ -216,6 +216,13 @@ MUTANTS = (
         "per-token 6-bit min codes decode without their offset of 32 steps",
     ),
     Mutant(
+        "token-codes-side-swapped",
+        "kvq/kernels/attention.py",
+        (("flat = k_flat if side == 0 else v_flat", "flat = v_flat if side == 0 else k_flat"),),
+        ("tests/test_attention_paths.py",),
+        "the per-token params and offsets the tiles read come from the other stream's arrays",
+    ),
+    Mutant(
         "ring-drops-a-chunk-early",
         "kvq/kvcache.py",
         (

@@ -25,7 +25,8 @@ def test_notebook_runs(path, monkeypatch):
         f"{path.name} has outputs committed: strip them"
     )
     # 600 s a cell: a fresh environment's first attention call compiles the kernel (about
-    # 3 minutes on the 2-core CI machine since the code tiles; Numba's cache serves it after)
+    # 2 minutes on the 2-core CI machine, more beside other work; Numba's cache serves it
+    # after)
     nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": path.parent}}
     ).execute()  # raises CellExecutionError on the first cell that raises

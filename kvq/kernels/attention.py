@@ -23,6 +23,15 @@ when head_dim and the group are multiples of 32 (keys are then transposed into t
 channel-major scratch). Residual tokens, per-channel values and other shapes go through a
 slower token-at-a-time decoder, compiled once and not inlined.
 
+Compile time: Numba's passes cost more than linearly in the size of the function they see,
+so the kernel is compiled in parts that are not inlined into each other: the parallel loop
+and merge (``attention_blocks``), one task's walk over its blocks (``_attend_task``), the
+per-token row decoder (``_token_rows``) and the token-at-a-time one; code that both K and V
+use is called from one site. That took the first call from about 180 s to 110-130 s. A call
+costs a few contended reference counts (the streams' arrays are shared by the threads), so
+helpers run once per 32 tokens or per block and head stay inlined (measured: 4-15% slower
+out of line).
+
 A stream arrives as a :class:`StreamView` (built by ``TensorStream.kernel_view()``): the
 scheme's integers and the store's arrays by name. Param arrays: plain params are ``p0``
 scales and ``p1`` mins (float32, or float16 bits with ``half``), as bytes; with double_quant
@@ -89,6 +98,9 @@ class StreamView(NamedTuple):
 
 
 _NEG_INF = np.float32(-np.inf)
+
+# the kernel's float flags, for the helpers it calls out of line too
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 
 
 _LOG2E = np.float32(1.4426950408889634)
@@ -239,7 +251,7 @@ def _vector_tokens(view, dim):
     )
 
 
-@njit(inline="always")
+@njit(inline="always")  # per block and head: a call costs ~10% at GQA 1
 def _token_params(view, flat, head, first, count, groups, scales, mins, staged):
     """scales[t * groups + g], mins[...] = the float32 scale and min of group g of per-token
     position first + t of ``head`` (t < count; all quantized and held): each slot's run of
@@ -285,7 +297,7 @@ def _token_params(view, flat, head, first, count, groups, scales, mins, staged):
             slot = 0
 
 
-@njit(inline="always")
+@njit(cache=True, fastmath=_FASTMATH)  # per block: compiled once, not inlined
 def _token_rows(
     view, flat, vector, head, first, count, dim, out, out_flat, at, scales, mins, staged
 ):
@@ -332,7 +344,7 @@ def _token_rows(
                 slot = 0
 
 
-@njit(inline="always")
+@njit(inline="always")  # per 32 tokens: a call would cost 15% at GQA 1
 def _channel_params(view, flat, head, index, dim, channel_scales, channel_mins):
     """channel_scales[d], channel_mins[d] = the scale and min of channel d of ``head`` in
     per-channel chunk ``index`` whose tokens form one group (chunk == group); with
@@ -545,7 +557,7 @@ def _accumulate(scores, values, acc, rows, width):
                 acc_row[d] += p * value_row[d]
 
 
-@njit(inline="always")
+@njit(inline="always")  # per block and head: a call costs ~10% at GQA 1
 def _token_offsets(view, flat, head, first, count, dim, token_at):
     """token_at[t] = index in ``flat.codes`` of the first code of per-token position
     first + t of ``head`` (t < count; all quantized and held)."""
@@ -626,7 +638,242 @@ def _merge_row(part_max, part_sum, part_acc, sinks, t_q, splits, out, head, r, w
 _MERGE_PARALLEL = 1 << 16  # merge work (rows x splits x head_dim) worth a parallel loop
 
 
-@njit(parallel=True, cache=True, fastmath={"reassoc", "contract", "nsz", "arcp"})
+@njit(cache=True, fastmath=_FASTMATH)
+def _attend_task(
+    task, queries, first_held, end_position, origin, block, splits, head_groups, k, v,
+    row_first, row_last, part_max, part_sum, part_acc,
+):  # fmt: skip
+    """Task ``task`` of :func:`attention_blocks`: its range of blocks through its group of KV
+    heads, written to the partials. Compiled apart from the parallel loop (called from it,
+    not inlined): Numba's parfor passes then see a loop of one call instead of the whole
+    body, which more than halved the first compile."""
+    kv_heads, rows, dim = queries.shape
+    n_blocks = (end_position - origin + block - 1) // block
+    per_split = (n_blocks + splits - 1) // splits
+    k_chunk = k.chunk
+    chunk_keys = k.per_channel and block % k_chunk == 0 and origin % k_chunk == 0
+    # per-channel chunks of one token group, few rows: scores straight from the key codes
+    k_fused = chunk_keys and k_chunk == RUN and k.group >= RUN and rows <= 4
+    k_tokens = rows <= 4  # per-token keys: scores from the codes (one lane sum per token)
+    k_vector = _vector_tokens(k, dim)
+    v_vector = _vector_tokens(v, dim)
+    # values accumulated from their codes; with more than 4 rows the tiles decode each code
+    # once per 4 rows, which for 3-bit codes (the costliest decode: they straddle bytes) is
+    # slower than one decode to scratch (GPT-OSS's 8 rows, q3: 0.92x; q2, q4, q8: 0.99-1.10x)
+    v_fused = v_vector and dim % 64 == 0 and (rows <= 4 or v.bits != 3)
+    k_flat = _flat(k)
+    v_flat = _flat(v)
+    heads_per_task = (kv_heads + head_groups - 1) // head_groups
+    split = task // head_groups
+    first_head = (task % head_groups) * heads_per_task
+    last_head = min(kv_heads, first_head + heads_per_task)
+    all_max = np.full((kv_heads, rows), _NEG_INF, np.float32)
+    all_sum = np.zeros((kv_heads, rows), np.float32)
+    all_acc = np.zeros((kv_heads, rows, dim), np.float32)
+    keys = np.empty((dim, block), np.float32)  # channel-major
+    keys_tok = np.empty((block, dim), np.float32)  # token-major (per-token keys)
+    values = np.empty((block, dim), np.float32)  # token-major
+    keys_flat = keys.reshape(dim * block)
+    keys_tok_flat = keys_tok.reshape(block * dim)
+    values_flat = values.reshape(block * dim)
+    scores = np.empty((rows, block), np.float32)
+    scratch = np.empty(max(k_chunk, dim), np.float32)
+    channel_scales = np.empty(dim, np.float32)
+    channel_mins = np.empty(dim, np.float32)
+    codes = np.empty(dim, np.float32)
+    scales = np.empty(dim, np.float32)
+    mins = np.empty(dim, np.float32)
+    value = np.empty(dim, np.float32)
+    group_scales = np.empty(block * max(1, dim // RUN), np.float32)  # per-token params
+    group_mins = np.empty(block * max(1, dim // RUN), np.float32)
+    # the params and code offsets of the blocks' per-token codes the tiles read: K 0, V 1
+    token_scales = np.empty((2, block * max(1, dim // RUN)), np.float32)
+    token_mins = np.empty((2, block * max(1, dim // RUN)), np.float32)
+    staged = np.empty(2 * SUPER_GROUPS, np.float32)
+    token_at = np.empty((2, block), np.int64)
+    folded = np.empty((rows, dim), np.float32)  # q times the channel scales of a chunk
+    bias = np.empty(rows, np.float32)  # q . the channel mins of a chunk
+    run_sums = np.empty((rows, max(1, dim // RUN)), np.float32)  # q summed per 32 channels
+    last_block = min(n_blocks, (split + 1) * per_split)
+    touched = 0
+    for b in range(split * per_split, last_block):
+        start = origin + b * block
+        width = min(block, end_position - start)
+        # every head of the block in turn: a slot row holds all heads, so the block's
+        # codes stream through the cache once, whole lines and pages at a time
+        if last_head - first_head > 1:
+            touched += _touch(k, k_flat, start, width) + _touch(v, v_flat, start, width)
+        for head in range(first_head, last_head):
+            q = queries[head]
+            run_max = all_max[head]
+            run_sum = all_sum[head]
+            acc = all_acc[head]
+            # positions before first_held were dropped by a window: their slots may hold
+            # anything, so they are zeroed, never decoded (their weights are 0, but 0 * NaN
+            # is not)
+            dropped = min(width, max(0, first_held - start))
+            for t in range(dropped):
+                for d in range(dim):
+                    keys[d, t] = 0.0
+                values[t, :] = 0.0
+            # --- keys of the block: scores from their codes, or dequantized into scratch ---
+            t = dropped
+            fused_k = k_fused and dropped == 0 and start + width <= k.chunks * k_chunk
+            if fused_k:
+                t = width  # nothing left for the scratch path
+                half = np.float32(1 << (k.bits - 1))  # the tile takes codes centred
+                for i0 in range(0, width, RUN):
+                    index = (start + i0) // k_chunk
+                    _channel_params(k, k_flat, head, index, dim, channel_scales, channel_mins)
+                    for r in range(rows):
+                        offset = np.float32(0.0)
+                        for d in range(dim):
+                            folded[r, d] = q[r, d] * channel_scales[d]
+                            offset += q[r, d] * (channel_mins[d] + channel_scales[d] * half)
+                        bias[r] = offset
+                    at = (index % k.slots) * k_flat.codes_row + head * dim * k_chunk
+                    _scores_codes(
+                        k_flat.codes, at, k_chunk, k.bits, folded, bias, scores, rows, i0
+                    )
+            # per-token codes the tiles read (every token of the block quantized, few rows):
+            # their params and offsets, K's and V's from one call site (each inlined copy
+            # costs seconds of compile time)
+            k_codes = k_vector and k_tokens and t == 0 and start + width <= k.chunks * k_chunk
+            v_codes = v_fused and dropped == 0 and start + width <= v.chunks * v.chunk
+            for side in range(2):
+                if k_codes if side == 0 else v_codes:
+                    view = k if side == 0 else v
+                    flat = k_flat if side == 0 else v_flat
+                    groups = dim // min(view.group, dim)
+                    _token_params(
+                        view, flat, head, start, width, groups, token_scales[side],
+                        token_mins[side], staged,
+                    )  # fmt: skip
+                    _token_offsets(view, flat, head, start, width, dim, token_at[side])
+            if k_codes:  # scores straight from the codes
+                fused_k = True
+                t = width
+                for r in range(rows):
+                    for j in range(dim // RUN):
+                        total = np.float32(0.0)
+                        for d in range(j * RUN, (j + 1) * RUN):
+                            total += q[r, d]
+                        run_sums[r, j] = total
+                _scores_tokens(
+                    k, k_flat, token_at[0], q, run_sums, token_scales[0], token_mins[0], scores,
+                    rows, width,
+                )  # fmt: skip
+            if k_vector:  # per-token codes, 32 a vector operation, then transposed
+                coded = max(t, min(width, k.chunks * k_chunk - start))
+                if coded > t:
+                    _token_rows(
+                        k, k_flat, True, head, start + t, coded - t, dim, keys_tok,
+                        keys_tok_flat, t, group_scales, group_mins, staged,
+                    )  # fmt: skip
+                    for i0 in range(t, coded - 15, 16):  # 16 x 16 register transposes
+                        for d0 in range(0, dim, 16):
+                            transpose_16(keys_tok, keys, i0, d0)
+                    for i in range(coded - (coded - t) % 16, coded):
+                        for d in range(dim):
+                            keys[d, i] = keys_tok[i, d]
+                    t = coded
+            k_residual = k.chunks * k_chunk - start  # block offset of the float32 tail
+            while t < width:
+                if t >= k_residual:  # the rest of the block is residual: copied
+                    for i in range(t, width):
+                        for d in range(dim):
+                            keys[d, i] = k.residual[head, i - k_residual, d]
+                    break
+                index = (start + t) // k_chunk
+                aligned = (start + t) % k_chunk == 0
+                if chunk_keys and aligned and index < k.chunks and t + k_chunk <= width:
+                    _dequantize_chunk_keys(
+                        k, k_flat, head, index, t, dim, keys, keys_flat, scratch,
+                        channel_scales, channel_mins,
+                    )  # fmt: skip
+                    t += k_chunk
+                else:
+                    _decode_token_major(
+                        k, k_flat, head, start + t, dim, codes, scales, mins, value
+                    )
+                    for d in range(dim):
+                        keys[d, t] = value[d]
+                    t += 1
+            # --- scores = q . keys ---
+            if not fused_k:
+                _scores(keys, q, scores, rows, width)
+            # --- mask, online softmax: scores become weights p ---
+            for r in range(rows):
+                lo = max(row_first[r] - start, 0)
+                hi = min(row_last[r] - start + 1, width)
+                row = scores[r]
+                block_max = _NEG_INF
+                if lo == 0 and hi == width:  # nothing masked (decode): a plain max
+                    for i in range(width):
+                        block_max = max(block_max, row[i])
+                else:
+                    for i in range(width):
+                        if i < lo or i >= hi:
+                            row[i] = _NEG_INF
+                        elif row[i] > block_max:
+                            block_max = row[i]
+                if block_max == _NEG_INF:
+                    for i in range(width):
+                        row[i] = 0.0
+                    continue
+                new_max = max(run_max[r], block_max)
+                correction = _exp(run_max[r] - new_max) if run_max[r] > _NEG_INF else 0.0
+                run_sum[r] *= correction
+                acc_row = acc[r]
+                for d in range(dim):
+                    acc_row[d] *= correction
+                total = np.float32(0.0)
+                for i in range(width):
+                    p = _exp(row[i] - new_max)
+                    row[i] = p
+                    total += p
+                run_sum[r] += total
+                run_max[r] = new_max
+            # --- values of the block: from their codes, or dequantized into scratch ---
+            quantized_v = dropped
+            fused = False
+            if not v.per_channel:
+                quantized_v = max(dropped, min(width, v.chunks * v.chunk - start))
+                fused = v_codes
+                if fused:  # every token quantized: decoded in registers, never stored
+                    _accumulate_codes(
+                        v, v_flat, token_at[1], scores, token_scales[1], token_mins[1], acc,
+                        rows, width,
+                    )  # fmt: skip
+                elif quantized_v > dropped:
+                    _token_rows(
+                        v, v_flat, v_vector, head, start + dropped, quantized_v - dropped,
+                        dim, values, values_flat, dropped, group_scales, group_mins, staged,
+                    )  # fmt: skip
+            if v.per_channel:
+                for t in range(quantized_v, width):
+                    _decode_token_major(
+                        v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
+                    )
+            else:  # the rest of the block is residual: copied
+                v_residual = v.chunks * v.chunk - start
+                for t in range(quantized_v, width):
+                    for d in range(dim):
+                        values[t, d] = v.residual[head, t - v_residual, d]
+            # --- acc += p . values ---
+            if not fused:
+                _accumulate(scores, values, acc, rows, width)
+    scratch[0] = np.float32(touched & 1)  # keeps the touching loads
+    for head in range(first_head, last_head):
+        partial = head * splits + split
+        for r in range(rows):
+            part_max[partial, r] = all_max[head, r]
+            part_sum[partial, r] = all_sum[head, r]
+            for d in range(dim):
+                part_acc[partial, r, d] = all_acc[head, r, d]
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def attention_blocks(
     queries, t_q, query_end, causal, window, first_visible, first_held, end_position,
     origin, block, splits, head_groups, k, v, sinks, part_max, part_sum, part_acc, out,
@@ -654,221 +901,11 @@ def attention_blocks(
         position = query_end - t_q + r % t_q
         row_first[r] = max(first_visible, position - window + 1) if window > 0 else first_visible
         row_last[r] = position if causal else end_position - 1
-    n_blocks = (end_position - origin + block - 1) // block
-    per_split = (n_blocks + splits - 1) // splits
-    k_chunk = k.chunk
-    chunk_keys = k.per_channel and block % k_chunk == 0 and origin % k_chunk == 0
-    # per-channel chunks of one token group, few rows: scores straight from the key codes
-    k_fused = chunk_keys and k_chunk == RUN and k.group >= RUN and rows <= 4
-    k_tokens = rows <= 4  # per-token keys: scores from the codes (one lane sum per token)
-    k_vector = _vector_tokens(k, dim)
-    v_vector = _vector_tokens(v, dim)
-    v_fused = v_vector and dim % 64 == 0  # values accumulated from their codes
-    k_flat = _flat(k)
-    v_flat = _flat(v)
-    heads_per_task = (kv_heads + head_groups - 1) // head_groups
     for task in prange(splits * head_groups):
-        split = task // head_groups
-        first_head = (task % head_groups) * heads_per_task
-        last_head = min(kv_heads, first_head + heads_per_task)
-        all_max = np.full((kv_heads, rows), _NEG_INF, np.float32)
-        all_sum = np.zeros((kv_heads, rows), np.float32)
-        all_acc = np.zeros((kv_heads, rows, dim), np.float32)
-        keys = np.empty((dim, block), np.float32)  # channel-major
-        keys_tok = np.empty((block, dim), np.float32)  # token-major (per-token keys)
-        values = np.empty((block, dim), np.float32)  # token-major
-        keys_flat = keys.reshape(dim * block)
-        keys_tok_flat = keys_tok.reshape(block * dim)
-        values_flat = values.reshape(block * dim)
-        scores = np.empty((rows, block), np.float32)
-        scratch = np.empty(max(k_chunk, dim), np.float32)
-        channel_scales = np.empty(dim, np.float32)
-        channel_mins = np.empty(dim, np.float32)
-        codes = np.empty(dim, np.float32)
-        scales = np.empty(dim, np.float32)
-        mins = np.empty(dim, np.float32)
-        value = np.empty(dim, np.float32)
-        group_scales = np.empty(block * max(1, dim // RUN), np.float32)  # per-token params
-        group_mins = np.empty(block * max(1, dim // RUN), np.float32)
-        staged = np.empty(2 * SUPER_GROUPS, np.float32)
-        token_at = np.empty(block, np.int64)
-        folded = np.empty((rows, dim), np.float32)  # q times the channel scales of a chunk
-        bias = np.empty(rows, np.float32)  # q . the channel mins of a chunk
-        run_sums = np.empty((rows, max(1, dim // RUN)), np.float32)  # q summed per 32 channels
-        last_block = min(n_blocks, (split + 1) * per_split)
-        touched = 0
-        for b in range(split * per_split, last_block):
-            start = origin + b * block
-            width = min(block, end_position - start)
-            # every head of the block in turn: a slot row holds all heads, so the block's
-            # codes stream through the cache once, whole lines and pages at a time
-            if last_head - first_head > 1:
-                touched += _touch(k, k_flat, start, width) + _touch(v, v_flat, start, width)
-            for head in range(first_head, last_head):
-                q = queries[head]
-                run_max = all_max[head]
-                run_sum = all_sum[head]
-                acc = all_acc[head]
-                # positions before first_held were dropped by a window: their slots may hold
-                # anything, so they are zeroed, never decoded (their weights are 0, but 0 * NaN
-                # is not)
-                dropped = min(width, max(0, first_held - start))
-                for t in range(dropped):
-                    for d in range(dim):
-                        keys[d, t] = 0.0
-                    values[t, :] = 0.0
-                # --- keys of the block: scores from their codes, or dequantized into scratch ---
-                t = dropped
-                fused_k = k_fused and dropped == 0 and start + width <= k.chunks * k_chunk
-                if fused_k:
-                    t = width  # nothing left for the scratch path
-                    half = np.float32(1 << (k.bits - 1))  # the tile takes codes centred
-                    for i0 in range(0, width, RUN):
-                        index = (start + i0) // k_chunk
-                        _channel_params(k, k_flat, head, index, dim, channel_scales, channel_mins)
-                        for r in range(rows):
-                            offset = np.float32(0.0)
-                            for d in range(dim):
-                                folded[r, d] = q[r, d] * channel_scales[d]
-                                offset += q[r, d] * (channel_mins[d] + channel_scales[d] * half)
-                            bias[r] = offset
-                        at = (index % k.slots) * k_flat.codes_row + head * dim * k_chunk
-                        _scores_codes(
-                            k_flat.codes, at, k_chunk, k.bits, folded, bias, scores, rows, i0
-                        )
-                if k_vector and k_tokens and t == 0 and start + width <= k.chunks * k_chunk:
-                    # every token quantized, few rows: scores straight from the codes
-                    fused_k = True
-                    t = width
-                    k_groups = dim // min(k.group, dim)
-                    _token_params(
-                        k, k_flat, head, start, width, k_groups, group_scales, group_mins, staged
-                    )
-                    _token_offsets(k, k_flat, head, start, width, dim, token_at)
-                    for r in range(rows):
-                        for j in range(dim // RUN):
-                            total = np.float32(0.0)
-                            for d in range(j * RUN, (j + 1) * RUN):
-                                total += q[r, d]
-                            run_sums[r, j] = total
-                    _scores_tokens(
-                        k, k_flat, token_at, q, run_sums, group_scales, group_mins, scores, rows,
-                        width,
-                    )  # fmt: skip
-                if k_vector:  # per-token codes, 32 a vector operation, then transposed
-                    coded = max(t, min(width, k.chunks * k_chunk - start))
-                    if coded > t:
-                        _token_rows(
-                            k, k_flat, True, head, start + t, coded - t, dim, keys_tok,
-                            keys_tok_flat, t, group_scales, group_mins, staged,
-                        )  # fmt: skip
-                        for i0 in range(t, coded - 15, 16):  # 16 x 16 register transposes
-                            for d0 in range(0, dim, 16):
-                                transpose_16(keys_tok, keys, i0, d0)
-                        for i in range(coded - (coded - t) % 16, coded):
-                            for d in range(dim):
-                                keys[d, i] = keys_tok[i, d]
-                        t = coded
-                k_residual = k.chunks * k_chunk - start  # block offset of the float32 tail
-                while t < width:
-                    if t >= k_residual:  # the rest of the block is residual: copied
-                        for i in range(t, width):
-                            for d in range(dim):
-                                keys[d, i] = k.residual[head, i - k_residual, d]
-                        break
-                    index = (start + t) // k_chunk
-                    aligned = (start + t) % k_chunk == 0
-                    if chunk_keys and aligned and index < k.chunks and t + k_chunk <= width:
-                        _dequantize_chunk_keys(
-                            k, k_flat, head, index, t, dim, keys, keys_flat, scratch,
-                            channel_scales, channel_mins,
-                        )  # fmt: skip
-                        t += k_chunk
-                    else:
-                        _decode_token_major(
-                            k, k_flat, head, start + t, dim, codes, scales, mins, value
-                        )
-                        for d in range(dim):
-                            keys[d, t] = value[d]
-                        t += 1
-                # --- scores = q . keys ---
-                if not fused_k:
-                    _scores(keys, q, scores, rows, width)
-                # --- mask, online softmax: scores become weights p ---
-                for r in range(rows):
-                    lo = max(row_first[r] - start, 0)
-                    hi = min(row_last[r] - start + 1, width)
-                    row = scores[r]
-                    block_max = _NEG_INF
-                    if lo == 0 and hi == width:  # nothing masked (decode): a plain max
-                        for i in range(width):
-                            block_max = max(block_max, row[i])
-                    else:
-                        for i in range(width):
-                            if i < lo or i >= hi:
-                                row[i] = _NEG_INF
-                            elif row[i] > block_max:
-                                block_max = row[i]
-                    if block_max == _NEG_INF:
-                        for i in range(width):
-                            row[i] = 0.0
-                        continue
-                    new_max = max(run_max[r], block_max)
-                    correction = _exp(run_max[r] - new_max) if run_max[r] > _NEG_INF else 0.0
-                    run_sum[r] *= correction
-                    acc_row = acc[r]
-                    for d in range(dim):
-                        acc_row[d] *= correction
-                    total = np.float32(0.0)
-                    for i in range(width):
-                        p = _exp(row[i] - new_max)
-                        row[i] = p
-                        total += p
-                    run_sum[r] += total
-                    run_max[r] = new_max
-                # --- values of the block: from their codes, or dequantized into scratch ---
-                quantized_v = dropped
-                fused = False
-                if not v.per_channel:
-                    quantized_v = max(dropped, min(width, v.chunks * v.chunk - start))
-                    fused = v_fused and dropped == 0 and quantized_v == width
-                    if fused:  # every token quantized: decoded in registers, never stored
-                        v_groups = dim // min(v.group, dim)
-                        _token_params(
-                            v, v_flat, head, start, width, v_groups, group_scales, group_mins,
-                            staged,
-                        )  # fmt: skip
-                        _token_offsets(v, v_flat, head, start, width, dim, token_at)
-                        _accumulate_codes(
-                            v, v_flat, token_at, scores, group_scales, group_mins, acc, rows,
-                            width,
-                        )  # fmt: skip
-                    elif quantized_v > dropped:
-                        _token_rows(
-                            v, v_flat, v_vector, head, start + dropped, quantized_v - dropped,
-                            dim, values, values_flat, dropped, group_scales, group_mins, staged,
-                        )  # fmt: skip
-                if v.per_channel:
-                    for t in range(quantized_v, width):
-                        _decode_token_major(
-                            v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
-                        )
-                else:  # the rest of the block is residual: copied
-                    v_residual = v.chunks * v.chunk - start
-                    for t in range(quantized_v, width):
-                        for d in range(dim):
-                            values[t, d] = v.residual[head, t - v_residual, d]
-                # --- acc += p . values ---
-                if not fused:
-                    _accumulate(scores, values, acc, rows, width)
-        scratch[0] = np.float32(touched & 1)  # keeps the touching loads
-        for head in range(first_head, last_head):
-            partial = head * splits + split
-            for r in range(rows):
-                part_max[partial, r] = all_max[head, r]
-                part_sum[partial, r] = all_sum[head, r]
-                for d in range(dim):
-                    part_acc[partial, r, d] = all_acc[head, r, d]
+        _attend_task(
+            task, queries, first_held, end_position, origin, block, splits, head_groups, k, v,
+            row_first, row_last, part_max, part_sum, part_acc,
+        )  # fmt: skip
     # --- merge the splits' partial softmaxes (float64) ---
     weights = np.empty((kv_heads * rows, splits), np.float64)
     if kv_heads * rows * splits * dim >= _MERGE_PARALLEL:
