@@ -368,10 +368,20 @@ def _channel_params(view, flat, head, index, dim, channel_scales, channel_mins):
                 channel_scales[j] = step * channel_scales[j]
                 channel_mins[j] = step_min * (channel_mins[j] - np.float32(MIN_OFFSET))
         return
-    for d in range(dim):
-        s, m = _params(view, flat, slot, base + d)
-        channel_scales[d] = s
-        channel_mins[d] = m
+    at = slot * flat.param_row + base
+    if view.double_quant:
+        for d in range(dim):
+            s, m = _params(view, flat, slot, base + d)
+            channel_scales[d] = s
+            channel_mins[d] = m
+    elif view.half:  # the branch out of the loop: kivi's keys (measured 1.2-1.4x without)
+        for d in range(dim):
+            channel_scales[d] = _f16_at(flat.p0, at + d)
+            channel_mins[d] = _f16_at(flat.p1, at + d)
+    else:
+        for d in range(dim):
+            channel_scales[d] = _f32_at(flat.p0, at + d)
+            channel_mins[d] = _f32_at(flat.p1, at + d)
 
 
 @njit(inline="always")
