@@ -37,7 +37,9 @@ def attention(
     tokens). ``start``: positions below it are never attended (left padding); a query before
     ``start`` sees nothing and gets zeros. ``scale`` defaults to 1/sqrt(head_dim). ``sinks``:
     (num_q_heads,) logits that join each head's softmax denominator and carry no value
-    (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim).
+    (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim). A cache's sink tokens
+    (``QuantConfig.sink_tokens``) are read from their float32 copy and joined to the kernel's
+    softmax over the codes in float64 (``kernels.merge_sink_tokens``).
 
     Memory: queries are processed in chunks, so scratch beyond q and the output stays under
     ``SCRATCH_BYTES`` (32 MiB), or one query token's share when that is larger (about
@@ -73,6 +75,7 @@ def attention(
             out = _attend_all(
                 view, queries, group, sinks_array, causal, start, numba.get_num_threads()
             )
+    del queries  # before the values' inverse rotation allocates a second output
     v_scheme = cache.config.v
     if v_scheme.rotate:
         out = _product(out, _inverse_rotation(dim, v_scheme.seed))
@@ -167,6 +170,11 @@ def _attend(view, rows, t_q, query_end, sinks, causal, start, threads, out) -> N
     kv_heads, group_rows, dim = rows.shape
     end = view.appended
     first = end - view.held
+    exact = view.k_sinks.shape[1]  # sink tokens held exactly: positions 0 .. exact - 1
+    sink_logits, exact_from, merge = sinks, max(first, start), start < exact
+    if merge:  # the kernel reads the codes after them; they join in the merge below
+        sinks = _no_sinks(kv_heads, sinks.shape[1])
+        start = exact
     lowest = max(first, start)
     window = 0 if view.window is None else view.window
     if window:
@@ -189,6 +197,11 @@ def _attend(view, rows, t_q, query_end, sinks, causal, start, threads, out) -> N
         rows, t_q, query_end, causal, window, max(first, start), first, stop, origin, block,
         splits, head_groups, view.k, view.v, sinks, part_max, part_sum, part_acc, out,
     )  # fmt: skip
+    if merge:  # the exact sink tokens before the kernel's first position, in float64
+        kernels.merge_sink_tokens(
+            rows, t_q, query_end, causal, window, exact_from, exact, view.k_sinks,
+            view.v_sinks, sink_logits, part_max, part_sum, splits, out,
+        )  # fmt: skip
 
 
 def _product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:

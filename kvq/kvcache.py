@@ -112,6 +112,7 @@ def held_layout(appended: int, chunk: int, residual: int, window: int | None) ->
 @dataclass
 class _Staged:
     pending: np.ndarray
+    sinks: np.ndarray  # the float32 copy of positions < sink_tokens, as it will be
     dropped: int  # chunks completed but out of the window before ever being read
     rows: dict[str, np.ndarray]  # per part, one row per kept chunk (chunks after the dropped)
     appended: int
@@ -120,7 +121,8 @@ class _Staged:
 
 
 class TensorStream:
-    """One of K or V: a chunk store (ring when windowed) and a float32 residual."""
+    """One of K or V: a chunk store (ring when windowed), a float32 residual, and a float32
+    copy of the first ``sink_tokens`` positions (``sinks``, held while position 0 is)."""
 
     def __init__(
         self,
@@ -132,8 +134,10 @@ class TensorStream:
         window: int | None,
         capacity: int | None,
         pool: MemoryPool | None,
+        sink_tokens: int = 0,
     ) -> None:
         self.name = name
+        self.sink_tokens = sink_tokens
         if scheme.axis >= 0:  # 1 and 2 of a (heads, tokens, head_dim) chunk; the stream
             scheme = replace(scheme, axis=scheme.axis - 3)  # also quantizes 4-D batches
         self.scheme = scheme
@@ -170,6 +174,8 @@ class TensorStream:
         self.slots = slots
         # the residual never holds more than residual + chunk - 1 tokens between appends
         self.pending = np.empty((num_kv_heads, 0, head_dim), np.float32)
+        # positions 0 .. sinks.shape[1] - 1, rotated as the residual is
+        self.sinks = np.empty((num_kv_heads, 0, head_dim), np.float32)
         self.appended = 0
         self.first_chunk = 0
         self.chunks = 0
@@ -179,6 +185,12 @@ class TensorStream:
         state = dict(self.__dict__)
         state.pop("_param_bytes", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if "sinks" not in state:  # pickled before sink tokens
+            self.sink_tokens = 0
+            self.sinks = np.empty((self.heads, 0, self.head_dim), np.float32)
 
     # --- storage ----------------------------------------------------------------------------
 
@@ -209,6 +221,7 @@ class TensorStream:
         for key, array in self.store.items():
             twin.store[key][...] = array
         twin.pending = self.pending.copy()
+        twin.sinks = self.sinks.copy()
         return twin
 
     def truncation(self, length: int) -> HeldLayout | str:
@@ -236,6 +249,7 @@ class TensorStream:
     def truncate(self, target: HeldLayout) -> None:
         """Apply a :meth:`truncation` layout."""
         keep = target.appended - target.chunks * self.chunk
+        self.sinks = np.ascontiguousarray(self.sinks[:, : target.appended])
         if target.chunks == self.chunks:
             self.pending = np.ascontiguousarray(self.pending[:, :keep])
         else:
@@ -257,6 +271,13 @@ class TensorStream:
         pending = np.concatenate([self.pending, new], axis=1) if self.pending.size else new
         layout = held_layout(appended, self.chunk, self.residual_target, self.window)
         count = layout.chunks - self.chunks
+        sinks = self.sinks
+        if self.appended < self.sink_tokens:
+            take = min(self.sink_tokens - self.appended, new.shape[1])
+            sinks = np.concatenate([sinks, new[:, :take]], axis=1)
+        base = self.chunks * self.chunk  # pending's first position
+        if count and base < self.sink_tokens:
+            pending = self._without_sinks(pending, base, count)
         # chunks out of the window before they are ever read are never quantized
         dropped = min(count, max(0, layout.first_chunk - self.chunks))
         kept = count - dropped
@@ -281,7 +302,23 @@ class TensorStream:
             slots = max(layout.chunks, 2 * self.slots)
             store = (self._allocate(slots), slots)
         rest = np.ascontiguousarray(pending[:, count * self.chunk :])
-        return _Staged(rest, dropped, rows, appended, layout.first_chunk, store)
+        if layout.first_chunk > 0:  # position 0 left the window: its copy goes too
+            sinks = sinks[:, :0]
+        return _Staged(rest, sinks, dropped, rows, appended, layout.first_chunk, store)
+
+    def _without_sinks(self, pending: np.ndarray, base: int, count: int) -> np.ndarray:
+        """A copy of ``pending`` (positions from ``base``) in whose first ``count`` chunks
+        each sink position holds its chunk's first later token (zeros in a chunk of sinks
+        only): the values the chunk quantizes; the sinks themselves are read from the copy.
+        Residual tokens past the chunks keep their values."""
+        out = pending.copy()
+        for first in range(base, min(base + count * self.chunk, self.sink_tokens), self.chunk):
+            stop = min(self.sink_tokens, first + self.chunk)
+            if stop < first + self.chunk:
+                out[:, first - base : stop - base] = out[:, stop - base : stop - base + 1]
+            else:
+                out[:, first - base : stop - base] = 0.0
+        return out
 
     def raise_out_of_range(self, values: np.ndarray, rotated: bool = False) -> None:
         """ValueError naming the first token (of ``values``, about to be appended) past
@@ -321,6 +358,7 @@ class TensorStream:
             done += run
             self.chunks += run
         self.pending = staged.pending
+        self.sinks = staged.sinks
         self.appended = staged.appended
         self.first_chunk = staged.first_chunk
 
@@ -337,7 +375,8 @@ class TensorStream:
 
     @property
     def nbytes(self) -> int:
-        return (self.chunks - self.first_chunk) * self.chunk_nbytes + self.pending.nbytes
+        quantized = (self.chunks - self.first_chunk) * self.chunk_nbytes
+        return quantized + self.pending.nbytes + self.sinks.nbytes
 
     def kernel_view(self) -> StreamView:
         """The store as the attention kernel reads it: the scheme's integers and the store's
@@ -402,6 +441,12 @@ class TensorStream:
             if self.rotation_seed is not None:
                 residual = unrotate(residual, self.rotation_seed)
             out[:, lo - start :] = residual
+        exact = min(end, self.sinks.shape[1])  # held sinks: positions from 0
+        if start < exact:
+            sinks = self.sinks[:, start:exact]
+            if self.rotation_seed is not None:
+                sinks = unrotate(sinks, self.rotation_seed)
+            out[:, : exact - start] = sinks
         return out
 
 
@@ -413,6 +458,8 @@ class CacheView(NamedTuple):
     window: int | None
     k: StreamView
     v: StreamView
+    k_sinks: np.ndarray  # float32 (heads, n, head_dim): exact positions 0 .. n-1, rotated
+    v_sinks: np.ndarray  # as the streams' residuals are; n = 0 without sink tokens
 
 
 class _Reading:
@@ -427,9 +474,11 @@ class _Reading:
         cache = self.cache
         cache._lock.acquire()
         k, v = cache._k, cache._v
+        exact = min(k.sinks.shape[1], v.sinks.shape[1])
         return CacheView(
-            k.appended, min(k.held, v.held), cache.window, k.kernel_view(), v.kernel_view()
-        )
+            k.appended, min(k.held, v.held), cache.window, k.kernel_view(), v.kernel_view(),
+            k.sinks[:, :exact], v.sinks[:, :exact],
+        )  # fmt: skip
 
     def __exit__(self, *exc) -> None:
         self.cache._lock.release()
@@ -508,6 +557,7 @@ class KVCache:
                 kept_window(self.window, self.max_queries),
                 self.capacity,
                 pool,
+                self.config.sink_tokens,
             )
             for name, scheme in (("k", self.config.k), ("v", self.config.v))
         ]
@@ -688,6 +738,7 @@ class KVCache:
                 "v_quantized": self._v.held - self._v.pending.shape[1],
                 "k_residual": self._k.pending.shape[1],
                 "v_residual": self._v.pending.shape[1],
+                "sink_tokens": min(self._k.sinks.shape[1], self._v.sinks.shape[1]),
                 "k_chunk_tokens": self._k.chunk,
                 "v_chunk_tokens": self._v.chunk,
                 "nbytes": self.nbytes,
@@ -759,13 +810,14 @@ class KVCache:
 
     def __repr__(self) -> str:
         window = f", window={self.window}" if self.window else ""
+        sinks = f", sink_tokens {self.config.sink_tokens}" if self.config.sink_tokens else ""
         with self._lock:
             counts = f"{len(self)} tokens appended, {self.held} held{window}"
             size = in_unit(self.nbytes, "MiB")
         return (
             f"KVCache({self.num_kv_heads} heads x {self.head_dim}, {counts}, "
             f"K {_label(self.config.k)}, V {_label(self.config.v)}, "
-            f"residual {self.config.residual}, {size})"
+            f"residual {self.config.residual}{sinks}, {size})"
         )
 
 
@@ -812,9 +864,11 @@ def stream_bytes(
     residual: int,
     window,
     max_queries: int = 1,
+    sink_tokens: int = 0,
 ) -> int:
     """Bytes one stream holds after ``appended`` tokens (what TensorStream.nbytes reports)."""
     chunk = chunk_tokens(scheme, num_kv_heads, head_dim)
     layout = held_layout(appended, chunk, residual, kept_window(window, max_queries))
     template = quantize(np.zeros((num_kv_heads, chunk, head_dim), np.float32), scheme=scheme)
-    return layout.held_chunks * template.nbytes + layout.residual * num_kv_heads * head_dim * 4
+    exact = layout.residual + (min(sink_tokens, appended) if layout.first_chunk == 0 else 0)
+    return layout.held_chunks * template.nbytes + exact * num_kv_heads * head_dim * 4

@@ -100,7 +100,14 @@ def plan(
             chosen = layer_config(config, index, kind)
             layer = sum(
                 stream_bytes(
-                    scheme, heads, head_dim, context_len, chosen.residual, window, max_queries
+                    scheme,
+                    heads,
+                    head_dim,
+                    context_len,
+                    chosen.residual,
+                    window,
+                    max_queries,
+                    chosen.sink_tokens,
                 )
                 for scheme in (chosen.k, chosen.v)
             )

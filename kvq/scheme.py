@@ -121,18 +121,32 @@ def _q8_keys(rotate: bool = True) -> Scheme:
 
 
 def _q8_values() -> Scheme:
-    return Scheme(8, 32, axis=-1, double_quant=True)
+    return Scheme(8, 64, axis=-1, double_quant=True)
+
+
+# The presets keep the first token exact (issue 15: on SmolLM2 it is an attention sink whose
+# keys and values dwarf the rest) and pay for it with values in groups of 64.
+SINK_TOKENS = 1
 
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Schemes for keys and values, plus how many recent tokens stay in float32 (``residual``).
+    """Schemes for keys and values, plus how many recent tokens stay in float32 (``residual``)
+    and how many first tokens are kept exactly (``sink_tokens``).
+
+    ``sink_tokens=S`` keeps a float32 copy of positions 0 .. S-1 (attention-sink tokens,
+    whose keys and values dwarf the rest in decoder models): attention and ``keys()`` /
+    ``values()`` read the copy, and the chunk that quantizes them sees the first later token
+    of its chunk in their place, so their range does not widen its groups. The copy counts
+    in ``nbytes`` and ``bits_per_element`` (one token of SmolLM2's 3 KV heads of 64 adds
+    0.008 bits per element to a 4K-token cache). The default is 1; the peers' layouts
+    (:meth:`kivi`, :meth:`mlx`, :meth:`original`) use 0, as those engines do.
 
     ``QuantConfig()`` is :meth:`q8`, the best 8-bit scheme measured (size, quality and speed);
     ``config=None`` means this default everywhere kvq takes a config. Presets: :meth:`q8`,
     :meth:`q4`, :meth:`q3`, :meth:`q2`, :meth:`kivi`, :meth:`mlx`, and :meth:`original` (the
     original design's scheme); their docstrings give the nominal bits per element (averaged
-    over K and V, whole groups, no residual).
+    over K and V, whole groups, no residual, no sink tokens) and the measured ones.
 
     Deprecated: ``rotate`` (a seed for both schemes); set ``rotate`` on each :class:`Scheme`.
     It raises when a scheme already rotates with another seed.
@@ -142,12 +156,14 @@ class QuantConfig:
     v: Scheme = field(default_factory=_q8_values)
     residual: int = 0
     rotate: int | None = None
+    sink_tokens: int = SINK_TOKENS
 
     def __post_init__(self) -> None:
         for name in ("k", "v"):
             if not isinstance(getattr(self, name), Scheme):
                 raise TypeError(f"{name} must be a kvq.Scheme, got {getattr(self, name)!r}")
         object.__setattr__(self, "residual", check_int("residual", self.residual, 0))
+        object.__setattr__(self, "sink_tokens", check_int("sink_tokens", self.sink_tokens, 0))
         if self.rotate is not None:
             seed = check_int("rotate", self.rotate, 0)
             for name in ("k", "v"):
@@ -168,7 +184,8 @@ class QuantConfig:
 
     @property
     def nominal_bits_per_element(self) -> float:
-        """Average of K's and V's nominal bits per element (whole groups, no residual)."""
+        """Average of K's and V's nominal bits per element (whole groups, no residual, no
+        sink tokens: those depend on the length; a cache's ``bits_per_element`` counts them)."""
         return (self.k.nominal_bits_per_element + self.v.nominal_bits_per_element) / 2
 
     @property
@@ -184,12 +201,14 @@ class QuantConfig:
 
     @classmethod
     def q8(cls, rotate: bool = True) -> QuantConfig:
-        """8-bit keys per channel after a Hadamard rotation, values per token, groups of 32,
-        second-level scales: 8.5 bits per element (llama.cpp q8_0's size), about 0.65x
-        q8_0's attention error in bench/quality.py. The default, ``QuantConfig()``. On
-        SmolLM2-135M over real text (bench/model_quality_experiments.py; mean KLD against the
-        float32 cache): 1.1e-4 (+0.05% perplexity) at 1K tokens through KVQCache in chunks of
-        64, 8.8e-5 at 4K (fake-quantized); GGML q8_0 7.0e-4. ``rotate=False`` drops the key
+        """8-bit keys per channel in groups of 32 after a Hadamard rotation, values per token
+        in groups of 64, second-level scales, the first token exact: 8.375 bits per element
+        nominal, 8.383 measured over a 4K-token cache of SmolLM2's shape with the sink token
+        (at most llama.cpp q8_0's 8.5). The default, ``QuantConfig()``. On SmolLM2-135M over
+        real text (bench/model_quality_experiments.py; mean KLD against the float32 cache,
+        through KVQCache in chunks of 64): 8.9e-5 at 1K tokens and 7.9e-5 at 4K (before the
+        sink token, values in groups of 32: 1.3e-4 and 8.8e-5); GGML q8_0 7.0e-4 and 5.6e-4.
+        About 0.65x q8_0's attention error in bench/quality.py. ``rotate=False`` drops the key
         rotation (it needs a power-of-two head_dim)."""
         return cls(k=_q8_keys(rotate), v=_q8_values())
 
@@ -197,31 +216,31 @@ class QuantConfig:
     def original(cls) -> QuantConfig:
         """The original design's scheme: 8-bit codes in groups of 32 along head_dim (per
         token), float32 scale and min: 10 bits per element."""
-        return cls(k=Scheme(8, 32, axis=-1), v=Scheme(8, 32, axis=-1))
+        return cls(k=Scheme(8, 32, axis=-1), v=Scheme(8, 32, axis=-1), sink_tokens=0)
 
     @classmethod
     def q4(cls, rotate: bool = True) -> QuantConfig:
-        """4-bit, as :meth:`q8` plus a per-group range search: 4.5 bits per element (q4_0's
-        size), about 0.65x q4_0's attention error in bench/quality.py. On SmolLM2-135M over
-        real text (bench/model_quality_experiments.py; mean KLD against the float32 cache):
-        0.025 (+1.6% perplexity) at 1K tokens through KVQCache in chunks of 64, 0.021 (+1.7%)
-        at 4K (fake-quantized); llama.cpp's Hadamard-rotated q4_0 about 0.08."""
-        return cls._searched(4, rotate)
+        """4-bit, as :meth:`q8` plus a per-group range search, values Hadamard-rotated too:
+        4.375 bits per element nominal, 4.383 over a 4K-token SmolLM2 cache with the sink
+        token (at most q4_0's 4.5). On SmolLM2-135M (as :meth:`q8`): mean KLD 0.021 at 1K
+        tokens and 0.0177 (+1.3% perplexity) at 4K; before the sink token (unrotated values in
+        groups of 32) 0.025 and 0.022; llama.cpp's Hadamard-rotated q4_0 0.073 and 0.064.
+        About 0.65x q4_0's attention error in bench/quality.py."""
+        return cls._searched(4, rotate, values_rotated=rotate)
 
     @classmethod
     def q3(cls, rotate: bool = True) -> QuantConfig:
-        """3-bit, as :meth:`q4` with the values Hadamard-rotated too: 3.5 bits per element.
-        On SmolLM2-135M: mean KLD 0.113 (+11.6% perplexity) at 1K tokens through KVQCache,
-        0.093 (+8.9%) at 4K (fake-quantized); keys-only rotation (before) gave 0.131
-        (+14.1%) and 0.097 (+10.0%). Keys per channel unrotated with rotated values gave
-        0.096 (+8.2%) at 1K but 0.105 at 4K. ``rotate=False`` rotates neither."""
+        """3-bit, as :meth:`q4`: 3.375 bits per element nominal, 3.383 over a 4K-token
+        SmolLM2 cache with the sink token. On SmolLM2-135M: mean KLD 0.086 (+4.9% perplexity)
+        at 1K tokens and 0.075 (+6.2%) at 4K; before the sink token (values in groups of 32)
+        0.113 (+11.6%) and 0.087 (+8.7%). ``rotate=False`` rotates neither."""
         return cls._searched(3, rotate, values_rotated=rotate)
 
     @classmethod
     def q2(cls, rotate: bool = True) -> QuantConfig:
-        """2-bit, as :meth:`q3`: 2.5 bits per element. On SmolLM2-135M: mean KLD 0.43 (+37%
-        perplexity) at 1K tokens through KVQCache, 0.46 (+54%) at 4K (fake-quantized);
-        keys-only rotation (before) gave 0.62 (+67%) and 0.62 (+79%).
+        """2-bit, as :meth:`q3`: 2.375 bits per element nominal, 2.383 over a 4K-token
+        SmolLM2 cache with the sink token. On SmolLM2-135M: mean KLD 0.40 (+38% perplexity)
+        at 1K tokens and 0.39 (+45%) at 4K; before the sink token 0.43 and 0.47 (+52%).
         ``rotate=False`` rotates neither."""
         return cls._searched(2, rotate, values_rotated=rotate)
 
@@ -229,7 +248,7 @@ class QuantConfig:
     def _searched(cls, bits: int, keys_rotated: bool, values_rotated: bool = False) -> QuantConfig:
         return cls(
             k=Scheme(bits, 32, axis=-2, rotate=keys_rotated, double_quant=True, search=True),
-            v=Scheme(bits, 32, axis=-1, rotate=values_rotated, double_quant=True, search=True),
+            v=Scheme(bits, 64, axis=-1, rotate=values_rotated, double_quant=True, search=True),
         )
 
     @classmethod
@@ -241,6 +260,7 @@ class QuantConfig:
             k=Scheme(bits, group_size, axis=-2, scale_dtype="float16"),
             v=Scheme(bits, group_size, axis=-1, scale_dtype="float16"),
             residual=residual,
+            sink_tokens=0,
         )
 
     @classmethod
@@ -248,4 +268,4 @@ class QuantConfig:
         """mlx-lm's quantized cache layout: per token, float16 scale and min: bits + 0.5
         bits per element at groups of 64."""
         scheme = Scheme(bits, group_size, axis=-1, scale_dtype="float16")
-        return cls(k=scheme, v=scheme)
+        return cls(k=scheme, v=scheme, sink_tokens=0)

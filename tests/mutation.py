@@ -234,6 +234,34 @@ MUTANTS = (
         ("tests/test_ring.py",),
         "the windowed ring drops a chunk that still holds tokens inside the window",
     ),
+    Mutant(
+        "vector-decoder-takes-ragged-groups",
+        "kvq/kernels/attention.py",
+        (("        and dim % group == 0\n", ""),),
+        ("tests/test_attention.py::test_per_token_groups_ragged_within_a_token",),
+        "per-token rows whose last group is ragged (64 + 32) go to the 32-code vector decoder",
+    ),
+    Mutant(
+        "sink-merge-ignores-the-body-weight",
+        "kvq/kernels/sink_tokens.py",
+        (("a = body * np.float64(out[head, r, d])", "a = np.float64(out[head, r, d])"),),
+        ("tests/test_sink_tokens.py",),
+        "the merge of exact sink tokens takes the kernel's normalised output as its sum",
+    ),
+    Mutant(
+        "sink-tokens-widen-their-chunk",
+        "kvq/kvcache.py",
+        (("if count and base < self.sink_tokens:", "if False:"),),
+        ("tests/test_sink_tokens.py::test_chunks_do_not_see_the_sink_tokens",),
+        "chunks quantize the sink tokens' own values (their range widens the groups)",
+    ),
+    Mutant(
+        "sink-tokens-seen-by-earlier-queries",
+        "kvq/kernels/sink_tokens.py",
+        (("if (causal and p > position)", "if (causal and p > position + 1)"),),
+        ("tests/test_sink_tokens.py",),
+        "a query sees the sink token after its own position (the causal mask shifted)",
+    ),
 )
 
 NOOP = Mutant(

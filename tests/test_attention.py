@@ -150,6 +150,22 @@ def test_gpt_oss_shape_vector_paths(bits, heads, dim):
     assert_matches_reference(kvq.attention(q, cache), ref)
 
 
+@pytest.mark.parametrize("group", [64, 96])
+def test_per_token_groups_ragged_within_a_token(group):
+    """Per-token groups of head_dim 96: 64 (a whole group and a ragged one of 32, which
+    the scalar decoder takes; the vector one wrote past each row and corrupted the heap)
+    and 96 (one whole group, the vector decoder)."""
+    config = kvq.QuantConfig(
+        k=kvq.Scheme(4, 64, scale_dtype="float16"),
+        v=kvq.Scheme(8, group, double_quant=True),
+        sink_tokens=0,
+    )
+    cache, _, _ = build(config, heads=8, tokens=300, dim=96)
+    q = queries(8 * 8, 1, 96)
+    ref = kvq.attention_reference(q, cache.keys(), cache.values())
+    assert_matches_reference(kvq.attention(q, cache), ref)
+
+
 def test_scale_argument():
     cache, _, _ = build(CONFIGS["8bit"])
     q = queries(2, 1, 64)

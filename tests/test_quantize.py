@@ -140,9 +140,10 @@ def test_nominal_bits_per_element_of_schemes_and_presets():
     assert kvq.Scheme(4, 32, double_quant=True).nominal_bits_per_element == 4.5
     assert kvq.Scheme(8, 32).nominal_bits_per_element == 10
     assert kvq.QuantConfig.kivi(bits=2).nominal_bits_per_element == 3.0
-    assert kvq.QuantConfig.q8().nominal_bits_per_element == 8.5
-    assert kvq.QuantConfig().nominal_bits_per_element == 8.5  # the default is q8
-    assert kvq.QuantConfig.q4().nominal_bits_per_element == 4.5
+    # keys 8.5 / 4.5, values in groups of 64 at 8.25 / 4.25 (sink tokens are not nominal)
+    assert kvq.QuantConfig.q8().nominal_bits_per_element == 8.375
+    assert kvq.QuantConfig().nominal_bits_per_element == 8.375  # the default is q8
+    assert kvq.QuantConfig.q4().nominal_bits_per_element == 4.375
     assert kvq.QuantConfig.mlx(4, 64).nominal_bits_per_element == 4.5
     assert kvq.QuantConfig.original().nominal_bits_per_element == 10
     assert SUPER_GROUPS == 8

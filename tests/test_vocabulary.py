@@ -95,7 +95,7 @@ def test_bits_per_element_measured_and_nominal():
     measured = 8 * cache.nbytes / (2 * k.size)
     assert cache.bits_per_element == pytest.approx(measured, rel=1e-12)
     assert cache.stats()["bits_per_element"] == cache.bits_per_element
-    assert config.nominal_bits_per_element == 4.5
+    assert config.nominal_bits_per_element == 4.375
     qt = kvq.quantize(k, scheme=config.k)
     assert qt.bits_per_element == 8 * qt.nbytes / k.size
     assert config.k.nominal_bits_per_element == 4.5
@@ -150,7 +150,7 @@ def test_deprecated_levels_and_config_bits_per_element():
     with pytest.warns(DeprecationWarning, match="max_code"):
         assert kvq.Scheme(3).levels == 7 == kvq.Scheme(3).max_code
     with pytest.warns(DeprecationWarning, match="nominal_bits_per_element"):
-        assert kvq.QuantConfig.q4().bits_per_element == 4.5
+        assert kvq.QuantConfig.q4().bits_per_element == 4.375
 
 
 def test_deprecated_stats_key():
@@ -173,7 +173,7 @@ def test_new_names_do_not_warn():
         cache = kvq.KVCache(2, 64, config)
         cache.append(k, v)
         assert cache.stats()["bits_per_element"] > 0
-        assert config.nominal_bits_per_element == 4.5
+        assert config.nominal_bits_per_element == 4.375
         assert kvq.Scheme(4, rotate=True, seed=1).max_code == 15
         kvq.plan(kvq.ModelConfig.gpt_oss_20b(), 100).table()
 

@@ -232,7 +232,7 @@ def kvq_spec(name: str, config: QuantConfig) -> CacheSpec:
 
         return KVQCache(model, config)
 
-    return CacheSpec(name, make, "kvq", config.nominal_bits_per_element)
+    return CacheSpec(name, make, "kvq")  # bits measured: the cache's bytes, sinks included
 
 
 def resolve_configs(configs: Iterable) -> list[CacheSpec]:

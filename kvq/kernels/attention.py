@@ -241,12 +241,14 @@ def _decode_token_major(
 
 @njit(inline="always")
 def _vector_tokens(view, dim):
-    """Whether per-token rows of ``view`` decode 32 codes per vector operation."""
+    """Whether per-token rows of ``view`` decode 32 codes per vector operation: whole groups
+    of multiples of 32 (a ragged last group, e.g. 64 + 32 of head_dim 96, is scalar)."""
     group = min(view.group, dim)
     return (
         not view.per_channel
         and dim % RUN == 0
         and group % RUN == 0
+        and dim % group == 0
         and (view.bits == 2 or view.bits == 3 or view.bits == 4 or view.bits == 8)
     )
 
