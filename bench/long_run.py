@@ -18,6 +18,7 @@ an empty pool, and RSS must not grow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -179,7 +180,9 @@ def check_cache(cache: kvq.KVCache, tokens: Tokens, seed: int = 1) -> dict:
             align = math.lcm(align, scheme.group_size)
     origin = first // align * align
     k_truth, v_truth = tokens.last(origin, end)
-    fresh = kvq.KVCache(cache.num_kv_heads, cache.head_dim, cache.config)
+    config = cache.config  # fed from ``origin``, its first tokens are no sink tokens
+    fresh_config = config if origin == 0 else dataclasses.replace(config, sink_tokens=0)
+    fresh = kvq.KVCache(cache.num_kv_heads, cache.head_dim, fresh_config)
     fresh.append(k_truth, v_truth)
     same = bool(
         np.array_equal(fresh.keys(first - origin), keys)

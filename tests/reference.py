@@ -293,3 +293,14 @@ def held_positions(appends, chunk: int, residual: int, window: int | None) -> np
                 chunks.pop(0)
     held = [p for c in chunks for p in c] + waiting
     return np.array(held, np.int64)
+
+
+def sink_stand_in(x: np.ndarray, sinks: int, chunk: int) -> np.ndarray:
+    """(heads, tokens, dim) ``x`` as a cache with ``sinks`` sink tokens quantizes it: each
+    sink position holds the first non-sink token of its ``chunk``-token chunk, or zeros
+    when the whole chunk is sinks (or no later token exists)."""
+    out = x.copy()
+    for position in range(min(sinks, x.shape[1])):
+        end = (position // chunk + 1) * chunk  # the chunk's end
+        out[:, position] = x[:, sinks] if sinks < min(end, x.shape[1]) else 0.0
+    return out

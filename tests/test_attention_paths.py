@@ -10,7 +10,6 @@ token splits, head groups and the merge all run on any machine.
 
 from dataclasses import replace
 
-import numba
 import numpy as np
 import pytest
 
@@ -43,7 +42,6 @@ SCHEMES = {
 }
 KV_HEADS = 2
 TOKENS = 203  # two 128-token blocks or four 64-token blocks, each ragged at the end
-THREADS = ["serial", 1, 2]
 
 
 def assert_matches_reference(out, ref):
@@ -69,22 +67,6 @@ def cache_for(name: str, dim: int, tokens: int = TOKENS) -> kvq.KVCache:
         assert at == tokens
         _caches[key] = cache
     return _caches[key]
-
-
-@pytest.fixture(params=THREADS, ids=lambda t: f"threads-{t}")
-def threads(request, monkeypatch):
-    """Run on the calling thread (small calls), or in the parallel path at 1 or 2 threads."""
-    if request.param == "serial":
-        monkeypatch.setattr(attention_module, "SERIAL_WORK", 1 << 62)
-        yield 1
-        return
-    if request.param > numba.config.NUMBA_NUM_THREADS:
-        pytest.skip(f"Numba has only {numba.config.NUMBA_NUM_THREADS} threads")
-    monkeypatch.setattr(attention_module, "SERIAL_WORK", -1)
-    before = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    yield request.param
-    numba.set_num_threads(before)
 
 
 def queries(heads, t_q, dim, seed=1):

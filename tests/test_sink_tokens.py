@@ -12,15 +12,13 @@ import copy
 import pickle
 from dataclasses import replace
 
-import numba
 import numpy as np
 import pytest
 
 import kvq
 from kvq.synthetic import kv_layer
 from kvq.testing import assert_attention_close
-
-attention_module = __import__("sys").modules["kvq.attention"]
+from tests import reference
 
 SCHEMES = {
     "q4": kvq.QuantConfig.q4(),
@@ -67,21 +65,6 @@ def queries(heads, t_q, dim, seed=1):
 def assert_matches_reference(out, ref):
     assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
     assert_attention_close(out, ref, rtol=1e-5)
-
-
-@pytest.fixture(params=["serial", 1, 2], ids=lambda t: f"threads-{t}")
-def threads(request, monkeypatch):
-    if request.param == "serial":
-        monkeypatch.setattr(attention_module, "SERIAL_WORK", 1 << 62)
-        yield 1
-        return
-    if request.param > numba.config.NUMBA_NUM_THREADS:
-        pytest.skip(f"Numba has only {numba.config.NUMBA_NUM_THREADS} threads")
-    monkeypatch.setattr(attention_module, "SERIAL_WORK", -1)
-    before = numba.get_num_threads()
-    numba.set_num_threads(request.param)
-    yield request.param
-    numba.set_num_threads(before)
 
 
 @pytest.mark.parametrize("sinks", [1, 4, 40])
@@ -146,16 +129,6 @@ def test_sink_tokens_read_back_exactly(name):
     assert np.abs(plain.keys(0, 1) - k[:, :1]).max() > 10 * max(tolerance, 1e-6)
 
 
-def stand_in(x: np.ndarray, sinks: int, chunk: int) -> np.ndarray:
-    """``x`` with each sink position holding the first later token of its ``chunk``-token
-    chunk, or zeros when the whole chunk is sinks."""
-    out = x.copy()
-    for position in range(sinks):
-        later = (position // chunk) * chunk + chunk  # the chunk's end
-        out[:, position] = x[:, sinks] if sinks < later else 0.0
-    return out
-
-
 @pytest.mark.parametrize("sinks", [1, 3])
 @pytest.mark.parametrize("name", SCHEMES)
 def test_chunks_do_not_see_the_sink_tokens(name, sinks):
@@ -167,7 +140,9 @@ def test_chunks_do_not_see_the_sink_tokens(name, sinks):
     exact = kvq.KVCache(KV_HEADS, 64, with_sinks(name, sinks))
     exact.append(k, v)
     standing = kvq.KVCache(KV_HEADS, 64, config)
-    standing.append(stand_in(k, sinks, chunks[0]), stand_in(v, sinks, chunks[1]))
+    standing.append(
+        reference.sink_stand_in(k, sinks, chunks[0]), reference.sink_stand_in(v, sinks, chunks[1])
+    )
     np.testing.assert_array_equal(exact.keys()[:, sinks:], standing.keys()[:, sinks:])
     np.testing.assert_array_equal(exact.values()[:, sinks:], standing.values()[:, sinks:])
 

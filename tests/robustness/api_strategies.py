@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from hypothesis import strategies as st
@@ -198,10 +198,11 @@ def cache_setups(
         k=draw(schemes(head_dim, rotate)),
         v=draw(schemes(head_dim, rotate)),
         residual=draw(st.sampled_from([0, 0, 1, 3, 6])),
+        sink_tokens=draw(st.sampled_from([0, 0, 1, 3])),
     )
     if not chunk_possible(config, heads, head_dim):  # documented ValueError; not this test's
         plain = kvq.Scheme(rotate=rotate is not None, seed=rotate or 0)  # 8-bit per token
-        config = kvq.QuantConfig(k=plain, v=plain, residual=config.residual)
+        config = replace(config, k=plain, v=plain)
     steps = draw(st.lists(st.integers(1, 12), min_size=1, max_size=8))
     while sum(steps) > max_tokens:
         steps.pop()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import kvq
+from tests import reference
 from tests.robustness.api_strategies import (
     BITS,
     LAYOUTS,
@@ -195,8 +196,10 @@ def test_kvcache_holds_each_chunk_as_quantize_would_and_residual_exactly(setup):
         first = total - quantized - residual  # the stream's first held position
         assert first <= total - held and first % chunks[name] == 0
         expected = np.empty((setup.heads, quantized + residual, setup.head_dim), np.float32)
+        sinks = min(config.sink_tokens, total) if first == 0 else 0  # held exactly
+        stand_in = reference.sink_stand_in(source, config.sink_tokens, chunks[name])
         for at in range(0, quantized, chunks[name]):
-            tokens = source[:, first + at : first + at + chunks[name]]
+            tokens = stand_in[:, first + at : first + at + chunks[name]]
             qt = kvq.quantize(tokens, scheme=scheme)
             expected[:, at : at + chunks[name]] = qt.dequantize()
             if not scheme.rotate and not scheme.search:
@@ -206,6 +209,12 @@ def test_kvcache_holds_each_chunk_as_quantize_would_and_residual_exactly(setup):
                 )
         expected[:, quantized:] = source[:, total - residual :]
         got = read()
+        lo = total - held  # the first position read
+        if sinks > lo:  # sink tokens come back as given (to rotation rounding)
+            exact = source[:, lo:sinks]
+            atol = 1e-5 * max(float(np.abs(exact).max()), 1e-30)
+            np.testing.assert_allclose(got[:, : sinks - lo], exact, rtol=0, atol=atol)
+            expected[:, lo:sinks] = got[:, : sinks - lo]  # checked; the rest below
         assert got.shape == (setup.heads, held, setup.head_dim) and got.dtype == np.float32
         expected = expected[:, quantized + residual - held :]  # the cache shows the last held
         codes_read = max(held - residual, 0)  # tokens of those that were quantized
