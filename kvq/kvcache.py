@@ -474,7 +474,7 @@ class _Reading:
         cache = self.cache
         cache._lock.acquire()
         k, v = cache._k, cache._v
-        exact = min(k.sinks.shape[1], v.sinks.shape[1])
+        exact = cache._sink_count()
         return CacheView(
             k.appended, min(k.held, v.held), cache.window, k.kernel_view(), v.kernel_view(),
             k.sinks[:, :exact], v.sinks[:, :exact],
@@ -656,6 +656,10 @@ class KVCache:
             stream.raise_out_of_range(values)
         return values
 
+    def _sink_count(self) -> int:
+        """Sink tokens both streams hold exactly (positions 0 .. count - 1)."""
+        return min(self._k.sinks.shape[1], self._v.sinks.shape[1])
+
     def reading(self) -> _Reading:
         """A context manager holding the cache's lock (appends wait) and giving its state as a
         :class:`CacheView`, for readers such as :func:`kvq.attention`::
@@ -738,7 +742,7 @@ class KVCache:
                 "v_quantized": self._v.held - self._v.pending.shape[1],
                 "k_residual": self._k.pending.shape[1],
                 "v_residual": self._v.pending.shape[1],
-                "sink_tokens": min(self._k.sinks.shape[1], self._v.sinks.shape[1]),
+                "sink_tokens": self._sink_count(),
                 "k_chunk_tokens": self._k.chunk,
                 "v_chunk_tokens": self._v.chunk,
                 "nbytes": self.nbytes,

@@ -124,8 +124,8 @@ def _q8_values() -> Scheme:
     return Scheme(8, 64, axis=-1, double_quant=True)
 
 
-# The presets keep the first token exact (issue 15: on SmolLM2 it is an attention sink whose
-# keys and values dwarf the rest) and pay for it with values in groups of 64.
+# QuantConfig's default: the first token exact (issue 15: on SmolLM2 it is an attention sink
+# whose keys and values dwarf the rest); the presets pay for it with values in groups of 64.
 SINK_TOKENS = 1
 
 
@@ -226,7 +226,7 @@ class QuantConfig:
         tokens and 0.0177 (+1.3% perplexity) at 4K; before the sink token (unrotated values in
         groups of 32) 0.025 and 0.022; llama.cpp's Hadamard-rotated q4_0 0.073 and 0.064.
         About 0.65x q4_0's attention error in bench/quality.py."""
-        return cls._searched(4, rotate, values_rotated=rotate)
+        return cls._searched(4, rotate)
 
     @classmethod
     def q3(cls, rotate: bool = True) -> QuantConfig:
@@ -234,7 +234,7 @@ class QuantConfig:
         SmolLM2 cache with the sink token. On SmolLM2-135M: mean KLD 0.086 (+4.9% perplexity)
         at 1K tokens and 0.075 (+6.2%) at 4K; before the sink token (values in groups of 32)
         0.113 (+11.6%) and 0.087 (+8.7%). ``rotate=False`` rotates neither."""
-        return cls._searched(3, rotate, values_rotated=rotate)
+        return cls._searched(3, rotate)
 
     @classmethod
     def q2(cls, rotate: bool = True) -> QuantConfig:
@@ -242,13 +242,13 @@ class QuantConfig:
         SmolLM2 cache with the sink token. On SmolLM2-135M: mean KLD 0.40 (+38% perplexity)
         at 1K tokens and 0.39 (+45%) at 4K; before the sink token 0.43 and 0.47 (+52%).
         ``rotate=False`` rotates neither."""
-        return cls._searched(2, rotate, values_rotated=rotate)
+        return cls._searched(2, rotate)
 
     @classmethod
-    def _searched(cls, bits: int, keys_rotated: bool, values_rotated: bool = False) -> QuantConfig:
+    def _searched(cls, bits: int, rotate: bool) -> QuantConfig:
         return cls(
-            k=Scheme(bits, 32, axis=-2, rotate=keys_rotated, double_quant=True, search=True),
-            v=Scheme(bits, 64, axis=-1, rotate=values_rotated, double_quant=True, search=True),
+            k=Scheme(bits, 32, axis=-2, rotate=rotate, double_quant=True, search=True),
+            v=Scheme(bits, 64, axis=-1, rotate=rotate, double_quant=True, search=True),
         )
 
     @classmethod
