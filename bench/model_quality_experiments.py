@@ -29,6 +29,9 @@ same length (what ``KVCache.nbytes`` reports), plus float32 sink tokens, average
     python bench/model_quality_experiments.py --quick        # 256 tokens, a few: a smoke run
     python bench/model_quality_experiments.py --screen-only  # the fake-quant screen only
     python bench/model_quality_experiments.py --final-only --final-contexts 1024 --final-fake 4096
+    # per-layer K/V bits chosen by kvq.hf.calibrate (on Python's docs, 512 tokens), with the
+    # presets; or saved maps: --maps q3.json
+    python bench/model_quality_experiments.py --final-only --no-peers --calibrate 4.5 3.5 2.5
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -389,9 +393,22 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--final-fake", type=int, nargs="*", default=(), help="fake finals at")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument(
+        "--maps", nargs="*", default=(), help="saved kvq.LayerMap JSON files (kvq calibrate)"
+    )
+    parser.add_argument(
+        "--calibrate",
+        type=float,
+        nargs="*",
+        default=(),
+        metavar="BITS",
+        help="calibrate a LayerMap at each budget (kvq.hf.calibrate on its own text, 512 "
+        "tokens) and run it with the presets",
+    )
     args = parser.parse_args(argv)
 
-    import kvq.hf  # noqa: F401  (registers the "kvq" attention)
+    import kvq
+    import kvq.hf  # (registers the "kvq" attention)
     from kvq.hf.evaluate import compare, resolve_configs, run_logits, token_ids
     from kvq.hf.models import load_model, reference_text, reference_text_source
 
@@ -436,6 +453,12 @@ def main(argv=None) -> int:
     final = [Candidate(f"kvq {name}", make()) for name, make in presets().items()]
     if args.quick:
         final = final[:2]
+    final += [Candidate(f"kvq map {Path(p).stem}", kvq.LayerMap.load(p)) for p in args.maps]
+    for bits in args.calibrate:
+        started = time.perf_counter()
+        chosen = kvq.hf.calibrate(model, tokenizer, bits)
+        print(f"\n{chosen.note} ({time.perf_counter() - started:.0f} s)", flush=True)
+        final.append(Candidate(f"kvq calibrated <= {bits} b", chosen))
     for context in args.final_fake:
         screen(context, final, "Presets (fake-quant)")
     contexts = args.final_contexts

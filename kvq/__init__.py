@@ -16,6 +16,7 @@ from kvq.cache import QuantizedKVCache
 from kvq.config import ModelConfig
 from kvq.errors import ConfigError, DeviceError, KvqError, LoaderError, PoolExhausted
 from kvq.kvcache import CapacityError, KVCache
+from kvq.layer_map import LayerMap
 from kvq.loader import Checkpoint, load_safetensors
 from kvq.model_cache import ModelKVCache
 from kvq.plan import Plan, plan
@@ -33,6 +34,7 @@ __all__ = [
     "DeviceError",
     "KVCache",
     "KvqError",
+    "LayerMap",
     "LoaderError",
     "MemoryPool",
     "ModelConfig",

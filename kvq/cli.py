@@ -81,8 +81,29 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["q8", "q4", "q3", "q2"],
         metavar="CONFIG",
-        help="kvq presets (q8 q4 q3 q2 default original kivi2 mlx4 ...) and peers (q8_0 "
-        "q4_0 q4_1, +had forms such as q4_0+had, mlx-4b-g64, quanto-4, hqq-2)",
+        help="kvq presets (q8 q4 q3 q2 default original kivi2 mlx4 ...), saved layer maps "
+        "(FILE.json from kvq calibrate) and peers (q8_0 q4_0 q4_1, +had forms such as "
+        "q4_0+had, mlx-4b-g64, quanto-4, hqq-2)",
+    )
+
+    calibrate = commands.add_parser(
+        "calibrate",
+        help="choose each layer's K and V bits within a budget from measured error (extra hf)",
+        description="Measure each layer's keys and values at the budget's preset, every other "
+        "stream at q8, on a calibration text (default: CPython's reference documentation, not "
+        "the eval text); raise the costliest streams to wider presets as far as the budget "
+        "allows over --context tokens, everything counted; write the kvq.LayerMap as JSON "
+        "(kvq eval --configs FILE.json runs it). Needs kvq's hf extra.",
+    )
+    calibrate.add_argument("--bits", type=float, required=True, help="bits per element at most")
+    calibrate.add_argument("--out", required=True, help="the LayerMap's JSON file to write")
+    calibrate.add_argument("--model", default=None, help="as for kvq eval")
+    calibrate.add_argument("--text", default=None, help="a UTF-8 text file to calibrate on")
+    calibrate.add_argument(
+        "--tokens", type=int, default=512, help="calibration tokens (default 512)"
+    )
+    calibrate.add_argument(
+        "--context", type=int, default=4096, help="tokens the budget holds at (default 4096)"
     )
 
     bench = commands.add_parser(
@@ -168,6 +189,30 @@ def _eval_command(args) -> int:
     return 0
 
 
+def _calibrate_command(args) -> int:
+    try:
+        import kvq.hf
+        from kvq.hf.models import load_model
+    except ImportError as error:
+        print(f"kvq calibrate needs kvq's hf extra (torch, transformers, gguf): {error}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")
+        model, tokenizer = load_model(args.model)
+        chosen = kvq.hf.calibrate(
+            model, tokenizer, args.bits, text, args.tokens, args.context,
+            progress=lambda message: print(message, file=sys.stderr, flush=True),
+        )  # fmt: skip
+        chosen.save(args.out)
+    except (OSError, ValueError, TypeError) as error:
+        print(f"kvq calibrate: {error}", file=sys.stderr)
+        return 2
+    print(chosen.note)
+    print(f"written to {args.out}")
+    return 0
+
+
 def _plan_command(args) -> int:
     from kvq.config import ModelConfig
     from kvq.errors import ConfigError
@@ -212,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         return _bench_command(args)
     if args.command == "eval":
         return _eval_command(args)
+    if args.command == "calibrate":
+        return _calibrate_command(args)
     if args.command == "demo":
         from kvq.demo import run_demo
 

@@ -319,6 +319,29 @@ def test_cli_eval_bad_input(tiny_checkpoint, tmp_path, capsys):
     assert "fewer than context=500" in capsys.readouterr().err
 
 
+def test_cli_calibrate_writes_a_map_that_eval_runs(tiny_checkpoint, tmp_path, capsys):
+    import kvq
+    from kvq.cli import main
+
+    root, text = tiny_checkpoint
+    out = tmp_path / "tiny-map.json"
+    argv = ["calibrate", "--model", str(root), "--text", str(text), "--tokens", "64"]
+    argv += ["--context", "256", "--out", str(out)]
+    assert main([*argv, "--bits", "12"]) == 0
+    printed = capsys.readouterr()
+    assert "kvq.hf.calibrate: base q8" in printed.out and "0k=q8" in printed.err
+    layer_map = kvq.LayerMap.load(out)
+    assert len(layer_map) == 2 and layer_map.configs == (kvq.QuantConfig.q8(),) * 2
+    argv = ["eval", "--model", str(root), "--text", str(text), "--context", "64"]
+    assert main([*argv, "--configs", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[1].strip() for line in lines if line.startswith("| ")][2:] == [
+        "kvq tiny-map"
+    ]
+    assert main(["calibrate", "--model", str(root), "--bits", "1", "--out", str(out)]) == 2
+    assert "bits=1.0 is below the narrowest preset's" in capsys.readouterr().err
+
+
 # --- the real model -------------------------------------------------------------------------
 
 

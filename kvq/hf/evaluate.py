@@ -25,9 +25,11 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from kvq.layer_map import LayerMap
 from kvq.scheme import QuantConfig
 
 #: kvq presets by name ('default' is ``QuantConfig()``, which is q8; 'original' the design's
@@ -222,10 +224,13 @@ def _quantized_cache(model, backend: str, bits: int):
     return QuantizedCache(backend, config=model.config, nbits=bits)
 
 
-def kvq_spec(name: str, config: QuantConfig) -> CacheSpec:
-    """A kvq config run through :class:`kvq.hf.KVQCache` under attention 'kvq'."""
-    if not isinstance(config, QuantConfig):
-        raise TypeError(f"config must be a kvq.QuantConfig, got {type(config).__name__}")
+def kvq_spec(name: str, config: QuantConfig | LayerMap) -> CacheSpec:
+    """A kvq config (or a per-layer map) run through :class:`kvq.hf.KVQCache` under
+    attention 'kvq'."""
+    if not isinstance(config, QuantConfig | LayerMap):
+        raise TypeError(
+            f"config must be a kvq.QuantConfig or kvq.LayerMap, got {type(config).__name__}"
+        )
 
     def make(model):
         from kvq.hf.cache import KVQCache
@@ -237,8 +242,9 @@ def kvq_spec(name: str, config: QuantConfig) -> CacheSpec:
 
 def resolve_configs(configs: Iterable) -> list[CacheSpec]:
     """CacheSpecs for ``configs``: preset names (:data:`PRESETS`), peer names
-    (:func:`peer_specs`), ``kvq.QuantConfig`` objects or ``CacheSpec`` objects."""
-    if isinstance(configs, str | QuantConfig | CacheSpec):
+    (:func:`peer_specs`), ``kvq.QuantConfig`` or ``kvq.LayerMap`` objects, paths of saved
+    LayerMaps (``*.json``, as ``kvq calibrate`` writes) or ``CacheSpec`` objects."""
+    if isinstance(configs, str | QuantConfig | LayerMap | CacheSpec):
         configs = [configs]
     peers = peer_specs()
     specs = []
@@ -252,6 +258,11 @@ def resolve_configs(configs: Iterable) -> list[CacheSpec]:
                 else f"K {item.k.describe()} / V {item.v.describe()}"
             )
             specs.append(kvq_spec(label, item))
+        elif isinstance(item, LayerMap):
+            label = f"kvq layer map {item.nominal_bits_per_element:.2f} b"
+            specs.append(kvq_spec(label, item))
+        elif isinstance(item, str) and item.endswith(".json"):  # a saved LayerMap
+            specs.append(kvq_spec(f"kvq {Path(item).stem}", LayerMap.load(item)))
         elif isinstance(item, str) and item.lower() in PRESETS:
             specs.append(kvq_spec(f"kvq {item.lower()}", PRESETS[item.lower()]()))
         elif isinstance(item, str) and item.lower() in peers:
@@ -259,7 +270,8 @@ def resolve_configs(configs: Iterable) -> list[CacheSpec]:
         else:
             raise ValueError(
                 f"configs[{position}] must be a kvq preset ({', '.join(PRESETS)}), a peer "
-                f"({', '.join(peers)}), a kvq.QuantConfig or a CacheSpec; got {item!r}"
+                f"({', '.join(peers)}), a kvq.QuantConfig, a kvq.LayerMap or a CacheSpec; "
+                f"got {item!r}"
             )
     return specs
 

@@ -1,0 +1,109 @@
+"""LayerMap: one QuantConfig per layer, as data that a cache loads (JSON)."""
+
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvq.scheme import QuantConfig, Scheme
+
+_FORMAT = "kvq.LayerMap/1"
+
+
+@dataclass(frozen=True)
+class LayerMap:
+    """A :class:`QuantConfig` per layer: ``configs[i]`` is layer ``i``'s.
+
+    A LayerMap is a config callable: ``layer_map(layer_idx, layer_type) -> QuantConfig``, so
+    :class:`kvq.ModelKVCache`, :func:`kvq.plan` and ``kvq.hf.KVQCache`` take it wherever
+    they take a QuantConfig. ``note`` says how it was chosen (``kvq.hf.calibrate`` writes the
+    calibration text, its length and each layer's measured error there). ``save(path)`` and
+    ``LayerMap.load(path)`` keep it as JSON; a map is model metadata, a few hundred bytes
+    that no cache stores per token.
+    """
+
+    configs: tuple[QuantConfig, ...]
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        configs = tuple(self.configs) if isinstance(self.configs, list | tuple) else None
+        if not configs:
+            raise ValueError(
+                f"configs must be a non-empty sequence of kvq.QuantConfig, got {self.configs!r}"
+            )
+        for i, config in enumerate(configs):
+            if not isinstance(config, QuantConfig):
+                raise TypeError(f"configs[{i}] must be a kvq.QuantConfig, got {config!r}")
+        if not isinstance(self.note, str):
+            raise TypeError(f"note must be a str, got {type(self.note).__name__}")
+        object.__setattr__(self, "configs", configs)
+
+    def __call__(self, layer_idx: int, layer_type: str | None = None) -> QuantConfig:
+        """Layer ``layer_idx``'s QuantConfig (``layer_type`` is accepted and ignored)."""
+        if isinstance(layer_idx, bool):
+            raise TypeError("layer_idx must be an int, got bool")
+        try:
+            index = operator.index(layer_idx)
+        except TypeError:
+            raise TypeError(f"layer_idx must be an int, got {layer_idx!r}") from None
+        if not 0 <= index < len(self.configs):
+            raise IndexError(
+                f"layer_idx {index} is outside this LayerMap's {len(self.configs)} layers"
+            )
+        return self.configs[index]
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    @property
+    def nominal_bits_per_element(self) -> float:
+        """Mean over layers of each config's nominal bits (see QuantConfig's)."""
+        return sum(c.nominal_bits_per_element for c in self.configs) / len(self.configs)
+
+    def to_json(self) -> str:
+        """The map as JSON text (every Scheme field by name)."""
+        layers = [
+            {"k": asdict(c.k), "v": asdict(c.v), "residual": c.residual,
+             "sink_tokens": c.sink_tokens}
+            for c in self.configs
+        ]  # fmt: skip
+        return json.dumps({"format": _FORMAT, "note": self.note, "layers": layers}, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> LayerMap:
+        """The LayerMap that :meth:`to_json` wrote; ValueError naming what is wrong."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"not a LayerMap: the text is not JSON ({error})") from None
+        if not isinstance(data, dict) or data.get("format") != _FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"not a LayerMap: format must be {_FORMAT!r}, got {found!r}")
+        layers = data.get("layers")
+        if not isinstance(layers, list):
+            raise ValueError(f"not a LayerMap: layers must be a list, got {layers!r}")
+        configs = []
+        for i, layer in enumerate(layers):
+            try:
+                configs.append(
+                    QuantConfig(
+                        k=Scheme(**layer["k"]),
+                        v=Scheme(**layer["v"]),
+                        residual=layer["residual"],
+                        sink_tokens=layer["sink_tokens"],
+                    )
+                )
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"LayerMap layers[{i}] is not a QuantConfig: {error}") from None
+        return cls(tuple(configs), data.get("note", ""))
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`to_json` to ``path``."""
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> LayerMap:
+        """The LayerMap saved at ``path``."""
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))

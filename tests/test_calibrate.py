@@ -1,0 +1,117 @@
+"""kvq.hf.calibrate: per-layer K/V bits chosen by measured error, within a bit budget.
+
+On a tiny random Llama (seconds). The streams' errors are measured here independently,
+through kvq.hf.evaluate, and the choice checked against them.
+"""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="kvq.hf needs torch (the 'hf' extra)")
+pytest.importorskip("transformers", reason="kvq.hf needs transformers")
+
+import kvq  # noqa: E402
+import kvq.hf  # noqa: E402
+from kvq.hf import calibrate as _calibrate_function  # noqa: E402, F401
+from kvq.hf.cache import model_config_of  # noqa: E402
+
+cal = __import__("importlib").import_module("kvq.hf.calibrate")
+Q = kvq.QuantConfig
+TOKENS, CONTEXT = 128, 4096
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=96, hidden_size=128, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+    )  # fmt: skip
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.from_numpy(np.random.default_rng(7).integers(0, 96, 200))
+
+
+def one_stream(layers: int, stream, config) -> kvq.LayerMap:
+    """q8 everywhere but ``stream`` ((layer, 'k' or 'v')), which takes config's scheme."""
+    layer, which = stream
+    configs = [Q.q8()] * layers
+    configs[layer] = Q(k=config.k if which == "k" else Q.q8().k,
+                       v=config.v if which == "v" else Q.q8().v)  # fmt: skip
+    return kvq.LayerMap(tuple(configs))
+
+
+def bits_of(model, layer_map) -> float:
+    sized = kvq.plan(model_config_of(model.config), CONTEXT, layer_map, max_queries=64)
+    return 32 * sized.total_bytes / sized.float32_bytes
+
+
+def test_choose_takes_the_least_error_that_fits():
+    streams = ["a", "b", "c"]
+    errors = {("a", 0): 5.0, ("a", 1): 1.0, ("b", 0): 4.0, ("b", 1): 3.5, ("c", 0): 3.0}
+    errors[("c", 1)] = 0.0
+    sized = {(s, i): 10 * i for s in streams for i in (0, 1)}
+    # room for one raise: c gains 3.0, a 4.0, b 0.5
+    assert cal.choose(streams, 0, 2, errors, sized, 10) == (1, 0, 0)
+    assert cal.choose(streams, 0, 2, errors, sized, 20) == (1, 0, 1)
+    assert cal.choose(streams, 0, 2, errors, sized, 9) == (0, 0, 0)
+    assert cal.choose(streams, 0, 2, errors, sized, 30) == (1, 1, 1)
+
+
+def test_calibrate_raises_the_stream_that_gains_most_and_fits(tiny, ids):
+    layers = 3
+    streams = [(n, s) for n in range(layers) for s in ("k", "v")]
+    measured = {}
+    for level in ("q3", "q4"):
+        maps = [one_stream(layers, s, getattr(Q, level)()) for s in streams]
+        rows = kvq.hf.evaluate(tiny, None, ids, maps, context=TOKENS, chunk=64, progress=False)
+        measured |= {(s, level): row.kld for s, row in zip(streams, rows[1:], strict=True)}
+    gains = {s: measured[(s, "q3")] - measured[(s, "q4")] for s in streams}
+    best = max(streams, key=gains.get)
+    # a budget with room for one q3 -> q4 raise, not two, and not q8
+    base = bits_of(tiny, kvq.LayerMap((Q.q3(),) * layers))
+    one = bits_of(tiny, kvq.LayerMap(tuple(
+        Q(k=Q.q4().k, v=Q.q3().v) if n == 0 else Q.q3() for n in range(layers))))  # fmt: skip
+    bits = base + 1.5 * (one - base)
+    before = tiny.config._attn_implementation
+    chosen = kvq.hf.calibrate(tiny, None, bits, text=ids, tokens=TOKENS, candidates=6)
+    assert tiny.config._attn_implementation == before
+    assert bits_of(tiny, chosen) <= bits
+    layer, which = best
+    for n in range(layers):
+        config = chosen(n)
+        for s, scheme in (("k", config.k), ("v", config.v)):
+            wanted = getattr(Q.q4() if (n, s) == best else Q.q3(), s)
+            assert scheme == wanted, (n, s, best, gains)
+    assert f"layer {layer} {which.upper()} q4" in chosen.note and "base q3" in chosen.note
+    # one candidate: the stream that costs most at q3 is the one measured wider and raised
+    costliest = max(streams, key=lambda s: measured[(s, "q3")])
+    if measured[(costliest, "q3")] > measured[(costliest, "q4")]:
+        chosen = kvq.hf.calibrate(tiny, None, bits, text=ids, tokens=TOKENS, candidates=1)
+        raised = [(n, s) for n in range(layers) for s in ("k", "v")
+                  if getattr(chosen(n), s) == getattr(Q.q4(), s)]  # fmt: skip
+        assert raised == [costliest]
+
+
+def test_calibrate_with_room_for_nothing_keeps_the_base(tiny, ids):
+    base = bits_of(tiny, kvq.LayerMap((Q.q4(),) * 3))
+    chosen = kvq.hf.calibrate(tiny, None, base + 1e-9, text=ids, tokens=TOKENS, candidates=2)
+    assert chosen.configs == (Q.q4(),) * 3 and "raised: none" in chosen.note
+
+
+def test_calibrate_refuses_bad_budgets(tiny, ids):
+    with pytest.raises(ValueError, match=r"bits=2.0 is below the narrowest preset's 2.3"):
+        kvq.hf.calibrate(tiny, None, 2.0, text=ids, tokens=TOKENS)
+    with pytest.raises(TypeError, match="bits must be a finite number, got True"):
+        kvq.hf.calibrate(tiny, None, True, text=ids, tokens=TOKENS)
+    with pytest.raises(TypeError, match="bits must be a finite number, got nan"):
+        kvq.hf.calibrate(tiny, None, float("nan"), text=ids, tokens=TOKENS)
+    with pytest.raises(ValueError, match="tokens"):
+        kvq.hf.calibrate(tiny, None, 3.5, text=ids, tokens=1)
+    with pytest.raises(ValueError, match="fewer than context=500"):
+        kvq.hf.calibrate(tiny, None, 3.5, text=ids, tokens=500)

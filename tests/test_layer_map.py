@@ -1,0 +1,92 @@
+"""kvq.LayerMap: a QuantConfig per layer as data (callable, JSON, counted by plan)."""
+
+import pickle
+
+import numpy as np
+import pytest
+
+import kvq
+
+Q = kvq.QuantConfig
+
+
+def three_layers() -> kvq.LayerMap:
+    return kvq.LayerMap((Q.q3(), Q(k=Q.q8().k, v=Q.q3().v), Q.q4()), note="hand-made")
+
+
+def test_a_layer_map_is_a_config_callable():
+    layers = three_layers()
+    assert len(layers) == 3
+    assert layers(0) == Q.q3() and layers(2, "full_attention") == Q.q4()
+    assert layers(1).k == Q.q8().k and layers(1).v == Q.q3().v
+    model = kvq.ModelConfig(
+        hidden_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
+    cache = kvq.ModelKVCache(model, layers)
+    assert [cache[i].config for i in range(3)] == list(layers.configs)
+    rng = np.random.default_rng(0)
+    k, v = rng.standard_normal((2, 2, 200, 64)).astype(np.float32)
+    for i in range(3):
+        cache.append(i, k, v)
+    # plan counts each layer's own config: the bytes the cache holds
+    assert kvq.plan(model, 200, layers).total_bytes == cache.nbytes
+
+
+def test_nominal_bits_are_the_mean_over_layers():
+    layers = three_layers()
+    expected = np.mean([c.nominal_bits_per_element for c in layers.configs])
+    assert layers.nominal_bits_per_element == pytest.approx(expected)
+    assert kvq.LayerMap((Q.q4(),) * 5).nominal_bits_per_element == Q.q4().nominal_bits_per_element
+
+
+def test_json_round_trip_keeps_every_field(tmp_path):
+    seeded = Q(k=kvq.Scheme(4, 32, axis=-2, rotate=True, seed=5), v=Q.q3().v, residual=16)
+    layers = kvq.LayerMap((seeded, Q.kivi(2), Q.mlx(4)), note="notes survive")
+    again = kvq.LayerMap.from_json(layers.to_json())
+    assert again == layers and again.configs[0].k.seed == 5 and again.configs[0].residual == 16
+    path = tmp_path / "map.json"
+    layers.save(path)
+    assert kvq.LayerMap.load(path) == layers
+    assert pickle.loads(pickle.dumps(layers)) == layers
+
+
+def test_bad_layer_index_names_it():
+    layers = three_layers()
+    with pytest.raises(IndexError, match="layer_idx 3 is outside this LayerMap's 3 layers"):
+        layers(3)
+    with pytest.raises(IndexError, match="layer_idx -1"):
+        layers(-1)
+    with pytest.raises(TypeError, match="layer_idx must be an int, got bool"):
+        layers(True)
+    with pytest.raises(TypeError, match="layer_idx must be an int"):
+        layers(1.0)
+
+
+def test_bad_configs_name_the_position():
+    with pytest.raises(TypeError, match=r"configs\[1\] must be a kvq.QuantConfig"):
+        kvq.LayerMap((Q.q4(), "q4"))
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        kvq.LayerMap(())
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        kvq.LayerMap(Q.q4())
+    with pytest.raises(TypeError, match="note must be a str"):
+        kvq.LayerMap((Q.q4(),), note=3)
+
+
+def test_from_json_refuses_what_is_not_a_layer_map():
+    with pytest.raises(ValueError, match="not JSON"):
+        kvq.LayerMap.from_json("{")
+    with pytest.raises(ValueError, match=r"format must be 'kvq\.LayerMap/1', got None"):
+        kvq.LayerMap.from_json('{"layers": []}')
+    with pytest.raises(ValueError, match="format must be"):
+        kvq.LayerMap.from_json("[1, 2]")
+    text = three_layers().to_json().replace('"bits": 4', '"bits": 5', 1)
+    with pytest.raises(ValueError, match=r"layers\[2\] is not a QuantConfig"):
+        kvq.LayerMap.from_json(text)
+    text = three_layers().to_json().replace('"sink_tokens"', '"sinks"', 1)
+    with pytest.raises(ValueError, match=r"layers\[0\] is not a QuantConfig.*sink_tokens"):
+        kvq.LayerMap.from_json(text)
