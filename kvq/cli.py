@@ -81,7 +81,8 @@ def _build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=["q8", "q4", "q3", "q2"],
         metavar="CONFIG",
-        help="kvq presets (q8 q4 q3 q2 default original kivi2 mlx4 ...), saved layer maps "
+        help="kvq presets (q8 q4 q3 q2 default original kivi2 mlx4 ...), SmolLM2's "
+        "calibrated layer maps (q4+smollm2 q3+smollm2 q2+smollm2), saved layer maps "
         "(FILE.json from kvq calibrate) and peers (q8_0 q4_0 q4_1, +had forms such as "
         "q4_0+had, mlx-4b-g64, quanto-4, hqq-2)",
     )

@@ -10,10 +10,19 @@ import numpy as np
 from kvq._bytes import in_unit
 from kvq.config import SLIDING, ModelConfig
 from kvq.kvcache import KVCache
+from kvq.layer_map import LayerMap
 from kvq.pool import MemoryPool
 from kvq.scheme import QuantConfig
 
 LayerConfigs = QuantConfig | Callable[[int, str], QuantConfig]
+
+
+def check_layer_count(config, layers: int) -> None:
+    """Raise ValueError when ``config`` is a :class:`LayerMap` of another number of layers."""
+    if isinstance(config, LayerMap) and len(config) != layers:
+        raise ValueError(
+            f"config is a kvq.LayerMap of {len(config)} layers, but the model has {layers}"
+        )
 
 
 def layer_config(config: LayerConfigs | None, layer: int, kind: str) -> QuantConfig:
@@ -58,6 +67,7 @@ class ModelKVCache:
             raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
         self.model_config = model_config
         self.config = QuantConfig() if config is None else config
+        check_layer_count(self.config, len(model_config.layer_types))
         self.layers = [
             KVCache(
                 model_config.num_key_value_heads,

@@ -8,7 +8,7 @@ from kvq._bytes import in_unit
 from kvq._validate import check_int
 from kvq.config import FULL, SLIDING, ModelConfig
 from kvq.kvcache import stream_bytes
-from kvq.model_cache import LayerConfigs, layer_config
+from kvq.model_cache import LayerConfigs, check_layer_count, layer_config
 from kvq.scheme import QuantConfig
 
 BF16_BYTES = 2
@@ -87,6 +87,7 @@ def plan(
             f"config must be a kvq.QuantConfig, a callable, None or one of "
             f"{sorted(UNQUANTIZED)}, got {config!r}"
         )
+    check_layer_count(config, len(model_config.layer_types))
     heads, head_dim = model_config.num_key_value_heads, model_config.head_dim
     by_type: dict[str, int] = {}
     bf16 = 0

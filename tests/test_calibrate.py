@@ -115,3 +115,13 @@ def test_calibrate_refuses_bad_budgets(tiny, ids):
         kvq.hf.calibrate(tiny, None, 3.5, text=ids, tokens=1)
     with pytest.raises(ValueError, match="fewer than context=500"):
         kvq.hf.calibrate(tiny, None, 3.5, text=ids, tokens=500)
+
+
+def test_a_layer_map_of_another_model_is_refused(tiny):
+    from kvq.hf.models import smollm2_layer_map
+
+    with pytest.raises(ValueError, match="LayerMap of 30 layers, but the model has 3"):
+        kvq.hf.KVQCache(tiny, smollm2_layer_map("q3"))
+    with pytest.raises(ValueError, match="preset must be one of"):
+        smollm2_layer_map("q8")
+    assert len(kvq.hf.evaluate.__globals__["resolve_configs"](["q3+smollm2"])) == 1

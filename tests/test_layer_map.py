@@ -90,3 +90,42 @@ def test_from_json_refuses_what_is_not_a_layer_map():
     text = three_layers().to_json().replace('"sink_tokens"', '"sinks"', 1)
     with pytest.raises(ValueError, match=r"layers\[0\] is not a QuantConfig.*sink_tokens"):
         kvq.LayerMap.from_json(text)
+
+
+def test_a_map_of_another_layer_count_is_refused():
+    model = kvq.ModelConfig(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="LayerMap of 3 layers, but the model has 2"):
+        kvq.ModelKVCache(model, three_layers())
+    with pytest.raises(ValueError, match="LayerMap of 3 layers, but the model has 2"):
+        kvq.plan(model, 100, three_layers())
+
+
+SMOLLM2 = kvq.ModelConfig(
+    hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    head_dim=64,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(("preset", "budget"), [("q4", 4.5), ("q3", 3.5), ("q2", 2.5)])
+def test_the_shipped_smollm2_maps_fit_their_budgets(preset, budget):
+    from importlib import resources
+
+    from kvq.layer_map import LayerMap
+
+    path = resources.files("kvq") / "hf" / "maps" / f"smollm2-{preset}.json"
+    layer_map = LayerMap.from_json(path.read_text(encoding="utf-8"))
+    assert len(layer_map) == 30
+    base = getattr(Q, preset)()
+    # every stream is the base's or a wider preset's, and at least one is wider
+    ladder = [Q.q2(), Q.q3(), Q.q4(), Q.q8()]
+    wider = ladder[[c.k for c in ladder].index(base.k) :]
+    for config in layer_map.configs:
+        assert config.k in [c.k for c in wider] and config.v in [c.v for c in wider]
+        assert config.sink_tokens == base.sink_tokens
+    assert layer_map.configs != (base,) * 30
+    sized = kvq.plan(SMOLLM2, 4096, layer_map, max_queries=64)
+    assert 32 * sized.total_bytes / sized.float32_bytes <= budget
+    assert f"base {preset}, at most {budget} bits" in layer_map.note

@@ -19,7 +19,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and
 from kvq._validate import check_int
 from kvq.config import FULL, SLIDING, ModelConfig
 from kvq.kvcache import KVCache
-from kvq.model_cache import LayerConfigs, ModelKVCache
+from kvq.model_cache import LayerConfigs, ModelKVCache, check_layer_count
 from kvq.plan import Plan, plan
 from kvq.pool import MemoryPool
 from kvq.scheme import QuantConfig
@@ -159,6 +159,7 @@ class KVQCache(Cache):
                 "config must be a kvq.QuantConfig or a callable (layer_idx, layer_type) -> "
                 f"QuantConfig, got {self.config!r}"
             )
+        check_layer_count(self.config, len(self.model_config.layer_types))
         self.max_queries = check_int("max_queries", max_queries)
         self.pool = pool
         self.rows: list[ModelKVCache] = []

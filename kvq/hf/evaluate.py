@@ -46,6 +46,8 @@ PRESETS: dict[str, Callable[[], QuantConfig]] = {
     "mlx4": lambda: QuantConfig.mlx(4),
     "mlx8": lambda: QuantConfig.mlx(8),
 }
+#: The LayerMaps calibrated for SmolLM2-135M (kvq.hf.models.smollm2_layer_map) by name.
+SMOLLM2_NAMES = ("q4+smollm2", "q3+smollm2", "q2+smollm2")
 #: GGML kinds: bits per element (a float16 scale, and for q4_1 a float16 min, per 32).
 GGML_BITS = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
 
@@ -243,7 +245,8 @@ def kvq_spec(name: str, config: QuantConfig | LayerMap) -> CacheSpec:
 def resolve_configs(configs: Iterable) -> list[CacheSpec]:
     """CacheSpecs for ``configs``: preset names (:data:`PRESETS`), peer names
     (:func:`peer_specs`), ``kvq.QuantConfig`` or ``kvq.LayerMap`` objects, paths of saved
-    LayerMaps (``*.json``, as ``kvq calibrate`` writes) or ``CacheSpec`` objects."""
+    LayerMaps (``*.json``, as ``kvq calibrate`` writes), the maps calibrated for SmolLM2
+    (:data:`SMOLLM2_NAMES`: 'q3+smollm2', ...) or ``CacheSpec`` objects."""
     if isinstance(configs, str | QuantConfig | LayerMap | CacheSpec):
         configs = [configs]
     peers = peer_specs()
@@ -263,6 +266,11 @@ def resolve_configs(configs: Iterable) -> list[CacheSpec]:
             specs.append(kvq_spec(label, item))
         elif isinstance(item, str) and item.endswith(".json"):  # a saved LayerMap
             specs.append(kvq_spec(f"kvq {Path(item).stem}", LayerMap.load(item)))
+        elif isinstance(item, str) and item.lower() in SMOLLM2_NAMES:  # shipped LayerMaps
+            from kvq.hf.models import smollm2_layer_map
+
+            preset = item.lower().removesuffix("+smollm2")
+            specs.append(kvq_spec(f"kvq {item.lower()}", smollm2_layer_map(preset)))
         elif isinstance(item, str) and item.lower() in PRESETS:
             specs.append(kvq_spec(f"kvq {item.lower()}", PRESETS[item.lower()]()))
         elif isinstance(item, str) and item.lower() in peers:
@@ -270,7 +278,8 @@ def resolve_configs(configs: Iterable) -> list[CacheSpec]:
         else:
             raise ValueError(
                 f"configs[{position}] must be a kvq preset ({', '.join(PRESETS)}), a peer "
-                f"({', '.join(peers)}), a kvq.QuantConfig, a kvq.LayerMap or a CacheSpec; "
+                f"({', '.join(peers)}), a SmolLM2 map ({', '.join(SMOLLM2_NAMES)}), a "
+                f"LayerMap file (*.json), a kvq.QuantConfig, a kvq.LayerMap or a CacheSpec; "
                 f"got {item!r}"
             )
     return specs

@@ -110,3 +110,20 @@ def reference_text_source() -> str:
     if all(Path(p).is_file() for p in GPL_FILES):
         return "GNU GPL-3 + GPL-2 (" + ", ".join(GPL_FILES) + ")"
     return "Python's pydoc_data.topics (the GPL files are absent)"
+
+
+#: LayerMaps that ``kvq.hf.calibrate`` chose for SmolLM2-135M-Instruct (its Q4_1 GGUF), at
+#: the budgets of the presets q4, q3 and q2 (4.5, 3.5 and 2.5 bits over a 4K-token cache), on
+#: 512 tokens of :func:`kvq.hf.calibrate.calibration_text`: ``kvq calibrate --bits 3.5 --out
+#: kvq/hf/maps/smollm2-q3.json`` remakes one.
+SMOLLM2_MAPS = ("q4", "q3", "q2")
+
+
+def smollm2_layer_map(preset: str):
+    """The kvq.LayerMap calibrated for SmolLM2-135M-Instruct at ``preset``'s budget ('q4',
+    'q3' or 'q2'); its ``note`` says what was raised and why."""
+    from kvq.layer_map import LayerMap
+
+    if preset not in SMOLLM2_MAPS:
+        raise ValueError(f"preset must be one of {SMOLLM2_MAPS}, got {preset!r}")
+    return LayerMap.load(Path(__file__).parent / "maps" / f"smollm2-{preset}.json")
