@@ -57,7 +57,20 @@ SCHEMES = {  # QuantConfig() is q8
     "mlx4": lambda: kvq.QuantConfig.mlx(4),
     "mlx8-g32": lambda: kvq.QuantConfig.mlx(8, 32),
     "original": kvq.QuantConfig.original,
+    # keys held before RoPE (turned back in the kernel, after decoding)
+    "q8+pre_rope": lambda: kvq.QuantConfig.q8(pre_rope=True),
+    "q4+pre_rope": lambda: kvq.QuantConfig.q4(pre_rope=True),
+    "q3+pre_rope": lambda: kvq.QuantConfig.q3(pre_rope=True),
+    "q2+pre_rope": lambda: kvq.QuantConfig.q2(pre_rope=True),
 }
+
+
+def new_cache(kv_heads: int, dim: int, name: str, **kwargs) -> kvq.KVCache:
+    """A KVCache of scheme ``name``; pre_rope schemes get plain RoPE (theta 10000)."""
+    rope = kvq.Rope.from_theta(10000.0, dim)
+    return kvq.KVCache(kv_heads, dim, SCHEMES[name](), rope=rope, **kwargs)
+
+
 COLD_BYTES = 192 << 20
 MAX_LAYERS = 24
 TORCH = "torch fp32 SDPA"
@@ -117,7 +130,7 @@ def decode_cases(torch, shapes, tokens_list, schemes, rounds, rows, checks, figu
             q = rng.standard_normal((heads, 1, dim)).astype(np.float32)
             runs, nbytes = {}, {}
             for name in schemes:
-                cache = kvq.KVCache(kv_heads, dim, SCHEMES[name](), capacity=tokens)
+                cache = new_cache(kv_heads, dim, name, capacity=tokens)
                 cache.append(k, v)
                 caches = [cache] + [copy.deepcopy(cache) for _ in range(layers - 1)]
                 kvq.attention(q, cache)  # compile / load
@@ -171,7 +184,7 @@ def overhead_cases(shapes, schemes, rounds, rows, checks, figures) -> None:
         k, v = kv_layer(kv_heads, 128, dim, seed=1)
         q = rng.standard_normal((heads, 1, dim)).astype(np.float32)
         for name in schemes:
-            cache = kvq.KVCache(kv_heads, dim, SCHEMES[name]())
+            cache = new_cache(kv_heads, dim, name)
             cache.append(k, v)
             kvq.attention(q, cache)
             samples = []
@@ -196,7 +209,7 @@ def prefill_cases(torch, shapes, schemes, context, chunks, rounds, rows, checks,
         k, v = kv_layer(kv_heads, context, dim, seed=1)
         caches = {}
         for name in schemes:
-            cache = kvq.KVCache(kv_heads, dim, SCHEMES[name](), capacity=context)
+            cache = new_cache(kv_heads, dim, name, capacity=context)
             cache.append(k, v)
             caches[name] = cache
         for t_q in chunks:

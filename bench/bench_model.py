@@ -74,6 +74,7 @@ SPEED = {
     "KVQCache original (8-bit per token)": "original",
     "KVQCache q8 (the default)": "q8",
     "KVQCache q4": "q4",
+    "KVQCache q4, keys before RoPE": "q4+pre_rope",
 }
 
 

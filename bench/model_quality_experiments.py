@@ -32,6 +32,8 @@ same length (what ``KVCache.nbytes`` reports), plus float32 sink tokens, average
     # per-layer K/V bits chosen by kvq.hf.calibrate (on Python's docs, 512 tokens), with the
     # presets; or saved maps: --maps q3.json
     python bench/model_quality_experiments.py --final-only --no-peers --calibrate 4.5 3.5 2.5
+    # the presets with keys kept before RoPE (QuantConfig.q4(pre_rope=True), ...)
+    python bench/model_quality_experiments.py --final-only --no-peers --pre-rope
 """
 
 from __future__ import annotations
@@ -377,6 +379,32 @@ def candidates(quick: bool) -> list[Candidate]:
             "q3 K g64 + 1 sink (0.100)",
             config(scheme(3, 64, K, True), scheme(3, 32, -1, True), sink_tokens=1),
         ),
+        # round 6: pre-RoPE keys without the Hadamard rotation (the kernel re-applies RoPE to
+        # decoded keys; a Hadamard rotation before it would cost a transform per token)
+        Candidate(
+            "q8 pre-RoPE K unrotated",
+            config(scheme(8, 32, K), scheme(8, 64, search=False), sink_tokens=1),
+            pre_rope=True,
+            fake_only=True,
+        ),
+        *(
+            Candidate(
+                f"q{bits} pre-RoPE K unrotated",
+                config(scheme(bits, 32, K), scheme(bits, 64, -1, True), sink_tokens=1),
+                pre_rope=True,
+                fake_only=True,
+            )
+            for bits in (4, 3, 2)
+        ),
+        *(
+            Candidate(
+                f"q{bits} pre-RoPE K unrotated, V unrotated",
+                config(scheme(bits, 32, K), scheme(bits, 64), sink_tokens=1),
+                pre_rope=True,
+                fake_only=True,
+            )
+            for bits in (4, 3)
+        ),
     ]
     return out
 
@@ -393,6 +421,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--final-fake", type=int, nargs="*", default=(), help="fake finals at")
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument(
+        "--pre-rope", action="store_true", help="also the presets with keys before RoPE"
+    )
     parser.add_argument(
         "--maps", nargs="*", default=(), help="saved kvq.LayerMap JSON files (kvq calibrate)"
     )
@@ -451,6 +482,12 @@ def main(argv=None) -> int:
     if args.screen_only:
         return 0
     final = [Candidate(f"kvq {name}", make()) for name, make in presets().items()]
+    if args.pre_rope:
+        Q = kvq.QuantConfig
+        final += [
+            Candidate(f"kvq q{bits}+pre_rope", getattr(Q, f"q{bits}")(pre_rope=True))
+            for bits in (8, 4, 3, 2)
+        ]
     if args.quick:
         final = final[:2]
     final += [Candidate(f"kvq map {Path(p).stem}", kvq.LayerMap.load(p)) for p in args.maps]

@@ -21,6 +21,7 @@ from kvq.loader import Checkpoint, load_safetensors
 from kvq.model_cache import ModelKVCache
 from kvq.plan import Plan, plan
 from kvq.pool import MemoryPool
+from kvq.rope import Rope
 from kvq.scheme import QuantConfig, Scheme
 from kvq.tensor import QuantizedTensor, quantize
 
@@ -45,6 +46,7 @@ __all__ = [
     "QuantizedBlocks",
     "QuantizedKVCache",
     "QuantizedTensor",
+    "Rope",
     "Scheme",
     "__version__",
     "attention",

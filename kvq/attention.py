@@ -39,7 +39,9 @@ def attention(
     (num_q_heads,) logits that join each head's softmax denominator and carry no value
     (GPT-OSS). Returns float32 (num_q_heads, t_q, head_dim). A cache's sink tokens
     (``QuantConfig.sink_tokens``) are read from their float32 copy and joined to the kernel's
-    softmax over the codes in float64 (``kernels.merge_sink_tokens``).
+    softmax over the codes in float64 (``kernels.merge_sink_tokens``). Keys of a
+    ``pre_rope`` cache are turned back by RoPE inside the kernel; q comes as the model made
+    it (RoPE applied).
 
     Memory: queries are processed in chunks, so scratch beyond q and the output stays under
     ``SCRATCH_BYTES`` (32 MiB), or one query token's share when that is larger (about

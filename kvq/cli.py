@@ -106,6 +106,9 @@ def _build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--context", type=int, default=4096, help="tokens the budget holds at (default 4096)"
     )
+    calibrate.add_argument(
+        "--pre-rope", action="store_true", help="climb the presets with keys before RoPE"
+    )
 
     bench = commands.add_parser(
         "bench",
@@ -204,6 +207,7 @@ def _calibrate_command(args) -> int:
         chosen = kvq.hf.calibrate(
             model, tokenizer, args.bits, text, args.tokens, args.context,
             progress=lambda message: print(message, file=sys.stderr, flush=True),
+            pre_rope=args.pre_rope,
         )  # fmt: skip
         chosen.save(args.out)
     except (OSError, ValueError, TypeError) as error:

@@ -95,6 +95,9 @@ class ModelConfig:
                     values[name] = config[alias]
                     used.add(alias)
                     break
+        parameters = config.get("rope_parameters")  # transformers 5: RoPE settings nested
+        if values.get("rope_theta") is None and isinstance(parameters, dict):
+            values["rope_theta"] = parameters.get("rope_theta")
         for name in ("num_hidden_layers", "num_attention_heads", "hidden_size"):
             if values.get(name) is None:
                 raise ConfigError(

@@ -28,12 +28,14 @@ from kvq._validate import check_finite, check_float_dtype, check_int
 from kvq.errors import KvqError
 from kvq.kernels.attention import StreamView
 from kvq.pool import MemoryPool
+from kvq.rope import Rope
 from kvq.rotation import rotate, unrotate
 from kvq.scheme import QuantConfig, Scheme
 from kvq.tensor import QuantizedTensor, quantize
 
 FLOAT32_BYTES = 4
 _NO_PARAMS = np.zeros((1, 1), np.uint8)  # p2/p3 of a StreamView without second-level scales
+_NO_TABLES = (np.zeros((0, 0), np.float32),) * 2  # rope_cos/rope_sin of a stream without RoPE
 _INITIAL_CHUNKS = 16
 # Appends of at most this many new values (K and V together) run their kernels on the calling
 # thread: a parallel launch for a decode step's few hundred values costs more than it saves,
@@ -135,9 +137,11 @@ class TensorStream:
         capacity: int | None,
         pool: MemoryPool | None,
         sink_tokens: int = 0,
+        rope: Rope | None = None,
     ) -> None:
         self.name = name
         self.sink_tokens = sink_tokens
+        self.rope = rope  # keys held before RoPE: un-rotated on append, turned back on read
         if scheme.axis >= 0:  # 1 and 2 of a (heads, tokens, head_dim) chunk; the stream
             scheme = replace(scheme, axis=scheme.axis - 3)  # also quantizes 4-D batches
         self.scheme = scheme
@@ -191,6 +195,7 @@ class TensorStream:
         if "sinks" not in state:  # pickled before sink tokens
             self.sink_tokens = 0
             self.sinks = np.empty((self.heads, 0, self.head_dim), np.float32)
+        self.__dict__.setdefault("rope", None)
 
     # --- storage ----------------------------------------------------------------------------
 
@@ -264,6 +269,10 @@ class TensorStream:
         """Quantize the chunks ``new`` completes and allocate any larger store, changing no
         state; :meth:`commit` applies the result (or :meth:`discard` undoes allocations)."""
         appended = self.appended + new.shape[1]
+        if self.rope is not None:
+            new = self.rope.rotate(new, self.appended, inverse=True)
+            if not float(np.abs(new).max()) <= self.limit:  # checked before RoPE in _check
+                self.raise_out_of_range(new, rotated=True)
         if self.rotation_seed is not None:
             new = rotate(new, self.rotation_seed)
             if not float(np.abs(new).max()) <= self.limit:  # checked unrotated in _check
@@ -408,6 +417,7 @@ class TensorStream:
             p2,
             p3,
             self.pending,
+            *(_NO_TABLES if self.rope is None else self.rope.tables(self.appended)),
         )
 
     def chunk_view(self, first: int, last: int) -> QuantizedTensor:
@@ -447,7 +457,15 @@ class TensorStream:
             if self.rotation_seed is not None:
                 sinks = unrotate(sinks, self.rotation_seed)
             out[:, : exact - start] = sinks
+        if self.rope is not None:  # held index i is position appended - held + i
+            out = self.rope.rotate(out, self.appended - self.held + start)
         return out
+
+    def exact_sinks(self, count: int) -> np.ndarray:
+        """float32 (heads, count, head_dim): the sink copy of positions 0 .. count - 1 in the
+        basis the kernel's queries meet (Hadamard-rotated as the residual is, RoPE applied)."""
+        sinks = self.sinks[:, :count]
+        return sinks if self.rope is None else self.rope.rotate(sinks, 0)
 
 
 class CacheView(NamedTuple):
@@ -459,7 +477,8 @@ class CacheView(NamedTuple):
     k: StreamView
     v: StreamView
     k_sinks: np.ndarray  # float32 (heads, n, head_dim): exact positions 0 .. n-1, rotated
-    v_sinks: np.ndarray  # as the streams' residuals are; n = 0 without sink tokens
+    v_sinks: np.ndarray  # as the streams' residuals are (keys with RoPE applied); n = 0
+    # without sink tokens
 
 
 class _Reading:
@@ -477,7 +496,7 @@ class _Reading:
         exact = cache._sink_count()
         return CacheView(
             k.appended, min(k.held, v.held), cache.window, k.kernel_view(), v.kernel_view(),
-            k.sinks[:, :exact], v.sinks[:, :exact],
+            k.exact_sinks(exact), v.exact_sinks(exact),
         )  # fmt: skip
 
     def __exit__(self, *exc) -> None:
@@ -523,6 +542,7 @@ class KVCache:
         window: int | None = None,
         pool: MemoryPool | None = None,
         max_queries: int = 1,
+        rope: Rope | None = None,
     ) -> None:
         self.num_kv_heads = check_int("num_kv_heads", num_kv_heads)
         self.head_dim = check_int("head_dim", head_dim)
@@ -535,6 +555,17 @@ class KVCache:
         self.pool = pool
         if self.capacity is not None and self.window is not None:
             raise ValueError("give capacity or window, not both: a windowed cache is a ring")
+        if rope is not None and not isinstance(rope, Rope):
+            raise TypeError(f"rope must be a kvq.Rope, got {rope!r}")
+        if rope is not None and rope.head_dim != self.head_dim:
+            raise ValueError(f"rope has head_dim {rope.head_dim}, the cache {self.head_dim}")
+        if self.config.pre_rope and rope is None:
+            raise ValueError(
+                "config.pre_rope keeps keys before RoPE, so the cache needs the model's RoPE "
+                "frequencies: pass rope=kvq.Rope.from_theta(theta, head_dim) (or "
+                "kvq.Rope(inverse_frequencies))"
+            )
+        self.rope = rope
         for name, scheme in (("k", self.config.k), ("v", self.config.v)):
             if scheme.axis not in (-1, -2, 1, 2):
                 raise ValueError(
@@ -558,6 +589,7 @@ class KVCache:
                 self.capacity,
                 pool,
                 self.config.sink_tokens,
+                rope if name == "k" and self.config.pre_rope else None,
             )
             for name, scheme in (("k", self.config.k), ("v", self.config.v))
         ]
@@ -587,14 +619,17 @@ class KVCache:
         with self._lock:
             k_new, v_new = self._check_pair(k, v)
             for stream, new in ((self._k, k_new), (self._v, v_new)):
-                if stream.rotation_seed is None:
+                if stream.rotation_seed is None and stream.rope is None:
                     continue
                 # the range after rotation, as stage() checks it; a rotation keeps each
                 # row's L2 norm, so rows within the limit in norm need no rotating here
                 norms = np.sqrt(np.einsum("htd,htd->ht", new, new, dtype=np.float64))
                 if float(norms.max()) <= stream.limit:
                     continue
-                rotated = rotate(new, stream.rotation_seed)
+                if stream.rope is not None:
+                    rotated = stream.rope.rotate(new, stream.appended, inverse=True)
+                else:
+                    rotated = rotate(new, stream.rotation_seed)
                 if not float(np.abs(rotated).max()) <= stream.limit:
                     stream.raise_out_of_range(rotated, rotated=True)
 
@@ -642,7 +677,8 @@ class KVCache:
         # one pass for NaN (which fails every comparison), Inf and values the scheme cannot
         # store; a rotating stream checks its range after the rotation, in stage()
         stream = self._k if name == "k" else self._v
-        limit = FLOAT32_MAX if stream.rotation_seed is not None else stream.limit
+        rotates = stream.rotation_seed is not None or stream.rope is not None
+        limit = FLOAT32_MAX if rotates else stream.limit
         if not float(np.abs(values).max()) <= limit:
 
             def at(index: int) -> str:
@@ -810,6 +846,7 @@ class KVCache:
         self.__dict__.update(state)
         self.__dict__.setdefault("max_queries", 1)  # pickled before these attributes
         self.__dict__.setdefault("pool", None)
+        self.__dict__.setdefault("rope", None)
         self._lock = threading.RLock()
 
     def __repr__(self) -> str:

@@ -66,7 +66,7 @@ class LayerMap:
         """The map as JSON text (every Scheme field by name)."""
         layers = [
             {"k": asdict(c.k), "v": asdict(c.v), "residual": c.residual,
-             "sink_tokens": c.sink_tokens}
+             "sink_tokens": c.sink_tokens, "pre_rope": c.pre_rope}
             for c in self.configs
         ]  # fmt: skip
         return json.dumps({"format": _FORMAT, "note": self.note, "layers": layers}, indent=1)
@@ -93,6 +93,7 @@ class LayerMap:
                         v=Scheme(**layer["v"]),
                         residual=layer["residual"],
                         sink_tokens=layer["sink_tokens"],
+                        pre_rope=layer.get("pre_rope", False),  # absent before pre_rope
                     )
                 )
             except (KeyError, TypeError, ValueError) as error:

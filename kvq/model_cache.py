@@ -12,6 +12,7 @@ from kvq.config import SLIDING, ModelConfig
 from kvq.kvcache import KVCache
 from kvq.layer_map import LayerMap
 from kvq.pool import MemoryPool
+from kvq.rope import Rope
 from kvq.scheme import QuantConfig
 
 LayerConfigs = QuantConfig | Callable[[int, str], QuantConfig]
@@ -52,7 +53,9 @@ class ModelKVCache:
     -> QuantConfig``. ``cache[layer]`` is that layer's :class:`KVCache`; ``append(layer, k,
     v)`` appends to it. Each layer has its own lock (see :class:`KVCache`), so different
     layers can be appended from different threads at once. ``copy.deepcopy`` copies every
-    layer (see :class:`KVCache` for pools).
+    layer (see :class:`KVCache` for pools). ``rope``: the RoPE frequencies that layers with a
+    ``pre_rope`` config need; by default plain RoPE of the model's ``rope_theta`` (pass the
+    model's own for scaled RoPE, as :class:`kvq.hf.KVQCache` does).
     """
 
     def __init__(
@@ -62,12 +65,17 @@ class ModelKVCache:
         capacity: int | None = None,
         pool: MemoryPool | None = None,
         max_queries: int = 1,
+        rope: Rope | None = None,
     ) -> None:
         if not isinstance(model_config, ModelConfig):
             raise TypeError(f"model_config must be a kvq.ModelConfig, got {model_config!r}")
         self.model_config = model_config
         self.config = QuantConfig() if config is None else config
         check_layer_count(self.config, len(model_config.layer_types))
+        theta, dim = model_config.rope_theta, model_config.head_dim
+        if rope is None and theta is not None and dim % 2 == 0:
+            rope = Rope.from_theta(theta, dim)
+        self.rope = rope
         self.layers = [
             KVCache(
                 model_config.num_key_value_heads,
@@ -77,6 +85,7 @@ class ModelKVCache:
                 window=model_config.sliding_window if kind == SLIDING else None,
                 pool=pool,
                 max_queries=max_queries,
+                rope=rope,
             )
             for i, kind in enumerate(model_config.layer_types)
         ]

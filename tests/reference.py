@@ -304,3 +304,15 @@ def sink_stand_in(x: np.ndarray, sinks: int, chunk: int) -> np.ndarray:
         end = (position // chunk + 1) * chunk  # the chunk's end
         out[:, position] = x[:, sinks] if sinks < min(end, x.shape[1]) else 0.0
     return out
+
+
+def rope_reference(x: np.ndarray, first: int, inverse_frequencies, inverse: bool = False):
+    """float64 (heads, t, d): RoPE's "rotate half" on x (heads, t, d) at positions first ..
+    first + t - 1, as complex numbers: channel j + i * channel j + d/2 times
+    exp(+-i * position * inverse_frequencies[j])."""
+    half = x.shape[-1] // 2
+    z = x[..., :half].astype(np.float64) + 1j * x[..., half:].astype(np.float64)
+    positions = np.arange(first, first + x.shape[1], dtype=np.float64)
+    angles = positions[:, None] * np.asarray(inverse_frequencies, np.float64)[None, :]
+    z = z * np.exp((-1j if inverse else 1j) * angles)[None]
+    return np.concatenate([z.real, z.imag], axis=-1)

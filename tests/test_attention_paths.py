@@ -39,6 +39,13 @@ SCHEMES = {
     "g16-per-channel-v": kvq.QuantConfig(
         k=kvq.Scheme(8, 16, scale_dtype="float16"), v=kvq.Scheme(4, 32, axis=-2), residual=3
     ),
+    # keys held before RoPE (decoded to scratch, turned back there): per channel, with a
+    # float32 residual, and per token
+    "q4-pre-rope": kvq.QuantConfig.q4(pre_rope=True),
+    "q2-pre-rope-residual": replace(kvq.QuantConfig.q2(pre_rope=True), residual=9),
+    "per-token-k-pre-rope": kvq.QuantConfig(
+        k=kvq.Scheme(3, 32), v=kvq.Scheme(4, 32, rotate=True), pre_rope=True
+    ),
 }
 KV_HEADS = 2
 TOKENS = 203  # two 128-token blocks or four 64-token blocks, each ragged at the end
@@ -58,7 +65,7 @@ def cache_for(name: str, dim: int, tokens: int = TOKENS) -> kvq.KVCache:
     key = (name, dim, tokens)
     if key not in _caches:
         config = SCHEMES[name]
-        cache = kvq.KVCache(KV_HEADS, dim, config)
+        cache = kvq.KVCache(KV_HEADS, dim, config, rope=kvq.Rope.from_theta(10000.0, dim))
         k, v = kv_layer(KV_HEADS, tokens, dim, seed=dim)
         at = 0
         for step in (tokens - 60, 1, 1, 1, 57):
@@ -83,7 +90,9 @@ def test_decode_every_scheme_gqa_and_head_dim(name, group, dim, threads):
     assert_matches_reference(kvq.attention(q, cache), ref)
 
 
-@pytest.mark.parametrize("name", ["q4", "original", "kivi2-residual", "g16-per-channel-v"])
+@pytest.mark.parametrize(
+    "name", ["q4", "original", "kivi2-residual", "g16-per-channel-v", "q2-pre-rope-residual"]
+)
 @pytest.mark.parametrize("group", [3, 8])
 def test_prefill_chunk_causal_and_sinks(name, group, threads):
     dim = 64
@@ -99,7 +108,7 @@ def test_prefill_chunk_causal_and_sinks(name, group, threads):
     assert_matches_reference(out, ref)
 
 
-@pytest.mark.parametrize("name", ["q8", "mlx4", "original"])
+@pytest.mark.parametrize("name", ["q8", "mlx4", "original", "q4-pre-rope"])
 def test_left_padding_start(name, threads):
     cache = cache_for(name, 128)
     q = queries(KV_HEADS * 3, 1, 128, seed=2)
@@ -108,10 +117,11 @@ def test_left_padding_start(name, threads):
     assert_matches_reference(kvq.attention(q, cache, start=start), ref)
 
 
-@pytest.mark.parametrize("name", ["q4", "mlx8-g32"])
+@pytest.mark.parametrize("name", ["q4", "mlx8-g32", "q4-pre-rope"])
 def test_windowed_ring(name, threads):
     dim, window = 64, 150
-    cache = kvq.KVCache(KV_HEADS, dim, SCHEMES[name], window=window, max_queries=9)
+    rope = kvq.Rope.from_theta(10000.0, dim)
+    cache = kvq.KVCache(KV_HEADS, dim, SCHEMES[name], window=window, max_queries=9, rope=rope)
     k, v = kv_layer(KV_HEADS, 700, dim, seed=9)
     for at in range(0, 700, 100):
         cache.append(k[:, at : at + 100], v[:, at : at + 100])

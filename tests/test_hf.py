@@ -152,6 +152,38 @@ def test_every_layer_matches_float64_attention(models, checker, name):
     assert cache.get_seq_length() == 40 and len(cache.kv(0, 1)) == 40
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt_oss"])
+def test_keys_before_rope_match_float64_attention(models, checker, name):
+    """pre_rope caches take the model's own RoPE frequencies (GPT-OSS: YaRN-scaled), and
+    each call equals float64 attention over the keys they read back (RoPE applied)."""
+    model = models[name]
+    check = checker()
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q4(pre_rope=True), max_queries=16)
+    freqs = model.model.rotary_emb.inv_freq.to(torch.float64).numpy()
+    np.testing.assert_array_equal(cache.rope.inverse_frequencies, freqs)
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    forward_chunks(model, cache, ids, [16, 5] + [1] * 19)
+    worst = max(error for *_, error in check.errors)
+    assert worst <= TOLERANCE, [e for e in check.errors if e[-1] > TOLERANCE][:5]
+    assert cache.kv(1).rope is cache.rope
+
+
+def test_keys_before_rope_keep_the_logits(models):
+    """8-bit codes before RoPE: logits as close to sdpa on float32 keys as q8's, so the
+    cache turns each key back by the angle it took off (a wrong one would not be close)."""
+    model = models["llama"]
+    ids = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(5))
+    cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q8(pre_rope=True))
+    logits = forward_chunks(model, cache, ids, [16, 1, 7])
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[:, -1:]
+    finally:
+        model.set_attn_implementation("kvq")
+    assert torch.allclose(logits[:, -1:], expected, atol=0.02 * expected.abs().max())
+
+
 def test_long_prefill_on_sliding_layers(models, checker):
     """A 40-token prefill on window-8 layers with max_queries=16: attended in pieces."""
     model = models["gpt_oss"]

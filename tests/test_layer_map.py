@@ -45,9 +45,10 @@ def test_nominal_bits_are_the_mean_over_layers():
 
 def test_json_round_trip_keeps_every_field(tmp_path):
     seeded = Q(k=kvq.Scheme(4, 32, axis=-2, rotate=True, seed=5), v=Q.q3().v, residual=16)
-    layers = kvq.LayerMap((seeded, Q.kivi(2), Q.mlx(4)), note="notes survive")
+    layers = kvq.LayerMap((seeded, Q.kivi(2), Q.q3(pre_rope=True)), note="notes survive")
     again = kvq.LayerMap.from_json(layers.to_json())
     assert again == layers and again.configs[0].k.seed == 5 and again.configs[0].residual == 16
+    assert again.configs[2].pre_rope and not again.configs[0].pre_rope
     path = tmp_path / "map.json"
     layers.save(path)
     assert kvq.LayerMap.load(path) == layers
@@ -109,7 +110,9 @@ SMOLLM2 = kvq.ModelConfig(
 )  # fmt: skip
 
 
-@pytest.mark.parametrize(("preset", "budget"), [("q4", 4.5), ("q3", 3.5), ("q2", 2.5)])
+@pytest.mark.parametrize(
+    ("preset", "budget"), [("q4", 4.5), ("q3", 3.5), ("q2", 2.5), ("q3+pre_rope", 3.5)]
+)
 def test_the_shipped_smollm2_maps_fit_their_budgets(preset, budget):
     from importlib import resources
 
@@ -118,14 +121,16 @@ def test_the_shipped_smollm2_maps_fit_their_budgets(preset, budget):
     path = resources.files("kvq") / "hf" / "maps" / f"smollm2-{preset}.json"
     layer_map = LayerMap.from_json(path.read_text(encoding="utf-8"))
     assert len(layer_map) == 30
-    base = getattr(Q, preset)()
+    pre_rope = preset.endswith("+pre_rope")
+    base = getattr(Q, preset.removesuffix("+pre_rope"))(pre_rope=pre_rope)
     # every stream is the base's or a wider preset's, and at least one is wider
-    ladder = [Q.q2(), Q.q3(), Q.q4(), Q.q8()]
+    ladder = [Q.q2(pre_rope=pre_rope), Q.q3(pre_rope=pre_rope), Q.q4(pre_rope=pre_rope)]
+    ladder.append(Q.q8(pre_rope=pre_rope))
     wider = ladder[[c.k for c in ladder].index(base.k) :]
     for config in layer_map.configs:
         assert config.k in [c.k for c in wider] and config.v in [c.v for c in wider]
-        assert config.sink_tokens == base.sink_tokens
+        assert config.sink_tokens == base.sink_tokens and config.pre_rope == pre_rope
     assert layer_map.configs != (base,) * 30
     sized = kvq.plan(SMOLLM2, 4096, layer_map, max_queries=64)
     assert 32 * sized.total_bytes / sized.float32_bytes <= budget
-    assert f"base {preset}, at most {budget} bits" in layer_map.note
+    assert f"base {preset.removesuffix('+pre_rope')}, at most {budget} bits" in layer_map.note

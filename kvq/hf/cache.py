@@ -22,6 +22,7 @@ from kvq.kvcache import KVCache
 from kvq.model_cache import LayerConfigs, ModelKVCache, check_layer_count
 from kvq.plan import Plan, plan
 from kvq.pool import MemoryPool
+from kvq.rope import Rope
 from kvq.scheme import QuantConfig
 
 ATTN_IMPLEMENTATION = "kvq"
@@ -39,6 +40,21 @@ def _text_config(model_or_config):
     if hasattr(config, "get_text_config"):
         config = config.get_text_config(decoder=True)
     return config, model
+
+
+def _rope_of(model, model_config: ModelConfig) -> Rope | None:
+    """The RoPE frequencies that pre_rope configs use: the model's rotary embedding's own
+    ``inv_freq`` (scaled RoPE included) when it covers the whole head_dim, else plain RoPE
+    of the config's rope_theta (None without one)."""
+    dim = model_config.head_dim
+    if model is not None:
+        for module in model.modules():
+            freqs = getattr(module, "inv_freq", None)
+            if isinstance(freqs, torch.Tensor) and freqs.ndim == 1 and 2 * freqs.numel() == dim:
+                return Rope(freqs.detach().to(torch.float64).cpu().numpy())
+    if model_config.rope_theta is None or dim % 2:
+        return None
+    return Rope.from_theta(model_config.rope_theta, dim)
 
 
 def model_config_of(hf_config) -> ModelConfig:
@@ -162,6 +178,7 @@ class KVQCache(Cache):
         check_layer_count(self.config, len(self.model_config.layer_types))
         self.max_queries = check_int("max_queries", max_queries)
         self.pool = pool
+        self.rope = _rope_of(model, self.model_config)
         self.rows: list[ModelKVCache] = []
         window = self.model_config.sliding_window
         layers = [
@@ -216,7 +233,11 @@ class KVQCache(Cache):
 
     def _new_row(self) -> ModelKVCache:
         return ModelKVCache(
-            self.model_config, self.config, pool=self.pool, max_queries=self.max_queries
+            self.model_config,
+            self.config,
+            pool=self.pool,
+            max_queries=self.max_queries,
+            rope=self.rope,
         )
 
     def get_mask_sizes(self, query_length, layer_idx: int = 0) -> tuple[int, int]:

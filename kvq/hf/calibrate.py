@@ -95,6 +95,7 @@ def calibrate(
     chunk: int = 64,
     candidates: int = 8,
     progress: Callable[[str], None] | None = None,
+    pre_rope: bool = False,
 ) -> LayerMap:
     """A :class:`LayerMap` of at most ``bits`` bits per element for ``model``.
 
@@ -107,7 +108,8 @@ def calibrate(
     presets that has the least summed error and fits ``bits`` over a ``context``-token
     cache, everything counted (``kvq.plan``). Each layer's config keeps the base's sink
     tokens. ``note`` records the text's length, the budget and the errors that chose.
-    ``progress(message)`` is called after each run.
+    ``progress(message)`` is called after each run. ``pre_rope=True`` climbs the presets'
+    pre_rope variants (``QuantConfig.q3(pre_rope=True)``, ...: keys before RoPE).
 
     Cost: 2 x layers + up to ``candidates`` x (wider presets) forward passes of ``tokens``
     tokens (SmolLM2-135M, 512 tokens: 60-76 passes, 11-15 minutes in all on 2 cores).
@@ -125,7 +127,9 @@ def calibrate(
     candidates = check_int("candidates", candidates, 0)
     model_config = model_config_of(_text_config(model)[0])
     layers = model_config.num_hidden_layers
-    ladder = [(name, make()) for name, make in LADDER]
+    if not isinstance(pre_rope, bool):
+        raise TypeError(f"pre_rope must be a bool, got {pre_rope!r}")
+    ladder = [(name, make(pre_rope=pre_rope)) for name, make in LADDER]
 
     def uniform(config):
         return LayerMap((config,) * layers)

@@ -41,13 +41,18 @@ PRESETS: dict[str, Callable[[], QuantConfig]] = {
     "q4": QuantConfig.q4,
     "q3": QuantConfig.q3,
     "q2": QuantConfig.q2,
+    # keys kept before RoPE (QuantConfig pre_rope), unrotated
+    "q8+pre_rope": lambda: QuantConfig.q8(pre_rope=True),
+    "q4+pre_rope": lambda: QuantConfig.q4(pre_rope=True),
+    "q3+pre_rope": lambda: QuantConfig.q3(pre_rope=True),
+    "q2+pre_rope": lambda: QuantConfig.q2(pre_rope=True),
     "kivi2": lambda: QuantConfig.kivi(2),
     "kivi4": lambda: QuantConfig.kivi(4),
     "mlx4": lambda: QuantConfig.mlx(4),
     "mlx8": lambda: QuantConfig.mlx(8),
 }
 #: The LayerMaps calibrated for SmolLM2-135M (kvq.hf.models.smollm2_layer_map) by name.
-SMOLLM2_NAMES = ("q4+smollm2", "q3+smollm2", "q2+smollm2")
+SMOLLM2_NAMES = ("q4+smollm2", "q3+smollm2", "q2+smollm2", "q3+pre_rope+smollm2")
 #: GGML kinds: bits per element (a float16 scale, and for q4_1 a float16 min, per 32).
 GGML_BITS = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
 

@@ -116,12 +116,13 @@ def reference_text_source() -> str:
 #: the budgets of the presets q4, q3 and q2 (4.5, 3.5 and 2.5 bits over a 4K-token cache), on
 #: 512 tokens of :func:`kvq.hf.calibrate.calibration_text`: ``kvq calibrate --bits 3.5 --out
 #: kvq/hf/maps/smollm2-q3.json`` remakes one.
-SMOLLM2_MAPS = ("q4", "q3", "q2")
+SMOLLM2_MAPS = ("q4", "q3", "q2", "q3+pre_rope")
 
 
 def smollm2_layer_map(preset: str):
     """The kvq.LayerMap calibrated for SmolLM2-135M-Instruct at ``preset``'s budget ('q4',
-    'q3' or 'q2'); its ``note`` says what was raised and why."""
+    'q3' or 'q2'; 'q3+pre_rope' climbs the presets with keys before RoPE); its ``note`` says
+    what was raised and why."""
     from kvq.layer_map import LayerMap
 
     if preset not in SMOLLM2_MAPS:

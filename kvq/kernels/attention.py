@@ -21,7 +21,10 @@ the codes taken centred) is summed apart. Otherwise per-channel keys decode a ch
 at a time; per-token keys and values decode a token at a time, 32 codes per vector operation
 when head_dim and the group are multiples of 32 (keys are then transposed into the
 channel-major scratch). Residual tokens, per-channel values and other shapes go through a
-slower token-at-a-time decoder, compiled once and not inlined.
+slower token-at-a-time decoder, compiled once and not inlined. Keys held before RoPE
+(``rope_cos``/``rope_sin`` tables in the key view) are always decoded to the channel-major
+scratch and turned there by their positions' angles (``_turn_keys``), then scored by the
+plain tiles: a per-token rotation cannot be folded into q.
 
 Compile time: Numba's passes cost more than linearly in the size of the function they see,
 so the kernel is compiled in parts that are not inlined into each other: the parallel loop
@@ -95,6 +98,10 @@ class StreamView(NamedTuple):
     p2: np.ndarray  # float16 scale steps (double_quant), else a dummy
     p3: np.ndarray  # float16 min steps (double_quant), else a dummy
     residual: np.ndarray  # float32 (heads, residual tokens, head_dim), after the chunks
+    # keys held before RoPE: float32 (head_dim / 2, positions) cos and sin of each position's
+    # angles, which turn decoded keys back; (0, 0) for a stream without RoPE
+    rope_cos: np.ndarray
+    rope_sin: np.ndarray
 
 
 _NEG_INF = np.float32(-np.inf)
@@ -464,6 +471,21 @@ def _touch(view, flat, first, count):
 
 
 @njit(inline="always")
+def _turn_keys(keys, cos, sin, start, width):
+    """RoPE on the channel-major block keys[:, :width] of positions start ..: channel j and
+    j + head_dim / 2 turn by the angle whose cos and sin are cos[j, p], sin[j, p]."""
+    half = keys.shape[0] // 2
+    for j in range(half):
+        for i in range(width):
+            c = cos[j, start + i]
+            s = sin[j, start + i]
+            a = keys[j, i]
+            b = keys[j + half, i]
+            keys[j, i] = a * c - b * s
+            keys[j + half, i] = b * c + a * s
+
+
+@njit(inline="always")
 def _scores(keys, q, scores, rows, width):
     """scores[r, :width] = q[r] @ keys[:, :width] for every row: register tiles of 4 rows (and
     one of the 1-3 rows left) over 32 tokens, plain loops for the last width % 32 tokens."""
@@ -664,9 +686,12 @@ def _attend_task(
     per_split = (n_blocks + splits - 1) // splits
     k_chunk = k.chunk
     chunk_keys = k.per_channel and block % k_chunk == 0 and origin % k_chunk == 0
+    # keys held before RoPE are decoded to scratch and turned back there (never fused)
+    rope = k.rope_cos.shape[0] > 0
     # per-channel chunks of one token group, few rows: scores straight from the key codes
-    k_fused = chunk_keys and k_chunk == RUN and k.group >= RUN and rows <= 4
-    k_tokens = rows <= 4  # per-token keys: scores from the codes (one lane sum per token)
+    k_fused = chunk_keys and k_chunk == RUN and k.group >= RUN and rows <= 4 and not rope
+    # per-token keys: scores from the codes (one lane sum per token)
+    k_tokens = rows <= 4 and not rope
     k_vector = _vector_tokens(k, dim)
     v_vector = _vector_tokens(v, dim)
     # values accumulated from their codes; with more than 4 rows the tiles decode each code
@@ -811,6 +836,8 @@ def _attend_task(
                     for d in range(dim):
                         keys[d, t] = value[d]
                     t += 1
+            if rope:  # keys held before RoPE: turned by their positions' angles
+                _turn_keys(keys, k.rope_cos, k.rope_sin, start, width)
             # --- scores = q . keys ---
             if not fused_k:
                 _scores(keys, q, scores, rows, width)
