@@ -136,6 +136,16 @@ def forward_chunks(model, cache, ids, sizes, mask=None):
     return out.logits
 
 
+def sdpa_logits(model, ids):
+    """The last position's logits of ``ids`` under sdpa on float32 keys (no kvq cache)."""
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids).logits[:, -1:]
+    finally:
+        model.set_attn_implementation("kvq")
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gpt_oss"])
 def test_every_layer_matches_float64_attention(models, checker, name):
     model = models[name]
@@ -175,12 +185,7 @@ def test_keys_before_rope_keep_the_logits(models):
     ids = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(5))
     cache = kvq.hf.KVQCache(model, kvq.QuantConfig.q8(pre_rope=True))
     logits = forward_chunks(model, cache, ids, [16, 1, 7])
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.no_grad():
-            expected = model(input_ids=ids).logits[:, -1:]
-    finally:
-        model.set_attn_implementation("kvq")
+    expected = sdpa_logits(model, ids)
     assert torch.allclose(logits[:, -1:], expected, atol=0.02 * expected.abs().max())
 
 
@@ -232,12 +237,7 @@ def test_generate_matches_float_cache_closely(models):
     model = models["qwen3"]
     ids = torch.randint(1, 97, (1, 24), generator=torch.Generator().manual_seed(5))
     logits = forward_chunks(model, kvq.hf.KVQCache(model), ids, [16, 8])
-    model.set_attn_implementation("sdpa")
-    try:
-        with torch.no_grad():
-            expected = model(input_ids=ids).logits[:, -1:]
-    finally:
-        model.set_attn_implementation("kvq")
+    expected = sdpa_logits(model, ids)
     assert torch.allclose(logits[:, -1:], expected, atol=0.05 * expected.abs().max())
 
 
