@@ -62,25 +62,26 @@ def attention(
     sink_logits = _check_sinks(sinks, heads)
     scale = _check_scale(scale, dim)
     start = check_int("start", start, 0)
-    queries = _scaled_queries(original, queries, cache.config.k, scale)
     sinks_array = (
         _no_sinks(kv_heads, group) if sink_logits is None else sink_logits.reshape(kv_heads, group)
     )
+    config = cache.config
+    # the rotations R = diag(signs) H / sqrt(dim): q @ R * scale, and out @ R.T for values
+    norm = 1.0 / math.sqrt(dim)
+    q_signs = _signs(dim, config.k.seed) if config.k.rotate else _NO_SIGNS
+    q_factor = np.float32(scale * norm if config.k.rotate else scale)
+    v_signs = _signs(dim, config.v.seed) if config.v.rotate else _NO_SIGNS
+    rotations = (q_signs, q_factor, v_signs, np.float32(norm))
     with cache.reading() as view:  # a consistent state; appends wait while the kernel reads
         _check_positions(view, t_q, cache.max_queries)
         work = 2 * view.held * kv_heads * dim * max(1, group * t_q // 8)
+        args = (view, queries, rotations, group, sinks_array)
         if work <= SERIAL_WORK:  # a parallel launch costs more than it saves
-            out = on_calling_thread(
-                _attend_all, view, queries, group, sinks_array, causal, start, 1
-            )
+            out = on_calling_thread(_attend_all, *args, causal, start, 1)
         else:
-            out = _attend_all(
-                view, queries, group, sinks_array, causal, start, numba.get_num_threads()
-            )
-    del queries  # before the values' inverse rotation allocates a second output
-    v_scheme = cache.config.v
-    if v_scheme.rotate:
-        out = _product(out, _inverse_rotation(dim, v_scheme.seed))
+            out = _attend_all(*args, causal, start, numba.get_num_threads())
+    if out is None:  # some q * scale (rotated) is not finite
+        _raise_queries(original, queries, config.k, scale)
     return out
 
 
@@ -92,17 +93,24 @@ def attention(
 # 128-token calls at Llama-3's and Llama-2's shapes went from 130-420 to 330-950 us.
 SERIAL_WORK = 1 << 19
 
+# no rotation of q or of the output: no signs, read-only like the rotations' (one kernel type)
+_NO_SIGNS = np.zeros(0, np.float32)
+_NO_SIGNS.flags.writeable = False
 
-def _attend_all(view, queries, group, sinks, causal, start, threads) -> np.ndarray:
-    """float32 (heads, t_q, head_dim): the kernel over query chunks that fit SCRATCH_BYTES."""
+
+def _attend_all(view, queries, rotations, group, sinks, causal, start, threads):
+    """float32 (heads, t_q, head_dim): the kernel over query chunks that fit SCRATCH_BYTES;
+    None when some scaled query is not finite. rotations: (q_signs, q_factor, v_signs,
+    v_factor) as the kernel takes them."""
     heads, t_q, dim = queries.shape
     kv_heads = heads // group
     step = _chunk_tokens(kv_heads, group, dim, threads)
     rows = queries.reshape(kv_heads, group, t_q, dim)
     if step >= t_q:
         out = np.empty((kv_heads, group * t_q, dim), np.float32)
-        _attend(view, rows.reshape(kv_heads, group * t_q, dim), t_q, view.appended, sinks,
-                causal, start, threads, out)  # fmt: skip
+        rows = rows.reshape(kv_heads, group * t_q, dim)
+        if _attend(view, rows, rotations, t_q, view.appended, sinks, causal, start, threads, out):
+            return None
         return out.reshape(heads, t_q, dim)
     out = np.empty((kv_heads, group, t_q, dim), np.float32)
     for lo in range(0, t_q, step):
@@ -110,7 +118,9 @@ def _attend_all(view, queries, group, sinks, causal, start, threads) -> np.ndarr
         chunk = np.ascontiguousarray(rows[:, :, lo:hi].reshape(kv_heads, group * (hi - lo), dim))
         part = np.empty((kv_heads, group * (hi - lo), dim), np.float32)
         query_end = view.appended - t_q + hi
-        _attend(view, chunk, hi - lo, query_end, sinks, causal, start, threads, part)
+        tokens = hi - lo
+        if _attend(view, chunk, rotations, tokens, query_end, sinks, causal, start, threads, part):
+            return None
         out[:, :, lo:hi] = part.reshape(kv_heads, group, hi - lo, dim)
         del chunk, part  # before the next chunk's: one chunk's scratch at a time
     return out.reshape(heads, t_q, dim)
@@ -166,15 +176,17 @@ def _check_positions(view: CacheView, t_q: int, max_queries: int) -> None:
 _MAX_BLOCK = 128  # tokens per kernel block (per-channel keys: a multiple of their chunk)
 
 
-def _attend(view, rows, t_q, query_end, sinks, causal, start, threads, out) -> None:
+def _attend(view, queries, rotations, t_q, query_end, sinks, causal, start, threads, out) -> int:
     """Run the kernel for query rows (kv_heads, group * t_q, head_dim), group-major, whose
-    tokens sit at positions query_end - t_q .. query_end - 1; writes ``out`` (same shape)."""
-    kv_heads, group_rows, dim = rows.shape
+    tokens sit at positions query_end - t_q .. query_end - 1; writes ``out`` (same shape).
+    Returns the kernel's count of rows whose scaled queries are not finite (0: done)."""
+    q_signs, q_factor, v_signs, v_factor = rotations
+    kv_heads, group_rows, dim = queries.shape
     end = view.appended
     first = end - view.held
     exact = view.k_sinks.shape[1]  # sink tokens held exactly: positions 0 .. exact - 1
     sink_logits, exact_from, merge = sinks, max(first, start), start < exact
-    if merge:  # the kernel reads the codes after them; they join in the merge below
+    if merge:  # the kernel reads the codes after them; they join in its float64 merge
         sinks = _no_sinks(kv_heads, sinks.shape[1])
         start = exact
     lowest = max(first, start)
@@ -195,30 +207,12 @@ def _attend(view, rows, t_q, query_end, sinks, causal, start, threads, out) -> N
     part_max = np.empty((tasks, group_rows), np.float32)
     part_sum = np.empty((tasks, group_rows), np.float32)
     part_acc = np.empty((tasks, group_rows, dim), np.float32)
-    kernels.attention_blocks(
-        rows, t_q, query_end, causal, window, max(first, start), first, stop, origin, block,
-        splits, head_groups, view.k, view.v, sinks, part_max, part_sum, part_acc, out,
+    return kernels.attention_blocks(
+        queries, q_signs, q_factor, t_q, query_end, causal, window, max(first, start), first,
+        stop, origin, block, splits, head_groups, tuple(view.k), tuple(view.v), sinks, merge,
+        exact_from, exact, view.k_sinks, view.v_sinks, sink_logits, v_signs, v_factor,
+        np.empty_like(queries), part_max, part_sum, part_acc, out,
     )  # fmt: skip
-    if merge:  # the exact sink tokens before the kernel's first position, in float64
-        kernels.merge_sink_tokens(
-            rows, t_q, query_end, causal, window, exact_from, exact, view.k_sinks,
-            view.v_sinks, sink_logits, part_max, part_sum, splits, out,
-        )  # fmt: skip
-
-
-def _product(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
-    """float32 ``x @ matrix`` along the last axis: NumPy for a decode step's few rows, the
-    row kernel beyond (BLAS's threads spin against Numba's on a busy machine: a prefill
-    chunk's rotation took as long as its attention)."""
-    if x.size <= _SMALL_PRODUCT:
-        return np.ascontiguousarray(x @ matrix)
-    rows = x.reshape(-1, matrix.shape[0])
-    out = np.empty_like(rows)
-    kernels.rotate_rows(rows, matrix, out)
-    return out.reshape(x.shape)
-
-
-_SMALL_PRODUCT = 1 << 13  # elements of x up to which _product uses NumPy
 
 
 @functools.lru_cache(maxsize=64)
@@ -230,39 +224,12 @@ def _no_sinks(kv_heads: int, group: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _scaled_rotation(dim: int, seed: int, scale: float) -> np.ndarray:
-    """float32 (dim, dim): the keys' rotation times ``scale``, so q is rotated and scaled in
-    one product (read-only)."""
-    matrix = np.ascontiguousarray(hadamard_rotation(dim, seed) * np.float32(scale))
-    matrix.flags.writeable = False
-    return matrix
-
-
-@functools.lru_cache(maxsize=64)
-def _inverse_rotation(dim: int, seed: int) -> np.ndarray:
-    """float32 (dim, dim) C-contiguous transpose of the values' rotation (read-only)."""
-    matrix = np.ascontiguousarray(hadamard_rotation(dim, seed).T)
-    matrix.flags.writeable = False
-    return matrix
-
-
-def _scaled_queries(original, queries: np.ndarray, k_scheme, scale: float) -> np.ndarray:
-    """float32 C-contiguous ``queries * scale`` (rotated first when the keys are), checked
-    finite: ValueError naming the first bad position."""
-    peak = float(np.abs(queries).max())
-    # |q * scale| <= peak * |scale|, and a rotation (orthonormal) at most multiplies a
-    # coordinate by sqrt(head_dim): below this bound nothing overflows
-    if peak * abs(scale) * math.sqrt(queries.shape[-1]) < 1e37:
-        if k_scheme.rotate:
-            return _product(queries, _scaled_rotation(queries.shape[-1], k_scheme.seed, scale))
-        return queries * np.float32(scale)
-    with np.errstate(over="ignore", invalid="ignore"):  # reported below, by position
-        if k_scheme.rotate:
-            queries = queries @ hadamard_rotation(queries.shape[-1], k_scheme.seed)
-        queries = queries * np.float32(scale)
-    if not np.isfinite(queries).all():
-        _raise_queries(original, queries, scale)
-    return np.ascontiguousarray(queries)
+def _signs(dim: int, seed: int) -> np.ndarray:
+    """float32 (dim,) of +-1: the signs of ``hadamard_rotation(dim, seed)`` = diag(signs) H /
+    sqrt(dim), from its first column (H's is all ones) (read-only)."""
+    signs = np.sign(hadamard_rotation(dim, seed)[:, 0]).astype(np.float32)
+    signs.flags.writeable = False
+    return signs
 
 
 def _check_queries(q, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
@@ -284,23 +251,31 @@ def _check_queries(q, cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
     if array.dtype == np.float64:
         with np.errstate(over="ignore", invalid="ignore"):  # beyond float32: reported later
             return array, np.ascontiguousarray(array, dtype=np.float32)
-    return array, np.ascontiguousarray(array, dtype=np.float32)
+    queries = np.ascontiguousarray(array, dtype=np.float32)
+    # a read-only array is another Numba type: a second compile of the kernel
+    return array, queries if queries.flags.writeable else queries.copy()
 
 
-def _raise_queries(original: np.ndarray, queries: np.ndarray, scale: float) -> None:
-    """ValueError for the first non-finite query value, or for an overflowing q * scale."""
+def _raise_queries(original, queries: np.ndarray, k_scheme, scale: float) -> None:
+    """ValueError for the first non-finite query value, or for an overflowing q * scale
+    (rotated first when the keys are), naming its position."""
     with np.errstate(over="ignore", invalid="ignore"):
         converted = np.asarray(original, dtype=np.float32)
+        scaled = queries
+        if k_scheme.rotate:
+            scaled = scaled @ hadamard_rotation(queries.shape[-1], k_scheme.seed)
+        scaled = scaled * np.float32(scale)
 
     def at(index: int) -> str:
         head, token, channel = (int(i) for i in np.unravel_index(index, converted.shape))
         return f"head {head}, token {token}, channel {channel}"
 
     check_finite("q", converted, "queries must be finite", original, at=at)
-    head, token = (int(i) for i in np.argwhere(~np.isfinite(queries))[0][:2])
+    bad = np.argwhere(~np.isfinite(scaled))  # empty only if NumPy's sums stayed finite
+    where = f" at head {int(bad[0][0])}, token {int(bad[0][1])}" if len(bad) else ""
     raise ValueError(
-        f"q * scale overflows float32 at head {head}, token {token} (scale {scale!r}, largest "
-        f"|q| {float(np.abs(converted).max()):.3g}); use a smaller scale or rescale q"
+        f"q * scale overflows float32{where} (scale {scale!r}, largest |q| "
+        f"{float(np.abs(converted).max()):.3g}); use a smaller scale or rescale q"
     )
 
 

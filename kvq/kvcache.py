@@ -294,8 +294,8 @@ class TensorStream:
             values = pending[:, dropped * self.chunk : count * self.chunk]
             batch = values.reshape(self.heads, kept, self.chunk, self.head_dim)
             parts = quantize(batch.transpose(1, 0, 2, 3), scheme=self.plain_scheme).parts()
-        elif kept == 0:
-            parts = {key: np.empty(0, dtype) for key, (dtype, _) in self.part_layout.items()}
+        elif kept == 0:  # most decode steps: no chunk completes
+            parts = None
         else:
             each = [
                 quantize(
@@ -305,7 +305,11 @@ class TensorStream:
             ]
             parts = {key: np.concatenate([p[key] for p in each]) for key in self.part_layout}
         # one row per kept chunk, in order
-        rows = {key: parts[key].reshape(kept, size) for key, (_, size) in self.part_layout.items()}
+        rows = (
+            {key: parts[key].reshape(kept, size) for key, (_, size) in self.part_layout.items()}
+            if kept
+            else {}
+        )
         store = None
         if self.window is None and layout.chunks > self.slots:
             slots = max(layout.chunks, 2 * self.slots)

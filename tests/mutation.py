@@ -242,6 +242,20 @@ MUTANTS = (
         "per-token rows whose last group is ragged (64 + 32) go to the 32-code vector decoder",
     ),
     Mutant(
+        "hadamard-butterfly-swapped",
+        "kvq/kernels/attention.py",
+        (("x[j + h] = a - b", "x[j + h] = b - a"),),
+        ("tests/test_attention.py",),
+        "the kernel's fast Walsh-Hadamard transform (q and output rotations) swaps a butterfly",
+    ),
+    Mutant(
+        "output-unrotated-without-signs",
+        "kvq/kernels/attention.py",
+        (("row[d] *= signs[d] * factor", "row[d] *= factor"),),
+        ("tests/test_attention.py",),
+        "the values' inverse rotation of each output row leaves out the random signs",
+    ),
+    Mutant(
         "sink-merge-ignores-the-body-weight",
         "kvq/kernels/sink_tokens.py",
         (("a = body * np.float64(out[head, r, d])", "a = np.float64(out[head, r, d])"),),

@@ -479,3 +479,21 @@ def test_bad_states_leave_every_row_as_it_was(models):
     assert [len(cache.kv(0, row)) for row in range(2)] == [4, 4]
     forward_chunks(model, cache, torch.ones(2, 1, dtype=torch.long), [1])  # and it goes on
     assert cache.get_seq_length() == 5
+
+
+@pytest.mark.parametrize("bad", ["k", "v"])
+def test_bad_states_of_a_single_row_leave_it_as_it_was(models, bad):
+    # one row, one append: no separate check_append pass, the append's own checks
+    model = models["llama"]
+    cache = kvq.hf.KVQCache(model)
+    forward_chunks(model, cache, torch.ones(1, 4, dtype=torch.long), [4])
+    before = cache.kv(0).keys()
+    k, v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 2, 16)
+    (k if bad == "k" else v)[0, 1, 1, 3] = float("inf")
+    key, value = cache.update(k, v, 0)
+    with pytest.raises(ValueError, match=rf"layer 0, batch row 0: {bad} has inf at head 1"):
+        hf_attention.kvq_attention(
+            model.model.layers[0].self_attn, torch.randn(1, 4, 2, 16), key, value, None
+        )
+    assert len(cache.kv(0)) == 4
+    np.testing.assert_array_equal(cache.kv(0).keys(), before)

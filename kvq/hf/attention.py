@@ -86,18 +86,22 @@ def kvq_attention(
     if not np.isfinite(q).all():
         raise ValueError(f"layer {index}: the query states hold NaN or Inf")
     caches = [row[index] for row in owner.rows]
-    for row, cache in enumerate(caches):  # every row checked before any appends
+    step = owner.max_queries if layer.is_sliding else t_q
+    checked = batch > 1 or t_q > step  # a single append checks all before it changes anything
+    for row, cache in enumerate(caches if checked else ()):  # every row before any appends
         try:
             cache.check_append(k_new[row], v_new[row])
         except ValueError as error:
-            raise ValueError(f"layer {index}, batch row {row}: {error}") from None
+            raise type(error)(f"layer {index}, batch row {row}: {error}") from None
     starts = _left_padding(attention_mask, batch, len(caches[0]) + tokens, index)
     out = np.empty((batch, heads, t_q, dim), np.float32)
-    step = owner.max_queries if layer.is_sliding else t_q
     for row, cache in enumerate(caches):
         for lo in range(0, t_q, step):
             hi = min(t_q, lo + step)
-            cache.append(k_new[row, :, lo:hi], v_new[row, :, lo:hi])
+            try:
+                cache.append(k_new[row, :, lo:hi], v_new[row, :, lo:hi])
+            except ValueError as error:  # unchecked above: one append, nothing changed
+                raise type(error)(f"layer {index}, batch row {row}: {error}") from None
             out[row, :, lo:hi] = attention(
                 q[row, :, lo:hi], cache, scale=scaling, sinks=sinks, start=starts[row]
             )

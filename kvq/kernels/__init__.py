@@ -19,7 +19,6 @@ from kvq.kernels.ggml import ggml_dequantize_blocks, ggml_quantize_blocks
 from kvq.kernels.packing import pack_codes, unpack_codes
 from kvq.kernels.rotate import rotate_rows
 from kvq.kernels.search import refine_subcodes, search_blocks
-from kvq.kernels.sink_tokens import merge_sink_tokens
 
 attention_blocks = serialised(attention_blocks)
 bf16_to_f32 = serialised(bf16_to_f32)
@@ -28,7 +27,6 @@ encode_blocks = serialised(encode_blocks)
 extrema_blocks = serialised(extrema_blocks)
 ggml_dequantize_blocks = serialised(ggml_dequantize_blocks)
 ggml_quantize_blocks = serialised(ggml_quantize_blocks)
-merge_sink_tokens = serialised(merge_sink_tokens)
 mxfp4_to_f32 = serialised(mxfp4_to_f32)
 pack_codes = serialised(pack_codes)
 quantize_blocks = serialised(quantize_blocks)
@@ -46,7 +44,6 @@ __all__ = [
     "extrema_blocks",
     "ggml_dequantize_blocks",
     "ggml_quantize_blocks",
-    "merge_sink_tokens",
     "mxfp4_to_f32",
     "pack_codes",
     "quantize_blocks",

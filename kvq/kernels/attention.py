@@ -79,6 +79,7 @@ from kvq.kernels._unpack import (
     unpack_affine_32,
     unpack_run,
 )
+from kvq.kernels.sink_tokens import merge_sink_tokens
 
 
 class StreamView(NamedTuple):
@@ -912,50 +913,139 @@ def _attend_task(
                 part_acc[partial, r, d] = all_acc[head, r, d]
 
 
+@njit(inline="always")
+def _hadamard(x, dim):
+    """x <- x @ H in place for float32 x (dim,), H the Sylvester Hadamard matrix of order dim
+    (a power of two), unnormalised: dim x log2(dim) additions (fast Walsh-Hadamard)."""
+    h = 1
+    while h < dim:
+        for i in range(0, dim, 2 * h):
+            for j in range(i, i + h):
+                a = x[j]
+                b = x[j + h]
+                x[j] = a + b
+                x[j + h] = a - b
+        h *= 2
+
+
+@njit(inline="always")
+def _scale_row(queries, signs, factor, rows, head, r):
+    """rows[head, r] = queries[head, r] @ R * factor for the rotation R = diag(signs) H /
+    sqrt(dim) (``factor`` holds the 1 / sqrt(dim)), or queries[head, r] * factor where signs
+    is empty; 1 when a result is not finite, else 0."""
+    dim = queries.shape[2]
+    target = rows[head, r]
+    if signs.shape[0] == 0:
+        for d in range(dim):
+            target[d] = queries[head, r, d] * factor
+    else:
+        for d in range(dim):
+            target[d] = queries[head, r, d] * signs[d]
+        _hadamard(target, dim)
+        for d in range(dim):
+            target[d] *= factor
+    bad = 0
+    for d in range(dim):
+        if not np.isfinite(target[d]):
+            bad = 1
+    return bad
+
+
+@njit(inline="always")
+def _unrotate_row(out, signs, factor, head, r):
+    """out[head, r] = out[head, r] @ R.T = (out[head, r] @ H) * signs * factor, for the
+    rotation R = diag(signs) H / sqrt(dim) (factor 1 / sqrt(dim))."""
+    dim = out.shape[2]
+    row = out[head, r]
+    _hadamard(row, dim)
+    for d in range(dim):
+        row[d] *= signs[d] * factor
+
+
+_ROWS_PARALLEL = 1 << 16  # rows x head_dim (q scaling, the rotations) worth a prange
+
+
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
 def attention_blocks(
-    queries, t_q, query_end, causal, window, first_visible, first_held, end_position,
-    origin, block, splits, head_groups, k, v, sinks, part_max, part_sum, part_acc, out,
+    queries, q_signs, q_factor, t_q, query_end, causal, window, first_visible, first_held,
+    end_position, origin, block, splits, head_groups, k, v, sinks, merge, exact_from,
+    exact_stop, k_exact, v_exact, exact_sinks, v_signs, v_factor, rows, part_max, part_sum,
+    part_acc, out,
 ):  # fmt: skip
-    """Softmax attention of ``queries`` over two streams ``k`` and ``v`` (:class:`StreamView`).
+    """Softmax attention of ``queries`` over two streams ``k`` and ``v`` (the fields of a
+    :class:`StreamView` as a plain tuple: Numba types a plain tuple argument in C, a named
+    one in Python, about 2.7 us per call). Returns 0, or the number of query rows whose
+    scaled values are not finite (then nothing else is computed).
 
-    queries: float32 (kv_heads, rows, head_dim), already scaled (and rotated); rows are
-    (group, t_q) group-major, and query token j sits at position query_end - t_q + j. It sees
-    positions from max(first_visible, position - window + 1) (no window when window is 0)
-    up to its own (``causal``) or end_position - 1. Blocks of ``block`` tokens start at
-    ``origin`` and run to ``end_position``; positions before ``first_held`` were dropped by a
-    window. sinks: float64 (kv_heads, group) logits (-inf: none). ``splits * head_groups``
-    parallel tasks each take a contiguous range of blocks through their group of KV heads,
-    writing partials t = head * splits + split to part_max, part_sum float32 (kv_heads *
-    splits, rows) and part_acc float32 (kv_heads * splits, rows, head_dim); they are merged
-    into out float32 (kv_heads, rows, head_dim).
+    queries: float32 (kv_heads, rows, head_dim) as the model made them; the kernel's
+    ``rows`` (same shape) receive ``queries @ R * q_factor`` for the keys' Hadamard rotation
+    R = diag(q_signs) H / sqrt(head_dim) (q_factor: the scale over sqrt(head_dim)), or,
+    with an empty ``q_signs``, ``queries * q_factor``. Rows are (group, t_q)
+    group-major, and query token j sits at position query_end - t_q + j. It sees positions
+    from max(first_visible, position - window + 1) (no window when window is 0) up to its own
+    (``causal``) or end_position - 1. Blocks of ``block`` tokens start at ``origin`` and run
+    to ``end_position``; positions before ``first_held`` were dropped by a window. sinks:
+    float64 (kv_heads, group) logits (-inf: none). ``splits * head_groups`` parallel tasks
+    each take a contiguous range of blocks through their group of KV heads, writing partials
+    t = head * splits + split to part_max, part_sum float32 (kv_heads * splits, rows) and
+    part_acc float32 (kv_heads * splits, rows, head_dim); they are merged into out float32
+    (kv_heads, rows, head_dim). With ``merge``, the exact sink tokens at positions
+    exact_from .. exact_stop - 1 of ``k_exact``/``v_exact`` and the logits ``exact_sinks``
+    join in float64 (``merge_sink_tokens``; ``sinks`` is then -inf). Last, with ``v_signs``
+    (not empty), each output row is turned back by the values' rotation (``v_factor``:
+    1 / sqrt(head_dim)). Rotations run as fast Walsh-Hadamard transforms.
 
     Each block is dequantized into L1 scratch once per KV head and shared by all its query
     rows, then scores and values are two small matrix products with register-tiled loops.
     """
-    kv_heads, rows, dim = queries.shape
-    row_first = np.empty(rows, np.int64)
-    row_last = np.empty(rows, np.int64)
-    for r in range(rows):
+    kv_heads, n_rows, dim = queries.shape
+    k = StreamView(*k)
+    v = StreamView(*v)
+    large = kv_heads * n_rows * dim >= _ROWS_PARALLEL
+    bad = 0
+    if large:
+        for index in prange(kv_heads * n_rows):
+            bad += _scale_row(queries, q_signs, q_factor, rows, index // n_rows, index % n_rows)
+    else:
+        for index in range(kv_heads * n_rows):
+            bad += _scale_row(queries, q_signs, q_factor, rows, index // n_rows, index % n_rows)
+    if bad:
+        return bad
+    row_first = np.empty(n_rows, np.int64)
+    row_last = np.empty(n_rows, np.int64)
+    for r in range(n_rows):
         position = query_end - t_q + r % t_q
         row_first[r] = max(first_visible, position - window + 1) if window > 0 else first_visible
         row_last[r] = position if causal else end_position - 1
     for task in prange(splits * head_groups):
         _attend_task(
-            task, queries, first_held, end_position, origin, block, splits, head_groups, k, v,
+            task, rows, first_held, end_position, origin, block, splits, head_groups, k, v,
             row_first, row_last, part_max, part_sum, part_acc,
         )  # fmt: skip
     # --- merge the splits' partial softmaxes (float64) ---
-    weights = np.empty((kv_heads * rows, splits), np.float64)
-    if kv_heads * rows * splits * dim >= _MERGE_PARALLEL:
-        for index in prange(kv_heads * rows):
+    weights = np.empty((kv_heads * n_rows, splits), np.float64)
+    if kv_heads * n_rows * splits * dim >= _MERGE_PARALLEL:
+        for index in prange(kv_heads * n_rows):
             _merge_row(
                 part_max, part_sum, part_acc, sinks, t_q, splits, out,
-                index // rows, index % rows, weights[index],
+                index // n_rows, index % n_rows, weights[index],
             )  # fmt: skip
     else:
-        for index in range(kv_heads * rows):
+        for index in range(kv_heads * n_rows):
             _merge_row(
                 part_max, part_sum, part_acc, sinks, t_q, splits, out,
-                index // rows, index % rows, weights[index],
+                index // n_rows, index % n_rows, weights[index],
             )  # fmt: skip
+    if merge:  # the exact sink tokens before the first position read from codes
+        merge_sink_tokens(
+            rows, t_q, query_end, causal, window, exact_from, exact_stop, k_exact, v_exact,
+            exact_sinks, part_max, part_sum, splits, out,
+        )  # fmt: skip
+    if v_signs.shape[0]:
+        if large:
+            for index in prange(kv_heads * n_rows):
+                _unrotate_row(out, v_signs, v_factor, index // n_rows, index % n_rows)
+        else:
+            for index in range(kv_heads * n_rows):
+                _unrotate_row(out, v_signs, v_factor, index // n_rows, index % n_rows)
+    return 0

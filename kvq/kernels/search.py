@@ -17,6 +17,10 @@ from kvq.kernels._floatbits import float16_round_down, float16_round_up
 _SHRINKS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7)
 _REFINE_STEPS = 2
 
+# the sums of squared errors and the least-squares sums may be reordered: LLVM then runs
+# them as vector code (a group's sums differ from the sequential ones by float64 rounding)
+_SUMS = {"reassoc"}
+
 
 @njit(inline="always")
 def _round_params(scale, lowest, half):
@@ -61,7 +65,7 @@ def _least_squares(block, count, scale, lowest, levels):
     return np.float32(fitted_scale), np.float32((sum_x - fitted_scale * sum_q) / count)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_SUMS)
 def search_blocks(x, block_size, row_blocks, last_count, levels, half, lows, highs, scales, mins):
     """scales, mins <- the lowest-squared-error candidates per block (see module doc).
 
@@ -100,7 +104,7 @@ def search_blocks(x, block_size, row_blocks, last_count, levels, half, lows, hig
         scales[b], mins[b] = best_scale, best_min
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_SUMS)
 def refine_subcodes(
     x, block_size, row_blocks, last_count, levels, step_scale, step_min, scale_codes, min_codes
 ):
