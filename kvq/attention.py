@@ -115,13 +115,13 @@ def _attend_all(view, queries, rotations, group, sinks, causal, start, threads):
     out = np.empty((kv_heads, group, t_q, dim), np.float32)
     for lo in range(0, t_q, step):
         hi = min(t_q, lo + step)
-        chunk = np.ascontiguousarray(rows[:, :, lo:hi].reshape(kv_heads, group * (hi - lo), dim))
-        part = np.empty((kv_heads, group * (hi - lo), dim), np.float32)
-        query_end = view.appended - t_q + hi
         tokens = hi - lo
+        chunk = np.ascontiguousarray(rows[:, :, lo:hi].reshape(kv_heads, group * tokens, dim))
+        part = np.empty((kv_heads, group * tokens, dim), np.float32)
+        query_end = view.appended - t_q + hi
         if _attend(view, chunk, rotations, tokens, query_end, sinks, causal, start, threads, part):
             return None
-        out[:, :, lo:hi] = part.reshape(kv_heads, group, hi - lo, dim)
+        out[:, :, lo:hi] = part.reshape(kv_heads, group, tokens, dim)
         del chunk, part  # before the next chunk's: one chunk's scratch at a time
     return out.reshape(heads, t_q, dim)
 

@@ -290,13 +290,12 @@ class TensorStream:
         # chunks out of the window before they are ever read are never quantized
         dropped = min(count, max(0, layout.first_chunk - self.chunks))
         kept = count - dropped
+        rows = {}  # one row per kept chunk, in order; most decode steps complete none
         if kept > 1 and self.batchable:
             values = pending[:, dropped * self.chunk : count * self.chunk]
             batch = values.reshape(self.heads, kept, self.chunk, self.head_dim)
             parts = quantize(batch.transpose(1, 0, 2, 3), scheme=self.plain_scheme).parts()
-        elif kept == 0:  # most decode steps: no chunk completes
-            parts = None
-        else:
+        elif kept:
             each = [
                 quantize(
                     pending[:, i * self.chunk : (i + 1) * self.chunk], scheme=self.plain_scheme
@@ -304,12 +303,9 @@ class TensorStream:
                 for i in range(dropped, count)
             ]
             parts = {key: np.concatenate([p[key] for p in each]) for key in self.part_layout}
-        # one row per kept chunk, in order
-        rows = (
-            {key: parts[key].reshape(kept, size) for key, (_, size) in self.part_layout.items()}
-            if kept
-            else {}
-        )
+        if kept:
+            layout_sizes = self.part_layout.items()
+            rows = {key: parts[key].reshape(kept, size) for key, (_, size) in layout_sizes}
         store = None
         if self.window is None and layout.chunks > self.slots:
             slots = max(layout.chunks, 2 * self.slots)
