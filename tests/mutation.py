@@ -249,6 +249,42 @@ MUTANTS = (
         "the kernel's fast Walsh-Hadamard transform (q and output rotations) swaps a butterfly",
     ),
     Mutant(
+        "tile-pass-stores-at-its-own-columns",
+        "kvq/kernels/_tiles.py",
+        (
+            (
+                "at = builder.add(base, ir.Constant(_i64, 16 * column))",
+                "at = builder.add(base, ir.Constant(_i64, 16 * c))",
+            ),
+        ),
+        ("tests/test_tiles.py",),
+        "a float tile's later passes store their columns at the first pass's place",
+    ),
+    Mutant(
+        "values-codes-pass-centre-of-first-run",
+        "kvq/kernels/_tiles.py",
+        (
+            (
+                "_splat(builder, updated_sums[r, c // 2])",
+                "_splat(builder, updated_sums[r, runs[0]])",
+            ),
+        ),
+        ("tests/test_tiles.py",),
+        "values from codes add the centre sum of a pass's first 32-column run to every column",
+    ),
+    Mutant(
+        "tile-width-switch-all-to-last",
+        "kvq/kernels/_tiles.py",
+        (
+            (
+                "switch.add_case(ir.Constant(_i64, width), cases[width])",
+                "switch.add_case(ir.Constant(_i64, width), cases[CODE_WIDTHS[-1]])",
+            ),
+        ),
+        ("tests/test_tiles.py",),
+        "the code tiles decode every width as 3-bit codes",
+    ),
+    Mutant(
         "output-unrotated-without-signs",
         "kvq/kernels/attention.py",
         (("row[d] *= signs[d] * factor", "row[d] *= factor"),),

@@ -1,5 +1,10 @@
 """attention's register tiles that read K/V codes directly (``kernels/_tiles.py``), against
-NumPy: values accumulated from per-token codes, scores from per-channel key codes."""
+NumPy: values accumulated from per-token codes, scores from per-channel key codes, and the
+float tiles of the two products. Each tile is also built for register files other than this
+CPU's (``fits``: 16-float accumulators per pass, 16 on AVX-512, 4 on AVX2), so that every
+pass split runs on any machine."""
+
+import functools
 
 import numpy as np
 import pytest
@@ -7,51 +12,72 @@ from numba import njit
 
 from kvq.kernels import pack_codes
 from kvq.kernels._tiles import (
-    scores_codes_tile,
-    scores_codes_tile_1,
-    scores_codes_tile_2,
-    scores_codes_tile_3,
+    ACCUMULATORS,
+    _make_scores_codes_tile,
+    _make_scores_tile,
+    _make_values_codes_tile,
+    _make_values_tile,
+    _pass_vectors,
     scores_tokens_tile,
     scores_tokens_tile_1,
     scores_tokens_tile_2,
     scores_tokens_tile_3,
-    values_codes_tile,
-    values_codes_tile_1,
-    values_codes_tile_2,
-    values_codes_tile_3,
 )
 
-
-@njit
-def _values(rows, codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, t1, c0):
-    if rows == 1:
-        values_codes_tile_1(
-            codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1, c0
-        )
-    elif rows == 2:
-        values_codes_tile_2(
-            codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1, c0
-        )
-    elif rows == 3:
-        values_codes_tile_3(
-            codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1, c0
-        )
-    else:
-        values_codes_tile(
-            codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1, c0
-        )
+FITS = sorted({ACCUMULATORS, 16, 4, 1})  # this CPU's split, AVX-512's, AVX2's, one a pass
 
 
-@njit
-def _scores(rows, codes, at, stride, bits, weights, bias, scores, r0, i0):
-    if rows == 1:
-        scores_codes_tile_1(codes, at, stride, bits, weights, bias, scores, r0, i0)
-    elif rows == 2:
-        scores_codes_tile_2(codes, at, stride, bits, weights, bias, scores, r0, i0)
-    elif rows == 3:
-        scores_codes_tile_3(codes, at, stride, bits, weights, bias, scores, r0, i0)
-    else:
-        scores_codes_tile(codes, at, stride, bits, weights, bias, scores, r0, i0)
+@functools.cache
+def _values_caller(fits: int):
+    """njit (rows, codes, ...) -> None calling ``values_codes_tile_<rows>`` built for ``fits``."""
+    t1, t2, t3, t4 = (_make_values_codes_tile(n, fits) for n in (1, 2, 3, 4))
+
+    @njit
+    def call(rows, codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, t1_, c0):
+        if rows == 1:
+            t1(codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1_, c0)
+        elif rows == 2:
+            t2(codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1_, c0)
+        elif rows == 3:
+            t3(codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1_, c0)
+        else:
+            t4(codes, token_at, bits, weights, scales, mins, groups, runs, acc, r0, 0, t1_, c0)
+
+    return call
+
+
+@functools.cache
+def _scores_caller(fits: int):
+    """njit (rows, codes, ...) -> None calling ``scores_codes_tile_<rows>`` built for ``fits``."""
+    t1, t2, t3, t4 = (_make_scores_codes_tile(n, fits) for n in (1, 2, 3, 4))
+
+    @njit
+    def call(rows, codes, at, stride, bits, weights, bias, scores, r0, i0):
+        if rows == 1:
+            t1(codes, at, stride, bits, weights, bias, scores, r0, i0)
+        elif rows == 2:
+            t2(codes, at, stride, bits, weights, bias, scores, r0, i0)
+        elif rows == 3:
+            t3(codes, at, stride, bits, weights, bias, scores, r0, i0)
+        else:
+            t4(codes, at, stride, bits, weights, bias, scores, r0, i0)
+
+    return call
+
+
+@functools.cache
+def _float_caller(fits: int, rows: int):
+    """njit (keys, q, scores, weights, values, acc, r0, i0, width, c0) -> None: the float
+    ``scores_tile`` and ``values_tile`` of ``rows`` rows built for ``fits``."""
+    scores_tile_ = _make_scores_tile(rows, fits)
+    values_tile_ = _make_values_tile(rows, fits)
+
+    @njit
+    def call(keys, q, scores, weights, values, acc, r0, i0, width, c0):
+        scores_tile_(keys, q, scores, r0, i0)
+        values_tile_(weights, values, acc, r0, width, c0)
+
+    return call
 
 
 @njit
@@ -85,7 +111,8 @@ def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("group", [32, 64])
-def test_values_from_codes_equal_numpy(bits, rows, group):
+@pytest.mark.parametrize("fits", FITS)
+def test_values_from_codes_equal_numpy(bits, rows, group, fits):
     """acc[r, c0:c0+64] += sum_t w[r, t] (min + scale * code) over tokens whose codes sit at
     scattered offsets, each token's groups with their own params (both tiles of dim 128)."""
     rng = np.random.default_rng(bits * 10 + rows)
@@ -107,7 +134,7 @@ def test_values_from_codes_equal_numpy(bits, rows, group):
     expected[r0 : r0 + rows] += weights[r0 : r0 + rows].astype(np.float64) @ values
     packed = _packed(codes, bits)
     for c0 in (0, 64):
-        _values(
+        _values_caller(fits)(
             rows, packed, token_at, bits, weights, scales, mins, groups, group // 32, acc, r0,
             tokens, c0,
         )  # fmt: skip
@@ -117,7 +144,8 @@ def test_values_from_codes_equal_numpy(bits, rows, group):
 
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_scores_from_codes_equal_numpy(bits, rows):
+@pytest.mark.parametrize("fits", FITS)
+def test_scores_from_codes_equal_numpy(bits, rows, fits):
     """scores[r, i0:i0+32] = bias[r] + sum_d w[r, d] (code - 2 ** (bits - 1)) for channel runs
     of 32 codes ``stride`` apart, written (not added) into the tile only."""
     rng = np.random.default_rng(bits * 10 + rows + 5)
@@ -129,7 +157,9 @@ def test_scores_from_codes_equal_numpy(bits, rows):
     channels = np.stack([codes[at + d * stride : at + d * stride + 32] for d in range(dim)])
     centred = channels.astype(np.float64) - 2 ** (bits - 1)
     expected = bias[r0 : r0 + rows, None] + weights[r0 : r0 + rows].astype(np.float64) @ centred
-    _scores(rows, _packed(codes, bits), at, stride, bits, weights, bias, scores, r0, i0)
+    _scores_caller(fits)(
+        rows, _packed(codes, bits), at, stride, bits, weights, bias, scores, r0, i0
+    )
     np.testing.assert_allclose(
         scores[r0 : r0 + rows, i0 : i0 + 32], expected, rtol=1e-5, atol=1e-4
     )
@@ -168,3 +198,51 @@ def test_scores_from_token_codes_equal_numpy(bits, rows, group):
     untouched = np.ones(scores.shape, bool)
     untouched[r0 : r0 + rows, :tokens] = False
     assert (scores[untouched] == -9.0).all(), "wrote outside the tile"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("fits", FITS)
+def test_float_tiles_equal_numpy(rows, fits):
+    """scores[r, i0:i0+32] = q[r] @ keys[:, i0:i0+32] (written) and acc[r, c0:c0+64] +=
+    w[r, :width] @ values[:width, c0:c0+64] (added), each in the tile only."""
+    rng = np.random.default_rng(rows * 7 + fits)
+    dim, r0, i0, width, c0 = 64, 1, 32, 23, 64
+    keys = rng.standard_normal((dim, 96)).astype(np.float32)
+    q = rng.standard_normal((r0 + rows + 1, dim)).astype(np.float32)
+    scores = np.full((r0 + rows + 1, 96), -9.0, np.float32)
+    weights = rng.random((r0 + rows + 1, 40)).astype(np.float32)
+    values = rng.standard_normal((40, 160)).astype(np.float32)
+    acc = rng.standard_normal((r0 + rows + 1, 160)).astype(np.float32)
+    before = acc.copy()
+    _float_caller(fits, rows)(keys, q, scores, weights, values, acc, r0, i0, width, c0)
+    rows_ = slice(r0, r0 + rows)
+    expected = q[rows_].astype(np.float64) @ keys[:, i0 : i0 + 32]
+    np.testing.assert_allclose(scores[rows_, i0 : i0 + 32], expected, rtol=1e-5, atol=1e-4)
+    untouched = np.ones(scores.shape, bool)
+    untouched[rows_, i0 : i0 + 32] = False
+    assert (scores[untouched] == -9.0).all(), "scores_tile wrote outside the tile"
+    added = weights[rows_, :width].astype(np.float64) @ values[:width, c0 : c0 + 64]
+    np.testing.assert_allclose(
+        acc[rows_, c0 : c0 + 64], before[rows_, c0 : c0 + 64] + added, rtol=1e-5, atol=1e-4
+    )
+    untouched = np.ones(acc.shape, bool)
+    untouched[rows_, c0 : c0 + 64] = False
+    assert (acc[untouched] == before[untouched]).all(), "values_tile wrote outside the tile"
+
+
+def test_the_register_file_follows_numbas_target(monkeypatch):
+    """AVX-512 (32 registers of 16 floats) only when the CPU Numba compiles for has it:
+    NUMBA_CPU_FEATURES when set, a named CPU without features counts as narrow."""
+    from numba.core import config
+
+    from kvq.kernels import _tiles
+
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,+avx512f,+fma")
+    assert _tiles._wide_registers()
+    monkeypatch.setattr(config, "CPU_FEATURES", "+avx2,-avx512f,+fma")
+    assert not _tiles._wide_registers()
+    monkeypatch.setattr(config, "CPU_FEATURES", None)
+    monkeypatch.setattr(config, "CPU_NAME", "generic")
+    assert not _tiles._wide_registers()
+    assert _pass_vectors(4, 16) == 4 and _pass_vectors(4, 4) == 1
+    assert _pass_vectors(3, 4) == 1 and _pass_vectors(2, 4) == 2 and _pass_vectors(1, 4) == 4

@@ -16,22 +16,54 @@ as ``_unpack.py`` does, never stored): ``values_codes_tile`` (per-token value co
 (per-token key codes, one sum of lanes per token and row).
 
 ``scores_tile_n`` and ``values_tile_n`` (and the code tiles' ``_n``) are the same for
-n = 1..3 rows (a GQA group of 1-3 rows, or the rows left after tiles of 4). Arrays are 2-D
-C-contiguous float32 (codes uint8, offsets int64, params float32 1-D); callers guarantee the
-tile lies inside them.
+n = 1..3 rows (a GQA group of 1-3 rows, or the rows left after tiles of 4).
+
+A tile's accumulators must fit the register file: AVX-512's 32 registers hold a 4 x 64 tile
+(16 accumulators of 16 floats), AVX2's 16 hold a quarter of it. So each tile takes its
+columns in passes of at most ``ACCUMULATORS`` 16-float accumulators (16 with AVX-512, 4
+with AVX2), one reduction loop per pass. A code tile's decoder width is switched once
+before its loops, one copy of the loops per width.
+
+Arrays are 2-D C-contiguous float32 (codes uint8, offsets int64, params float32 1-D);
+callers guarantee the tile lies inside them.
 """
 
+import llvmlite.binding as llvm
 from llvmlite import ir
 from numba import types
+from numba.core import config
 from numba.extending import intrinsic
 
 from kvq.kernels._simd import _is_array
-from kvq.kernels._unpack import CODE_WIDTHS, emit_codes, fma_function
+from kvq.kernels._unpack import CODE_WIDTHS, _emit_codes, fma_function
 
 _f32 = ir.FloatType()
 _i32 = ir.IntType(32)
 _i64 = ir.IntType(64)
 _v16 = ir.VectorType(_f32, 16)
+
+
+def _wide_registers() -> bool:
+    """Whether the CPU Numba compiles for has AVX-512 (``NUMBA_CPU_FEATURES`` when set, else
+    the host's): thirty-two 16-float registers, against AVX2's sixteen 8-float ones."""
+    if config.CPU_FEATURES is not None:
+        return "+avx512f" in config.CPU_FEATURES.split(",")
+    if config.CPU_NAME is not None:  # a named CPU without features: assume the narrow file
+        return False
+    return bool(llvm.get_host_cpu_features().get("avx512f", False))
+
+
+# 16-float accumulators a tile keeps in registers at once. AVX-512 holds one in a register:
+# a tile of 4 rows by 64 columns (16) fits its 32. AVX2 splits each over two of its 16, so a
+# tile takes its columns in passes of at most 4 accumulators (8 registers; the rest hold the
+# loads and the broadcast); in one pass, LLVM spilled every accumulator to the stack (a load
+# and a store per FMA).
+ACCUMULATORS = 16 if _wide_registers() else 4
+
+
+def _pass_vectors(count: int, fits: int) -> int:
+    """16-float column vectors per pass of a tile of ``count`` rows (at least 1)."""
+    return max(1, fits // count)
 
 
 def _fma(module):
@@ -64,15 +96,27 @@ def _is_matrix(value) -> bool:
     )
 
 
-def _emit_tile(builder, a, b, out, row0, col0, steps, count, vectors, accumulate, name):
+def _emit_tile(builder, a, b, out, row0, col0, steps, count, vectors, accumulate, name, fits):
     """IR of a register tile: for rows r < count and the ``16 * vectors`` columns from col0,
     ``out[row0 + r, col] (+)= sum_k a[row0 + r, k] * b[k, col]`` over k < steps (steps >= 1);
     ``a``, ``b``, ``out``: (data pointer, row stride) of C-contiguous float32 matrices. The
-    ``count * vectors`` accumulators stay in registers (phi nodes) through the whole loop;
-    ``accumulate`` adds them to ``out``, else they overwrite it."""
+    accumulators stay in registers (phi nodes) through the whole loop: the columns are taken
+    in passes of at most ``fits`` accumulators (:func:`_pass_vectors`), one reduction loop
+    each; ``accumulate`` adds them to ``out``, else they overwrite it."""
+    step = _pass_vectors(count, fits)
+    for first in range(0, vectors, step):
+        _emit_tile_pass(
+            builder, a, b, out, row0, col0, steps, count, range(first, min(vectors, first + step)),
+            accumulate, f"{name}.{first}",
+        )  # fmt: skip
+
+
+def _emit_tile_pass(builder, a, b, out, row0, col0, steps, count, columns, accumulate, name):
+    """One pass of :func:`_emit_tile`: the 16-float column vectors ``columns``."""
     (a_data, a_stride), (b_data, b_stride), (out_data, out_stride) = a, b, out
     fma = _fma(builder.module)
     zero = ir.Constant(_v16, [0.0] * 16)
+    vectors = len(columns)
     entry = builder.basic_block
     loop = builder.append_basic_block(f"{name}.loop")
     done = builder.append_basic_block(f"{name}.done")
@@ -84,11 +128,11 @@ def _emit_tile(builder, a, b, out, row0, col0, steps, count, vectors, accumulate
     for acc in accs:
         acc.add_incoming(zero, entry)
     b_base = builder.add(builder.mul(k, b_stride), col0)
-    columns = [
+    loaded = [
         builder.load(
             _vector_at(builder, b_data, builder.add(b_base, ir.Constant(_i64, 16 * c))), align=4
         )
-        for c in range(vectors)
+        for c in columns
     ]
     updated = []
     for r in range(count):
@@ -96,7 +140,7 @@ def _emit_tile(builder, a, b, out, row0, col0, steps, count, vectors, accumulate
         weight = builder.load(builder.gep(a_data, [builder.add(builder.mul(row, a_stride), k)]))
         broadcast = _splat(builder, weight)
         for c in range(vectors):
-            updated.append(builder.call(fma, [broadcast, columns[c], accs[vectors * r + c]]))
+            updated.append(builder.call(fma, [broadcast, loaded[c], accs[vectors * r + c]]))
     next_k = builder.add(k, ir.Constant(_i64, 1))
     body_end = builder.basic_block
     k.add_incoming(next_k, body_end)
@@ -107,15 +151,16 @@ def _emit_tile(builder, a, b, out, row0, col0, steps, count, vectors, accumulate
     for r in range(count):
         row = builder.add(row0, ir.Constant(_i64, r))
         base = builder.add(builder.mul(row, out_stride), col0)
-        for c in range(vectors):
-            pointer = _vector_at(builder, out_data, builder.add(base, ir.Constant(_i64, 16 * c)))
+        for c, column in enumerate(columns):
+            at = builder.add(base, ir.Constant(_i64, 16 * column))
+            pointer = _vector_at(builder, out_data, at)
             value = updated[vectors * r + c]
             if accumulate:
                 value = builder.fadd(builder.load(pointer, align=4), value)
             builder.store(value, pointer, align=4)
 
 
-def _make_scores_tile(count: int):
+def _make_scores_tile(count: int, fits: int = ACCUMULATORS):
     @intrinsic
     def scores_tile(typingctx, keys, q, scores, r0, i0):
         """scores[r0:r0+count, i0:i0+32] = q[r0:r0+count, :] @ keys[:, i0:i0+32]."""
@@ -130,7 +175,7 @@ def _make_scores_tile(count: int):
             s_data, s_stride, _ = _array(context, builder, s_type, scores_value)
             _emit_tile(
                 builder, (q_data, q_stride), (k_data, k_stride), (s_data, s_stride), row0, col0,
-                dim, count, 2, False, "scores",
+                dim, count, 2, False, "scores", fits,
             )  # fmt: skip
             return context.get_dummy_value()
 
@@ -139,7 +184,7 @@ def _make_scores_tile(count: int):
     return scores_tile
 
 
-def _make_values_tile(count: int):
+def _make_values_tile(count: int, fits: int = ACCUMULATORS):
     @intrinsic
     def values_tile(typingctx, weights, values, acc, r0, width, c0):
         """acc[r0:r0+count, c0:c0+64] += weights[r0:r0+count, :width] @ values[:width,
@@ -155,7 +200,7 @@ def _make_values_tile(count: int):
             a_data, a_stride, _ = _array(context, builder, a_type, a_value)
             _emit_tile(
                 builder, (w_data, w_stride), (v_data, v_stride), (a_data, a_stride), row0, col0,
-                width_value, count, 4, True, "values",
+                width_value, count, 4, True, "values", fits,
             )  # fmt: skip
             return context.get_dummy_value()
 
@@ -207,7 +252,113 @@ def transpose_16(typingctx, source, target, t0, d0):
     return types.void(source, target, types.int64, types.int64), codegen
 
 
-def _make_values_codes_tile(count: int):
+def _per_width(builder, bits_v, emit):
+    """IR that runs ``emit(builder, width)`` for the code width ``bits_v`` (i64) holds, one
+    copy per width of ``CODE_WIDTHS`` (any other runs as the last): the switch is taken once
+    before a tile's loops, not in them (inside, LLVM kept it in every iteration, with its
+    constants reloaded: a third of the values tile's instructions)."""
+    function = builder.function
+    done = function.append_basic_block("width.done")
+    cases = {w: function.append_basic_block(f"width.{w}") for w in CODE_WIDTHS}
+    switch = builder.switch(bits_v, cases[CODE_WIDTHS[-1]])
+    for width in CODE_WIDTHS[:-1]:
+        switch.add_case(ir.Constant(_i64, width), cases[width])
+    for width, block in cases.items():
+        builder.position_at_end(block)
+        emit(builder, width)
+        builder.branch(done)
+    builder.position_at_end(done)
+
+
+def _decoded_columns(builder, codes_data, base, width, col0, columns):
+    """{column: its 16 codes as floats, centred} for the 16-float column vectors ``columns``
+    (< 4) of a 64-column tile from code ``base + col0``, ``width`` bits each: a 32-code run
+    decoded at once when both its halves are wanted, else 16 codes."""
+    decoded = {}
+    undefined = ir.Constant(ir.VectorType(_f32, 32), ir.Undefined)
+    for c in columns:
+        if c in decoded:
+            continue
+        if c % 2 == 0 and c + 1 in columns:
+            index = builder.add(base, builder.add(col0, ir.Constant(_i64, 16 * c)))
+            run = _emit_codes(builder, codes_data, index, width, 32, True)
+            for half in (0, 1):
+                mask = ir.Constant(ir.VectorType(_i32, 16), list(range(16 * half, 16 * half + 16)))
+                decoded[c + half] = builder.shuffle_vector(run, undefined, mask)
+        else:
+            index = builder.add(base, builder.add(col0, ir.Constant(_i64, 16 * c)))
+            decoded[c] = _emit_codes(builder, codes_data, index, width, 16, True)
+    return decoded
+
+
+def _emit_values_codes_pass(
+    builder, arrays, width, groups_v, runs_v, row0, first, last, col0, count, columns
+):  # fmt: skip
+    """One pass of ``values_codes_tile`` over the 16-float column vectors ``columns``: a loop
+    over tokens first .. last - 1 whose accumulators stay in registers."""
+    codes_data, at_data, (w_data, w_stride), s_data, m_data, (a_data, a_stride) = arrays
+    # codes arrive centred (minus 2 ** (bits - 1), so the two sums do not both grow with the
+    # group's offset): the min becomes the group's centre
+    middle = ir.Constant(_f32, float(1 << (width - 1)))
+    fma = _fma(builder.module)
+    zero = ir.Constant(_v16, [0.0] * 16)
+    runs = sorted({c // 2 for c in columns})  # the tile's 32-column runs this pass reads
+    run0 = builder.sdiv(col0, ir.Constant(_i64, 32))
+    group_of = {j: builder.sdiv(builder.add(run0, ir.Constant(_i64, j)), runs_v) for j in runs}
+    entry = builder.basic_block
+    loop = builder.append_basic_block("vcodes.loop")
+    done = builder.append_basic_block("vcodes.done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    t = builder.phi(_i64)
+    t.add_incoming(first, entry)
+    accs = {(r, c): builder.phi(_v16) for r in range(count) for c in columns}
+    for a in accs.values():
+        a.add_incoming(zero, entry)
+    low_sums = {(r, j): builder.phi(_f32) for r in range(count) for j in runs}
+    for m in low_sums.values():
+        m.add_incoming(ir.Constant(_f32, 0.0), entry)
+    local = builder.sub(t, first)
+    base = builder.load(builder.gep(at_data, [local]))
+    decoded = _decoded_columns(builder, codes_data, base, width, col0, columns)
+    group_scales, group_centres = {}, {}
+    for j in runs:
+        param = builder.add(builder.mul(local, groups_v), group_of[j])
+        scale = builder.load(builder.gep(s_data, [param]))
+        lowest = builder.load(builder.gep(m_data, [param]))
+        group_scales[j] = scale
+        group_centres[j] = builder.fadd(lowest, builder.fmul(scale, middle))
+    updated, updated_sums = {}, {}
+    for r in range(count):
+        row = builder.add(row0, ir.Constant(_i64, r))
+        p = builder.load(builder.gep(w_data, [builder.add(builder.mul(row, w_stride), t)]))
+        for j in runs:
+            weight = _splat(builder, builder.fmul(p, group_scales[j]))
+            for c in columns:
+                if c // 2 == j:
+                    updated[r, c] = builder.call(fma, [weight, decoded[c], accs[r, c]])
+            low = builder.fadd(low_sums[r, j], builder.fmul(p, group_centres[j]))
+            updated_sums[r, j] = low
+    next_t = builder.add(t, ir.Constant(_i64, 1))
+    body_end = builder.basic_block
+    t.add_incoming(next_t, body_end)
+    for key, a in accs.items():
+        a.add_incoming(updated[key], body_end)
+    for key, m in low_sums.items():
+        m.add_incoming(updated_sums[key], body_end)
+    builder.cbranch(builder.icmp_signed("<", next_t, last), loop, done)
+    builder.position_at_end(done)
+    for r in range(count):
+        row = builder.add(row0, ir.Constant(_i64, r))
+        out_base = builder.add(builder.mul(row, a_stride), col0)
+        for c in columns:
+            at = builder.add(out_base, ir.Constant(_i64, 16 * c))
+            pointer = _vector_at(builder, a_data, at)
+            total = builder.fadd(updated[r, c], _splat(builder, updated_sums[r, c // 2]))
+            builder.store(builder.fadd(builder.load(pointer, align=4), total), pointer, align=4)
+
+
+def _make_values_codes_tile(count: int, fits: int = ACCUMULATORS):
     @intrinsic
     def values_codes_tile(
         typingctx, codes, token_at, bits, weights, scales, mins, groups, group_runs, acc, r0,
@@ -239,83 +390,17 @@ def _make_values_codes_tile(count: int):
             s_data = context.make_array(types_[4])(context, builder, s_v).data
             m_data = context.make_array(types_[5])(context, builder, m_v).data
             a_data, a_stride, _ = _array(context, builder, types_[8], acc_v)
-            fma = _fma(builder.module)
-            zero = ir.Constant(_v16, [0.0] * 16)
-            # codes arrive centred (minus 2 ** (bits - 1), so the two sums do not both grow
-            # with the group's offset): the min becomes the group's centre
-            middle = builder.sitofp(
-                builder.shl(ir.Constant(_i64, 1), builder.sub(bits_v, ir.Constant(_i64, 1))), _f32
-            )
-            # the tile's two 32-column runs and their groups
-            run0 = builder.sdiv(col0, ir.Constant(_i64, 32))
-            group_of = [
-                builder.sdiv(builder.add(run0, ir.Constant(_i64, j)), runs_v) for j in (0, 1)
-            ]
-            entry = builder.basic_block
-            loop = builder.append_basic_block("vcodes.loop")
-            done = builder.append_basic_block("vcodes.done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            t = builder.phi(_i64)
-            t.add_incoming(first, entry)
-            accs = [builder.phi(_v16) for _ in range(count * 4)]
-            for a in accs:
-                a.add_incoming(zero, entry)
-            low_sums = [builder.phi(_f32) for _ in range(count * 2)]
-            for m in low_sums:
-                m.add_incoming(ir.Constant(_f32, 0.0), entry)
-            local = builder.sub(t, first)
-            base = builder.load(builder.gep(at_data, [local]))
-            halves = []
-            group_scales = []
-            group_mins = []
-            for j in (0, 1):
-                index = builder.add(base, builder.add(col0, ir.Constant(_i64, 32 * j)))
-                values = emit_codes(builder, codes_data, index, bits_v, 32, CODE_WIDTHS, True)
-                undefined = ir.Constant(ir.VectorType(_f32, 32), ir.Undefined)
-                for half in (0, 1):
-                    mask = ir.Constant(
-                        ir.VectorType(_i32, 16), list(range(16 * half, 16 * half + 16))
-                    )
-                    halves.append(builder.shuffle_vector(values, undefined, mask))
-                param = builder.add(builder.mul(local, groups_v), group_of[j])
-                scale = builder.load(builder.gep(s_data, [param]))
-                lowest = builder.load(builder.gep(m_data, [param]))
-                group_scales.append(scale)
-                group_mins.append(builder.fadd(lowest, builder.fmul(scale, middle)))
-            updated = []
-            updated_sums = []
-            for r in range(count):
-                row = builder.add(row0, ir.Constant(_i64, r))
-                p = builder.load(builder.gep(w_data, [builder.add(builder.mul(row, w_stride), t)]))
-                for j in (0, 1):
-                    weight = _splat(builder, builder.fmul(p, group_scales[j]))
-                    for half in (0, 1):
-                        c = 2 * j + half
-                        updated.append(builder.call(fma, [weight, halves[c], accs[4 * r + c]]))
-                    low = builder.fadd(low_sums[2 * r + j], builder.fmul(p, group_mins[j]))
-                    updated_sums.append(low)
-            next_t = builder.add(t, ir.Constant(_i64, 1))
-            body_end = builder.basic_block
-            t.add_incoming(next_t, body_end)
-            for a, value in zip(accs, updated, strict=True):
-                a.add_incoming(value, body_end)
-            for m, value in zip(low_sums, updated_sums, strict=True):
-                m.add_incoming(value, body_end)
-            builder.cbranch(builder.icmp_signed("<", next_t, last), loop, done)
-            builder.position_at_end(done)
-            for r in range(count):
-                row = builder.add(row0, ir.Constant(_i64, r))
-                out_base = builder.add(builder.mul(row, a_stride), col0)
-                for c in range(4):
-                    at = builder.add(out_base, ir.Constant(_i64, 16 * c))
-                    pointer = _vector_at(builder, a_data, at)
-                    total = builder.fadd(
-                        updated[4 * r + c], _splat(builder, updated_sums[2 * r + c // 2])
-                    )
-                    builder.store(
-                        builder.fadd(builder.load(pointer, align=4), total), pointer, align=4
-                    )
+            arrays = (codes_data, at_data, (w_data, w_stride), s_data, m_data, (a_data, a_stride))
+            step = _pass_vectors(count, fits)
+
+            def emit(builder, width):
+                for first_column in range(0, 4, step):
+                    _emit_values_codes_pass(
+                        builder, arrays, width, groups_v, runs_v, row0, first, last, col0, count,
+                        range(first_column, min(4, first_column + step)),
+                    )  # fmt: skip
+
+            _per_width(builder, bits_v, emit)
             return context.get_dummy_value()
 
         return types.void(
@@ -331,7 +416,51 @@ values_codes_tile_1, values_codes_tile_2, values_codes_tile_3, values_codes_tile
 )
 
 
-def _make_scores_codes_tile(count: int):
+def _emit_scores_codes_pass(
+    builder, arrays, at_v, stride_v, width, dim, row0, col0, count, halves
+):  # fmt: skip
+    """One pass of ``scores_codes_tile`` over its 16-token halves ``halves`` (of 0, 1): a loop
+    over the channels whose accumulators stay in registers."""
+    codes_data, (w_data, w_stride), bias_data, (s_data, s_stride) = arrays
+    fma = _fma(builder.module)
+    zero = ir.Constant(_v16, [0.0] * 16)
+    entry = builder.basic_block
+    loop = builder.append_basic_block("kcodes.loop")
+    done = builder.append_basic_block("kcodes.done")
+    builder.branch(loop)
+    builder.position_at_end(loop)
+    d = builder.phi(_i64)
+    d.add_incoming(ir.Constant(_i64, 0), entry)
+    accs = {(r, h): builder.phi(_v16) for r in range(count) for h in halves}
+    for a in accs.values():
+        a.add_incoming(zero, entry)
+    index = builder.add(at_v, builder.mul(d, stride_v))
+    decoded = _decoded_columns(builder, codes_data, index, width, ir.Constant(_i64, 0), halves)
+    updated = {}
+    for r in range(count):
+        row = builder.add(row0, ir.Constant(_i64, r))
+        weight = builder.load(builder.gep(w_data, [builder.add(builder.mul(row, w_stride), d)]))
+        broadcast = _splat(builder, weight)
+        for h in halves:
+            updated[r, h] = builder.call(fma, [broadcast, decoded[h], accs[r, h]])
+    next_d = builder.add(d, ir.Constant(_i64, 1))
+    body_end = builder.basic_block
+    d.add_incoming(next_d, body_end)
+    for key, a in accs.items():
+        a.add_incoming(updated[key], body_end)
+    builder.cbranch(builder.icmp_signed("<", next_d, dim), loop, done)
+    builder.position_at_end(done)
+    for r in range(count):
+        row = builder.add(row0, ir.Constant(_i64, r))
+        offset = _splat(builder, builder.load(builder.gep(bias_data, [row])))
+        base = builder.add(builder.mul(row, s_stride), col0)
+        for h in halves:
+            at = builder.add(base, ir.Constant(_i64, 16 * h))
+            total = builder.fadd(updated[r, h], offset)
+            builder.store(total, _vector_at(builder, s_data, at), align=4)
+
+
+def _make_scores_codes_tile(count: int, fits: int = ACCUMULATORS):
     @intrinsic
     def scores_codes_tile(typingctx, codes, at, stride, bits, weights, bias, scores, r0, i0):
         """scores[r, i0:i0+32] = bias[r] + sum_d weights[r, d] * (code(at + d * stride + i) -
@@ -354,52 +483,18 @@ def _make_scores_codes_tile(count: int):
             w_data, w_stride, _ = _array(context, builder, types_[4], w_v)
             bias_data = context.make_array(types_[5])(context, builder, bias_v).data
             s_data, s_stride, _ = _array(context, builder, types_[6], s_v)
-            fma = _fma(builder.module)
-            zero = ir.Constant(_v16, [0.0] * 16)
-            entry = builder.basic_block
-            loop = builder.append_basic_block("kcodes.loop")
-            done = builder.append_basic_block("kcodes.done")
-            builder.branch(loop)
-            builder.position_at_end(loop)
-            d = builder.phi(_i64)
-            d.add_incoming(ir.Constant(_i64, 0), entry)
-            accs = [builder.phi(_v16) for _ in range(count * 2)]
-            for a in accs:
-                a.add_incoming(zero, entry)
-            index = builder.add(at_v, builder.mul(d, stride_v))
-            values = emit_codes(builder, codes_data, index, bits_v, 32, CODE_WIDTHS, True)
-            undefined = ir.Constant(ir.VectorType(_f32, 32), ir.Undefined)
-            halves = [
-                builder.shuffle_vector(
-                    values, undefined, ir.Constant(ir.VectorType(_i32, 16), list(range(h, h + 16)))
-                )
-                for h in (0, 16)
-            ]
-            updated = []
-            for r in range(count):
-                row = builder.add(row0, ir.Constant(_i64, r))
-                weight = builder.load(
-                    builder.gep(w_data, [builder.add(builder.mul(row, w_stride), d)])
-                )
-                broadcast = _splat(builder, weight)
-                for h in (0, 1):
-                    updated.append(builder.call(fma, [broadcast, halves[h], accs[2 * r + h]]))
-            next_d = builder.add(d, ir.Constant(_i64, 1))
-            body_end = builder.basic_block
-            d.add_incoming(next_d, body_end)
-            for a, value in zip(accs, updated, strict=True):
-                a.add_incoming(value, body_end)
+            arrays = (codes_data, (w_data, w_stride), bias_data, (s_data, s_stride))
             dim = _array(context, builder, types_[4], w_v)[1]
-            builder.cbranch(builder.icmp_signed("<", next_d, dim), loop, done)
-            builder.position_at_end(done)
-            for r in range(count):
-                row = builder.add(row0, ir.Constant(_i64, r))
-                offset = _splat(builder, builder.load(builder.gep(bias_data, [row])))
-                base = builder.add(builder.mul(row, s_stride), col0)
-                for h in (0, 1):
-                    at = builder.add(base, ir.Constant(_i64, 16 * h))
-                    total = builder.fadd(updated[2 * r + h], offset)
-                    builder.store(total, _vector_at(builder, s_data, at), align=4)
+            step = _pass_vectors(count, fits)
+
+            def emit(builder, width):
+                for half in range(0, 2, step):
+                    _emit_scores_codes_pass(
+                        builder, arrays, at_v, stride_v, width, dim, row0, col0, count,
+                        range(half, min(2, half + step)),
+                    )  # fmt: skip
+
+            _per_width(builder, bits_v, emit)
             return context.get_dummy_value()
 
         return types.void(
@@ -462,82 +557,87 @@ def _make_scores_tokens_tile(count: int):
             s_data = context.make_array(types_[5])(context, builder, s_v).data
             m_data = context.make_array(types_[6])(context, builder, m_v).data
             out_data, out_stride, _ = _array(context, builder, types_[9], scores_v)
-            fma = _fma(builder.module)
-            middle = builder.sitofp(
-                builder.shl(ir.Constant(_i64, 1), builder.sub(bits_v, ir.Constant(_i64, 1))), _f32
-            )
-            runs_total = builder.sdiv(dim, ir.Constant(_i64, 32))
-            zero = ir.Constant(_v16, [0.0] * 16)
-            rows = [builder.add(row0, ir.Constant(_i64, r)) for r in range(count)]
-            # outer loop over tokens
-            entry = builder.basic_block
-            tokens = builder.append_basic_block("ktok.tokens")
-            runs = builder.append_basic_block("ktok.runs")
-            token_end = builder.append_basic_block("ktok.token_end")
-            done = builder.append_basic_block("ktok.done")
-            builder.branch(tokens)
-            builder.position_at_end(tokens)
-            t = builder.phi(_i64)
-            t.add_incoming(ir.Constant(_i64, 0), entry)
-            base = builder.load(builder.gep(at_data, [t]))
-            first_param = builder.mul(t, groups_v)
-            builder.branch(runs)
-            # inner loop over the token's 32-channel runs
-            builder.position_at_end(runs)
-            j = builder.phi(_i64)
-            j.add_incoming(ir.Constant(_i64, 0), tokens)
-            totals = [builder.phi(_v16) for _ in range(count)]
-            offsets = [builder.phi(_f32) for _ in range(count)]
-            for total in totals:
-                total.add_incoming(zero, tokens)
-            for offset in offsets:
-                offset.add_incoming(ir.Constant(_f32, 0.0), tokens)
-            channel = builder.mul(j, ir.Constant(_i64, 32))
-            values = emit_codes(
-                builder, codes_data, builder.add(base, channel), bits_v, 32, CODE_WIDTHS, True
-            )
-            undefined = ir.Constant(ir.VectorType(_f32, 32), ir.Undefined)
-            halves = [
-                builder.shuffle_vector(
-                    values, undefined, ir.Constant(ir.VectorType(_i32, 16), list(range(h, h + 16)))
+
+            def emit(builder, width):
+                fma = _fma(builder.module)
+                middle = ir.Constant(_f32, float(1 << (width - 1)))
+                runs_total = builder.sdiv(dim, ir.Constant(_i64, 32))
+                zero = ir.Constant(_v16, [0.0] * 16)
+                rows = [builder.add(row0, ir.Constant(_i64, r)) for r in range(count)]
+                # outer loop over tokens
+                entry = builder.basic_block
+                tokens = builder.append_basic_block("ktok.tokens")
+                runs = builder.append_basic_block("ktok.runs")
+                token_end = builder.append_basic_block("ktok.token_end")
+                done = builder.append_basic_block("ktok.done")
+                builder.branch(tokens)
+                builder.position_at_end(tokens)
+                t = builder.phi(_i64)
+                t.add_incoming(ir.Constant(_i64, 0), entry)
+                base = builder.load(builder.gep(at_data, [t]))
+                first_param = builder.mul(t, groups_v)
+                builder.branch(runs)
+                # inner loop over the token's 32-channel runs
+                builder.position_at_end(runs)
+                j = builder.phi(_i64)
+                j.add_incoming(ir.Constant(_i64, 0), tokens)
+                totals = [builder.phi(_v16) for _ in range(count)]
+                offsets = [builder.phi(_f32) for _ in range(count)]
+                for total in totals:
+                    total.add_incoming(zero, tokens)
+                for offset in offsets:
+                    offset.add_incoming(ir.Constant(_f32, 0.0), tokens)
+                channel = builder.mul(j, ir.Constant(_i64, 32))
+                values = _emit_codes(
+                    builder, codes_data, builder.add(base, channel), width, 32, True
                 )
-                for h in (0, 16)
-            ]
-            param = builder.add(first_param, builder.sdiv(j, runs_v))
-            scale = builder.load(builder.gep(s_data, [param]))
-            centre = builder.fadd(
-                builder.load(builder.gep(m_data, [param])), builder.fmul(scale, middle)
-            )
-            broadcast = _splat(builder, scale)
-            new_totals, new_offsets = [], []
-            for r in range(count):
-                q_at = builder.add(builder.mul(rows[r], dim), channel)
-                low = builder.load(_vector_at(builder, q_data, q_at), align=4)
-                high = builder.load(
-                    _vector_at(builder, q_data, builder.add(q_at, ir.Constant(_i64, 16))), align=4
+                undefined = ir.Constant(ir.VectorType(_f32, 32), ir.Undefined)
+                halves = [
+                    builder.shuffle_vector(
+                        values,
+                        undefined,
+                        ir.Constant(ir.VectorType(_i32, 16), list(range(h, h + 16))),
+                    )
+                    for h in (0, 16)
+                ]
+                param = builder.add(first_param, builder.sdiv(j, runs_v))
+                scale = builder.load(builder.gep(s_data, [param]))
+                centre = builder.fadd(
+                    builder.load(builder.gep(m_data, [param])), builder.fmul(scale, middle)
                 )
-                partial = builder.fmul(halves[0], low)
-                partial = builder.call(fma, [halves[1], high, partial])
-                new_totals.append(builder.call(fma, [broadcast, partial, totals[r]]))
-                run_sum = builder.load(
-                    builder.gep(sums_data, [builder.add(builder.mul(rows[r], sums_stride), j)])
-                )
-                new_offsets.append(builder.fadd(offsets[r], builder.fmul(centre, run_sum)))
-            next_j = builder.add(j, ir.Constant(_i64, 1))
-            runs_end = builder.basic_block
-            j.add_incoming(next_j, runs_end)
-            for phi, value in zip(totals + offsets, new_totals + new_offsets, strict=True):
-                phi.add_incoming(value, runs_end)
-            builder.cbranch(builder.icmp_signed("<", next_j, runs_total), runs, token_end)
-            builder.position_at_end(token_end)
-            for r in range(count):
-                score = builder.fadd(_sum_lanes(builder, new_totals[r]), new_offsets[r])
-                at = builder.add(builder.mul(rows[r], out_stride), t)
-                builder.store(score, builder.gep(out_data, [at]))
-            next_t = builder.add(t, ir.Constant(_i64, 1))
-            t.add_incoming(next_t, token_end)
-            builder.cbranch(builder.icmp_signed("<", next_t, last), tokens, done)
-            builder.position_at_end(done)
+                broadcast = _splat(builder, scale)
+                new_totals, new_offsets = [], []
+                for r in range(count):
+                    q_at = builder.add(builder.mul(rows[r], dim), channel)
+                    low = builder.load(_vector_at(builder, q_data, q_at), align=4)
+                    high = builder.load(
+                        _vector_at(builder, q_data, builder.add(q_at, ir.Constant(_i64, 16))),
+                        align=4,
+                    )
+                    partial = builder.fmul(halves[0], low)
+                    partial = builder.call(fma, [halves[1], high, partial])
+                    new_totals.append(builder.call(fma, [broadcast, partial, totals[r]]))
+                    run_sum = builder.load(
+                        builder.gep(sums_data, [builder.add(builder.mul(rows[r], sums_stride), j)])
+                    )
+                    new_offsets.append(builder.fadd(offsets[r], builder.fmul(centre, run_sum)))
+                next_j = builder.add(j, ir.Constant(_i64, 1))
+                runs_end = builder.basic_block
+                j.add_incoming(next_j, runs_end)
+                for phi, value in zip(totals + offsets, new_totals + new_offsets, strict=True):
+                    phi.add_incoming(value, runs_end)
+                builder.cbranch(builder.icmp_signed("<", next_j, runs_total), runs, token_end)
+                builder.position_at_end(token_end)
+                for r in range(count):
+                    score = builder.fadd(_sum_lanes(builder, new_totals[r]), new_offsets[r])
+                    at = builder.add(builder.mul(rows[r], out_stride), t)
+                    builder.store(score, builder.gep(out_data, [at]))
+                next_t = builder.add(t, ir.Constant(_i64, 1))
+                t.add_incoming(next_t, token_end)
+                builder.cbranch(builder.icmp_signed("<", next_t, last), tokens, done)
+                builder.position_at_end(done)
+
+            _per_width(builder, bits_v, emit)
             return context.get_dummy_value()
 
         return types.void(

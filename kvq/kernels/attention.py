@@ -50,6 +50,7 @@ from numba import njit, prange
 from kvq._format import MIN_OFFSET, SUB_BITS, SUPER_GROUPS
 from kvq.kernels._floatbits import bits_to_float, half_bits_to_float
 from kvq.kernels._tiles import (
+    ACCUMULATORS,
     scores_codes_tile,
     scores_codes_tile_1,
     scores_codes_tile_2,
@@ -106,6 +107,9 @@ class StreamView(NamedTuple):
 
 
 _NEG_INF = np.float32(-np.inf)
+
+# AVX-512's register file (a compile-time constant of the kernel: Numba freezes globals)
+_WIDE = ACCUMULATORS >= 16
 
 # the kernel's float flags, for the helpers it calls out of line too
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
@@ -697,8 +701,10 @@ def _attend_task(
     v_vector = _vector_tokens(v, dim)
     # values accumulated from their codes; with more than 4 rows the tiles decode each code
     # once per 4 rows, which for 3-bit codes (the costliest decode: they straddle bytes) is
-    # slower than one decode to scratch (GPT-OSS's 8 rows, q3: 0.92x; q2, q4, q8: 0.99-1.10x)
-    v_fused = v_vector and dim % 64 == 0 and (rows <= 4 or v.bits != 3)
+    # slower than one decode to scratch (GPT-OSS's 8 rows, q3: 0.92x; q2, q4, q8: 0.99-1.10x
+    # with AVX-512). With AVX2 (16 registers: the tiles take their columns in passes) 8 rows
+    # run faster from scratch for every width (GPT-OSS q4, one thread: 985 -> 766 ns a token)
+    v_fused = v_vector and dim % 64 == 0 and (rows <= 4 or (v.bits != 3 and _WIDE))
     k_flat = _flat(k)
     v_flat = _flat(v)
     heads_per_task = (kv_heads + head_groups - 1) // head_groups
