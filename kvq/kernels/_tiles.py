@@ -111,22 +111,43 @@ def _emit_tile(builder, a, b, out, row0, col0, steps, count, vectors, accumulate
         )  # fmt: skip
 
 
-def _emit_tile_pass(builder, a, b, out, row0, col0, steps, count, columns, accumulate, name):
-    """One pass of :func:`_emit_tile`: the 16-float column vectors ``columns``."""
-    (a_data, a_stride), (b_data, b_stride), (out_data, out_stride) = a, b, out
-    fma = _fma(builder.module)
-    zero = ir.Constant(_v16, [0.0] * 16)
-    vectors = len(columns)
+def _open_loop(builder, name, start, keys):
+    """Open a counted loop block ``name``: (counter phi from ``start``, {key: a 16-float
+    accumulator phi from zero}, the entry block, the loop block, the block after it)."""
     entry = builder.basic_block
     loop = builder.append_basic_block(f"{name}.loop")
     done = builder.append_basic_block(f"{name}.done")
     builder.branch(loop)
     builder.position_at_end(loop)
-    k = builder.phi(_i64)
-    k.add_incoming(ir.Constant(_i64, 0), entry)
-    accs = [builder.phi(_v16) for _ in range(count * vectors)]
-    for acc in accs:
+    counter = builder.phi(_i64)
+    counter.add_incoming(start, entry)
+    accs = {key: builder.phi(_v16) for key in keys}
+    zero = ir.Constant(_v16, [0.0] * 16)
+    for acc in accs.values():
         acc.add_incoming(zero, entry)
+    return counter, accs, entry, loop, done
+
+
+def _close_loop(builder, counter, stop, loop, done, phis):
+    """Close a loop from :func:`_open_loop`: counter + 1 and each (phi, its new value) of
+    ``phis`` flow back; the loop runs while counter + 1 < ``stop``, then ``done`` follows."""
+    following = builder.add(counter, ir.Constant(_i64, 1))
+    body_end = builder.basic_block
+    counter.add_incoming(following, body_end)
+    for phi, value in phis:
+        phi.add_incoming(value, body_end)
+    builder.cbranch(builder.icmp_signed("<", following, stop), loop, done)
+    builder.position_at_end(done)
+
+
+def _emit_tile_pass(builder, a, b, out, row0, col0, steps, count, columns, accumulate, name):
+    """One pass of :func:`_emit_tile`: the 16-float column vectors ``columns``."""
+    (a_data, a_stride), (b_data, b_stride), (out_data, out_stride) = a, b, out
+    fma = _fma(builder.module)
+    vectors = len(columns)
+    start = ir.Constant(_i64, 0)
+    k, phis, _, loop, done = _open_loop(builder, name, start, range(count * vectors))
+    accs = list(phis.values())
     b_base = builder.add(builder.mul(k, b_stride), col0)
     loaded = [
         builder.load(
@@ -141,13 +162,7 @@ def _emit_tile_pass(builder, a, b, out, row0, col0, steps, count, columns, accum
         broadcast = _splat(builder, weight)
         for c in range(vectors):
             updated.append(builder.call(fma, [broadcast, loaded[c], accs[vectors * r + c]]))
-    next_k = builder.add(k, ir.Constant(_i64, 1))
-    body_end = builder.basic_block
-    k.add_incoming(next_k, body_end)
-    for acc, value in zip(accs, updated, strict=True):
-        acc.add_incoming(value, body_end)
-    builder.cbranch(builder.icmp_signed("<", next_k, steps), loop, done)
-    builder.position_at_end(done)
+    _close_loop(builder, k, steps, loop, done, zip(accs, updated, strict=True))
     for r in range(count):
         row = builder.add(row0, ir.Constant(_i64, r))
         base = builder.add(builder.mul(row, out_stride), col0)
@@ -301,20 +316,11 @@ def _emit_values_codes_pass(
     # group's offset): the min becomes the group's centre
     middle = ir.Constant(_f32, float(1 << (width - 1)))
     fma = _fma(builder.module)
-    zero = ir.Constant(_v16, [0.0] * 16)
     runs = sorted({c // 2 for c in columns})  # the tile's 32-column runs this pass reads
     run0 = builder.sdiv(col0, ir.Constant(_i64, 32))
     group_of = {j: builder.sdiv(builder.add(run0, ir.Constant(_i64, j)), runs_v) for j in runs}
-    entry = builder.basic_block
-    loop = builder.append_basic_block("vcodes.loop")
-    done = builder.append_basic_block("vcodes.done")
-    builder.branch(loop)
-    builder.position_at_end(loop)
-    t = builder.phi(_i64)
-    t.add_incoming(first, entry)
-    accs = {(r, c): builder.phi(_v16) for r in range(count) for c in columns}
-    for a in accs.values():
-        a.add_incoming(zero, entry)
+    keys = [(r, c) for r in range(count) for c in columns]
+    t, accs, entry, loop, done = _open_loop(builder, "vcodes", first, keys)
     low_sums = {(r, j): builder.phi(_f32) for r in range(count) for j in runs}
     for m in low_sums.values():
         m.add_incoming(ir.Constant(_f32, 0.0), entry)
@@ -339,15 +345,9 @@ def _emit_values_codes_pass(
                     updated[r, c] = builder.call(fma, [weight, decoded[c], accs[r, c]])
             low = builder.fadd(low_sums[r, j], builder.fmul(p, group_centres[j]))
             updated_sums[r, j] = low
-    next_t = builder.add(t, ir.Constant(_i64, 1))
-    body_end = builder.basic_block
-    t.add_incoming(next_t, body_end)
-    for key, a in accs.items():
-        a.add_incoming(updated[key], body_end)
-    for key, m in low_sums.items():
-        m.add_incoming(updated_sums[key], body_end)
-    builder.cbranch(builder.icmp_signed("<", next_t, last), loop, done)
-    builder.position_at_end(done)
+    phis = [(a, updated[key]) for key, a in accs.items()]
+    phis += [(m, updated_sums[key]) for key, m in low_sums.items()]
+    _close_loop(builder, t, last, loop, done, phis)
     for r in range(count):
         row = builder.add(row0, ir.Constant(_i64, r))
         out_base = builder.add(builder.mul(row, a_stride), col0)
@@ -423,17 +423,8 @@ def _emit_scores_codes_pass(
     over the channels whose accumulators stay in registers."""
     codes_data, (w_data, w_stride), bias_data, (s_data, s_stride) = arrays
     fma = _fma(builder.module)
-    zero = ir.Constant(_v16, [0.0] * 16)
-    entry = builder.basic_block
-    loop = builder.append_basic_block("kcodes.loop")
-    done = builder.append_basic_block("kcodes.done")
-    builder.branch(loop)
-    builder.position_at_end(loop)
-    d = builder.phi(_i64)
-    d.add_incoming(ir.Constant(_i64, 0), entry)
-    accs = {(r, h): builder.phi(_v16) for r in range(count) for h in halves}
-    for a in accs.values():
-        a.add_incoming(zero, entry)
+    keys = [(r, h) for r in range(count) for h in halves]
+    d, accs, _, loop, done = _open_loop(builder, "kcodes", ir.Constant(_i64, 0), keys)
     index = builder.add(at_v, builder.mul(d, stride_v))
     decoded = _decoded_columns(builder, codes_data, index, width, ir.Constant(_i64, 0), halves)
     updated = {}
@@ -443,13 +434,7 @@ def _emit_scores_codes_pass(
         broadcast = _splat(builder, weight)
         for h in halves:
             updated[r, h] = builder.call(fma, [broadcast, decoded[h], accs[r, h]])
-    next_d = builder.add(d, ir.Constant(_i64, 1))
-    body_end = builder.basic_block
-    d.add_incoming(next_d, body_end)
-    for key, a in accs.items():
-        a.add_incoming(updated[key], body_end)
-    builder.cbranch(builder.icmp_signed("<", next_d, dim), loop, done)
-    builder.position_at_end(done)
+    _close_loop(builder, d, dim, loop, done, [(a, updated[key]) for key, a in accs.items()])
     for r in range(count):
         row = builder.add(row0, ir.Constant(_i64, r))
         offset = _splat(builder, builder.load(builder.gep(bias_data, [row])))
