@@ -368,7 +368,11 @@ def test_smollm2_q8_is_close_to_float32_and_generates(smollm2):
         assert len(tokenizer(text, add_special_tokens=False).input_ids) == 11_713
     base, q8 = ev.evaluate(model, tokenizer, text, ["q8"], context=128, chunk=64)
     assert 1.5 < base.perplexity < 30  # a real model on real English text
-    assert abs(q8.delta_ppl_pct) < 0.5
+    # perplexity over 127 tokens moves with single flipped codes: a rounding-level change of
+    # one attention path (1e-7 in layer 0's output, 2026-12-03) flipped a value code in layer
+    # 1 and took q8 from -0.03% to -0.58% while mean KLD stayed at 2.2-2.3e-4; KLD and top-1
+    # are the tight checks, the perplexity bound only catches a broken cache
+    assert abs(q8.delta_ppl_pct) < 1.0
     assert q8.kld < 1e-3 and q8.top1 >= 0.97
     assert model.config._attn_implementation == "sdpa"  # evaluate switched back
 
