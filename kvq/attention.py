@@ -292,6 +292,7 @@ def _check_sinks(sinks, heads: int) -> np.ndarray | None:
             f"sinks must have shape ({heads},), one per query head, got {values.shape}"
         )
     check_finite("sinks", values, "sinks must be finite (pass sinks=None for no sinks)")
+    values.flags.writeable = False  # as _no_sinks's: one kernel type, one compile
     return values
 
 

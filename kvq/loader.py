@@ -114,6 +114,7 @@ class Checkpoint(Mapping):
             array = np.empty(info.shape, np.float32)
             if raw.size:
                 bits = np.require(raw, requirements="CA").reshape(-1)
+                bits.flags.writeable = False  # copy or map: one kernel type, one compile
                 kernels.bf16_to_f32(bits, array.reshape(-1).view(np.uint32))
         elif info.dtype.startswith("F8_"):
             raise LoaderError(

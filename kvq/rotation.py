@@ -41,6 +41,8 @@ def _apply(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     from kvq import kernels
 
     rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, matrix.shape[0])
+    matrix = matrix.view()
+    matrix.flags.writeable = False  # as hadamard_rotation's: one kernel type, one compile
     out = np.empty_like(rows)
     if rows.size:
         kernels.rotate_rows(rows, matrix, out)

@@ -810,8 +810,8 @@ def _attend_task(
             if k_vector:  # per-token codes, 32 a vector operation, then transposed
                 coded = max(t, min(width, k.chunks * k_chunk - start))
                 if coded > t:
-                    _token_rows(
-                        k, k_flat, True, head, start + t, coded - t, dim, keys_tok,
+                    _token_rows(  # k_vector, not True: a literal is another signature
+                        k, k_flat, k_vector, head, start + t, coded - t, dim, keys_tok,
                         keys_tok_flat, t, group_scales, group_mins, staged,
                     )  # fmt: skip
                     for i0 in range(t, coded - 15, 16):  # 16 x 16 register transposes
@@ -1024,9 +1024,9 @@ def attention_blocks(
         row_first[r] = max(first_visible, position - window + 1) if window > 0 else first_visible
         row_last[r] = position if causal else end_position - 1
     for task in prange(splits * head_groups):
-        _attend_task(
-            task, rows, first_held, end_position, origin, block, splits, head_groups, k, v,
-            row_first, row_last, part_max, part_sum, part_acc,
+        _attend_task(  # task as int64: prange's index may be uint64, another signature
+            np.int64(task), rows, first_held, end_position, origin, block, splits, head_groups,
+            k, v, row_first, row_last, part_max, part_sum, part_acc,
         )  # fmt: skip
     # --- merge the splits' partial softmaxes (float64) ---
     weights = np.empty((kv_heads * n_rows, splits), np.float64)
