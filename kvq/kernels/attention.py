@@ -703,8 +703,10 @@ def _attend_task(
     # once per 4 rows, which for 3-bit codes (the costliest decode: they straddle bytes) is
     # slower than one decode to scratch (GPT-OSS's 8 rows, q3: 0.92x; q2, q4, q8: 0.99-1.10x
     # with AVX-512). With AVX2 (16 registers: the tiles take their columns in passes) 8 rows
-    # run faster from scratch for every width (GPT-OSS q4, one thread: 985 -> 766 ns a token)
-    v_fused = v_vector and dim % 64 == 0 and (rows <= 4 or (v.bits != 3 and _WIDE))
+    # run faster from scratch for every width (GPT-OSS q4, one thread: 985 -> 766 ns a token).
+    # Beyond 8 rows (prefill chunks: a GQA group times t_q) scratch wins with AVX-512 too: the
+    # tiles would decode each code rows / 4 times (SmolLM2, t_q 128 over 4K, q4: 13.8 ms)
+    v_fused = v_vector and dim % 64 == 0 and (rows <= 4 or (v.bits != 3 and _WIDE and rows <= 8))
     k_flat = _flat(k)
     v_flat = _flat(v)
     heads_per_task = (kv_heads + head_groups - 1) // head_groups
