@@ -177,8 +177,8 @@ MUTANTS = (
         "kvq/kernels/_tiles.py",
         (
             (
-                "group_mins.append(builder.fadd(lowest, builder.fmul(scale, middle)))",
-                "group_mins.append(lowest)",
+                "group_centres[j] = builder.fadd(lowest, builder.fmul(scale, middle))",
+                "group_centres[j] = lowest",
             ),
         ),
         ("tests/test_attention.py",),
