@@ -63,11 +63,36 @@ SCHEMES = {  # QuantConfig() is q8
     "q3+pre_rope": lambda: kvq.QuantConfig.q3(pre_rope=True),
     "q2+pre_rope": lambda: kvq.QuantConfig.q2(pre_rope=True),
 }
+# keys of per-channel widths (kvq.hf.calibrate_channels): the preset's values, keys at the mean
+# width SmolLM2's calibrated maps take within the preset's budget
+CHANNEL_SCHEMES = {
+    "q4+channels": (kvq.QuantConfig.q4, 4.22),
+    "q3+channels": (kvq.QuantConfig.q3, 3.22),
+    "q2+channels": (kvq.QuantConfig.q2, 2.22),
+}
+SCHEMES |= dict.fromkeys(CHANNEL_SCHEMES)
+
+
+def channel_config(name: str, kv_heads: int, dim: int) -> kvq.QuantConfig:
+    """``name`` of CHANNEL_SCHEMES for KV heads of ``dim``: widths allocated over channel
+    weights spread as SmolLM2's measured ones are (log-normal, two orders of magnitude), so
+    every head holds several runs of widths as a calibrated layer does."""
+    preset, mean = CHANNEL_SCHEMES[name]
+    weights = np.random.default_rng(kv_heads * dim).lognormal(0.0, 2.0, (kv_heads, dim))
+    widths = kvq.allocate_channel_bits(weights, mean)
+    base = preset()
+    k = kvq.Scheme(
+        int(widths.max()), base.k.group_size, axis=-2, double_quant=True, search=True,
+        channel_bits=widths,
+    )  # fmt: skip
+    return kvq.QuantConfig(k=k, v=base.v, sink_tokens=base.sink_tokens)
 
 
 def new_cache(kv_heads: int, dim: int, name: str, **kwargs) -> kvq.KVCache:
     """A KVCache of scheme ``name``; pre_rope schemes get plain RoPE (theta 10000)."""
     rope = kvq.Rope.from_theta(10000.0, dim)
+    if name in CHANNEL_SCHEMES:
+        return kvq.KVCache(kv_heads, dim, channel_config(name, kv_heads, dim), **kwargs)
     return kvq.KVCache(kv_heads, dim, SCHEMES[name](), rope=rope, **kwargs)
 
 

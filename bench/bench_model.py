@@ -50,6 +50,8 @@ from _common import machine, markdown_table, publish, verdicts, versions
 
 # QuantConfig() (the default) is q8; "original" is the design's 8-bit per-token scheme
 KVQ_QUALITY = ["q8", "q4", "q3", "q2", "original", "kivi2", "mlx4"]
+# SmolLM2's maps of per-channel key widths (kvq.hf.calibrate_channels) at q4/q3/q2's budgets
+KVQ_QUALITY += ["q4+channels+smollm2", "q3+channels+smollm2", "q2+channels+smollm2"]
 PEER_QUALITY = [
     "q8_0",
     "q4_0",
@@ -75,6 +77,7 @@ SPEED = {
     "KVQCache q8 (the default)": "q8",
     "KVQCache q4": "q4",
     "KVQCache q4, keys before RoPE": "q4+pre_rope",
+    "KVQCache q4, per-channel key widths (SmolLM2 map)": "q4+channels+smollm2",
 }
 
 

@@ -9,6 +9,7 @@ from kvq import (  # kvq.testing, as np.testing
     formats,
     testing,
 )
+from kvq.allocation import allocate_channel_bits, channel_weights
 from kvq.array import Array, devices
 from kvq.attention import attention, attention_reference
 from kvq.blocks import QuantizedBlocks
@@ -49,8 +50,10 @@ __all__ = [
     "Rope",
     "Scheme",
     "__version__",
+    "allocate_channel_bits",
     "attention",
     "attention_reference",
+    "channel_weights",
     "devices",
     "formats",
     "load_safetensors",

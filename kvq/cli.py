@@ -82,7 +82,8 @@ def _build_parser() -> argparse.ArgumentParser:
         default=["q8", "q4", "q3", "q2"],
         metavar="CONFIG",
         help="kvq presets (q8 q4 q3 q2 default original kivi2 mlx4 ...), SmolLM2's "
-        "calibrated layer maps (q4+smollm2 q3+smollm2 q2+smollm2), saved layer maps "
+        "calibrated layer maps (q4+smollm2 q3+smollm2 q2+smollm2, and with per-channel key "
+        "widths q4+channels+smollm2 q3+channels+smollm2 q2+channels+smollm2), saved layer maps "
         "(FILE.json from kvq calibrate) and peers (q8_0 q4_0 q4_1, +had forms such as "
         "q4_0+had, mlx-4b-g64, quanto-4, hqq-2)",
     )
@@ -101,14 +102,20 @@ def _build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--model", default=None, help="as for kvq eval")
     calibrate.add_argument("--text", default=None, help="a UTF-8 text file to calibrate on")
     calibrate.add_argument(
-        "--tokens", type=int, default=512, help="calibration tokens (default 512)"
-    )
+        "--tokens", type=int, default=None,
+        help="calibration tokens (default 512; 1024 with --channels)",
+    )  # fmt: skip
     calibrate.add_argument(
         "--context", type=int, default=4096, help="tokens the budget holds at (default 4096)"
     )
     calibrate.add_argument(
         "--pre-rope", action="store_true", help="climb the presets with keys before RoPE"
     )
+    calibrate.add_argument(
+        "--channels", action="store_true",
+        help="instead: per-channel key widths from one pass over the text (query energy times "
+        "key range; kvq.hf.calibrate_channels, seconds), values as the budget's preset",
+    )  # fmt: skip
 
     bench = commands.add_parser(
         "bench",
@@ -204,11 +211,19 @@ def _calibrate_command(args) -> int:
     try:
         text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")
         model, tokenizer = load_model(args.model)
-        chosen = kvq.hf.calibrate(
-            model, tokenizer, args.bits, text, args.tokens, args.context,
-            progress=lambda message: print(message, file=sys.stderr, flush=True),
-            pre_rope=args.pre_rope,
-        )  # fmt: skip
+        if args.channels and args.pre_rope:
+            raise ValueError("--channels and --pre-rope are exclusive: channel_bits reorders "
+                             "the channels RoPE pairs")  # fmt: skip
+        if args.channels:
+            chosen = kvq.hf.calibrate_channels(
+                model, tokenizer, args.bits, text, args.tokens or 1024, args.context
+            )
+        else:
+            chosen = kvq.hf.calibrate(
+                model, tokenizer, args.bits, text, args.tokens or 512, args.context,
+                progress=lambda message: print(message, file=sys.stderr, flush=True),
+                pre_rope=args.pre_rope,
+            )  # fmt: skip
         chosen.save(args.out)
     except (OSError, ValueError, TypeError) as error:
         print(f"kvq calibrate: {error}", file=sys.stderr)

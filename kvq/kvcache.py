@@ -36,6 +36,10 @@ from kvq.tensor import QuantizedTensor, quantize
 FLOAT32_BYTES = 4
 _NO_PARAMS = np.zeros((1, 1), np.uint8)  # p2/p3 of a StreamView without second-level scales
 _NO_TABLES = (np.zeros((0, 0), np.float32),) * 2  # rope_cos/rope_sin of a stream without RoPE
+# channel_bits, channel_at, channel_runs of a stream of one width
+_NO_CHANNELS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.int64))
+#: Runs of equal width a head's channels can form (one per width of CHANNEL_BITS, and one spare).
+CHANNEL_RUNS = 8
 _INITIAL_CHUNKS = 16
 # Appends of at most this many new values (K and V together) run their kernels on the calling
 # thread: a parallel launch for a decode step's few hundred values costs more than it saves,
@@ -70,6 +74,7 @@ def chunk_tokens(scheme: Scheme, num_kv_heads: int, head_dim: int) -> int:
     its length, so that product must be a multiple of 8 (ValueError otherwise).
     """
     base = scheme.group_size if scheme.axis in (-2, 1) else 1
+    widths = (scheme.bits,) if scheme.channel_bits is None else set(scheme.channel_widths.flat)
     for multiple in range(1, 9):
         tokens = base * multiple
         values = num_kv_heads * tokens * head_dim
@@ -77,9 +82,11 @@ def chunk_tokens(scheme: Scheme, num_kv_heads: int, head_dim: int) -> int:
             groups = num_kv_heads * head_dim
         else:
             groups = num_kv_heads * tokens * -(-head_dim // min(scheme.group_size, head_dim))
-        if values * scheme.bits % 8 == 0 and (
-            not scheme.double_quant or groups % SUPER_GROUPS == 0
-        ):
+        if scheme.channel_bits is None:
+            whole = values * scheme.bits % 8 == 0
+        else:  # each channel's run of codes starts on a byte of its own
+            whole = all(tokens * width % 8 == 0 for width in widths)
+        if whole and (not scheme.double_quant or groups % SUPER_GROUPS == 0):
             return tokens
     raise ValueError(
         f"no chunk of whole bytes and super-groups for {scheme.describe()} with "
@@ -157,6 +164,23 @@ class TensorStream:
         self.rotation_seed = scheme.rotation_seed
         self.plain_scheme = replace(scheme, rotate=False)
         self.limit, self.limit_hint = value_limit(scheme)
+        # per-channel widths: each head's channels are stored widest first (order[h, j] is
+        # the channel held at j), so equal widths form a few runs the kernel reads as one
+        self.order = self.inverse = None
+        self.stored_scheme = scheme
+        self.channel_tables = _NO_CHANNELS
+        if scheme.channel_bits is not None:
+            widths = scheme.channel_widths
+            if widths.shape != (num_kv_heads, head_dim):
+                raise ValueError(
+                    f"config.{name}.channel_bits has shape {widths.shape}; a cache of "
+                    f"{num_kv_heads} KV heads of {head_dim} needs ({num_kv_heads}, {head_dim})"
+                )
+            self.order = np.argsort(-widths, axis=1, kind="stable")
+            self.inverse = np.argsort(self.order, axis=1)
+            held = np.take_along_axis(widths, self.order, axis=1)
+            self.plain_scheme = self.stored_scheme = replace(scheme, channel_bits=held)
+            self.channel_tables = channel_tables(held, self.chunk)
         template = quantize(np.zeros(self.chunk_shape, np.float32), scheme=scheme).parts()
         self.part_layout = {key: (part.dtype, part.size) for key, part in template.items()}
         # Several chunks quantize as one tensor (one kernel launch for a whole prefill) when
@@ -277,6 +301,8 @@ class TensorStream:
             new = rotate(new, self.rotation_seed)
             if not float(np.abs(new).max()) <= self.limit:  # checked unrotated in _check
                 self.raise_out_of_range(new, rotated=True)
+        if self.order is not None:  # the stored channel order (widest first)
+            new = np.take_along_axis(new, self.order[:, None, :], axis=2)
         pending = np.concatenate([self.pending, new], axis=1) if self.pending.size else new
         layout = held_layout(appended, self.chunk, self.residual_target, self.window)
         count = layout.chunks - self.chunks
@@ -385,7 +411,7 @@ class TensorStream:
     @property
     def nbytes(self) -> int:
         quantized = (self.chunks - self.first_chunk) * self.chunk_nbytes
-        return quantized + self.pending.nbytes + self.sinks.nbytes
+        return quantized + self.pending.nbytes + self.sinks.nbytes + table_bytes(self.scheme)
 
     def kernel_view(self) -> StreamView:
         """The store as the attention kernel reads it: the scheme's integers and the store's
@@ -418,6 +444,7 @@ class TensorStream:
             p3,
             self.pending,
             *(_NO_TABLES if self.rope is None else self.rope.tables(self.appended)),
+            *self.channel_tables,
         )
 
     def chunk_view(self, first: int, last: int) -> QuantizedTensor:
@@ -426,7 +453,7 @@ class TensorStream:
         lo, hi = first % self.slots, (last - 1) % self.slots + 1
         parts = {key: array[lo:hi].reshape(-1) for key, array in self.store.items()}
         shape = (last - first, *self.chunk_shape)
-        return QuantizedTensor.from_parts(parts, shape, np.float32, self.scheme)
+        return QuantizedTensor.from_parts(parts, shape, np.float32, self.stored_scheme)
 
     def read(self, start: int, end: int) -> np.ndarray:
         """float32 (heads, end - start, head_dim) of held tokens ``[start, end)``."""
@@ -457,15 +484,40 @@ class TensorStream:
             if self.rotation_seed is not None:
                 sinks = unrotate(sinks, self.rotation_seed)
             out[:, : exact - start] = sinks
+        if self.order is not None:  # back to the model's channel order
+            out = np.take_along_axis(out, self.inverse[:, None, :], axis=2)
         if self.rope is not None:  # held index i is position appended - held + i
             out = self.rope.rotate(out, self.appended - self.held + start)
         return out
 
     def exact_sinks(self, count: int) -> np.ndarray:
         """float32 (heads, count, head_dim): the sink copy of positions 0 .. count - 1 in the
-        basis the kernel's queries meet (Hadamard-rotated as the residual is, RoPE applied)."""
+        basis the kernel's queries meet (Hadamard-rotated as the residual is, RoPE applied,
+        channels in the stored order)."""
         sinks = self.sinks[:, :count]
         return sinks if self.rope is None else self.rope.rotate(sinks, 0)
+
+
+def table_bytes(scheme: Scheme) -> int:
+    """Bytes of a stream's width table: one per channel of ``channel_bits`` (0 without)."""
+    return 0 if scheme.channel_bits is None else scheme.channel_widths.size
+
+
+def channel_tables(widths: np.ndarray, chunk: int) -> tuple[np.ndarray, ...]:
+    """The kernel's tables of per-channel widths ``widths`` (int64 (heads, head_dim), each
+    head's widest first) for chunks of ``chunk`` tokens: (channel_bits int64 (heads *
+    head_dim), channel_at int64 (heads * head_dim): the byte of a slot row where each
+    channel's codes start, channel_runs int64 (heads, CHANNEL_RUNS): the end of each run of
+    equal widths, then head_dim)."""
+    heads, dim = widths.shape
+    flat = np.ascontiguousarray(widths, np.int64).reshape(-1)
+    starts = np.zeros(flat.size, np.int64)
+    np.cumsum(flat[:-1] * chunk // 8, out=starts[1:])
+    runs = np.full((heads, CHANNEL_RUNS), dim, np.int64)
+    for head in range(heads):
+        ends = [j for j in range(1, dim) if widths[head, j] != widths[head, j - 1]] + [dim]
+        runs[head, : len(ends)] = ends
+    return flat, starts, runs
 
 
 class CacheView(NamedTuple):
@@ -479,6 +531,11 @@ class CacheView(NamedTuple):
     k_sinks: np.ndarray  # float32 (heads, n, head_dim): exact positions 0 .. n-1, rotated
     v_sinks: np.ndarray  # as the streams' residuals are (keys with RoPE applied); n = 0
     # without sink tokens
+    # channel_bits: streams hold each head's channels widest first, int64 (heads, head_dim)
+    # (None for one width): the key channel held at j is k_order[h, j]; the model's value
+    # channel j is held at v_inverse[h, j]
+    k_order: np.ndarray | None
+    v_inverse: np.ndarray | None
 
 
 class _Reading:
@@ -496,7 +553,7 @@ class _Reading:
         exact = cache._sink_count()
         return CacheView(
             k.appended, min(k.held, v.held), cache.window, k.kernel_view(), v.kernel_view(),
-            k.exact_sinks(exact), v.exact_sinks(exact),
+            k.exact_sinks(exact), v.exact_sinks(exact), k.order, v.inverse,
         )  # fmt: skip
 
     def __exit__(self, *exc) -> None:
@@ -912,4 +969,5 @@ def stream_bytes(
     layout = held_layout(appended, chunk, residual, kept_window(window, max_queries))
     template = quantize(np.zeros((num_kv_heads, chunk, head_dim), np.float32), scheme=scheme)
     exact = layout.residual + (min(sink_tokens, appended) if layout.first_chunk == 0 else 0)
-    return layout.held_chunks * template.nbytes + exact * num_kv_heads * head_dim * 4
+    floats = exact * num_kv_heads * head_dim * 4
+    return layout.held_chunks * template.nbytes + floats + table_bytes(scheme)

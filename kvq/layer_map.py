@@ -7,6 +7,8 @@ import operator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from kvq.scheme import QuantConfig, Scheme
 
 _FORMAT = "kvq.LayerMap/1"
@@ -63,9 +65,10 @@ class LayerMap:
         return sum(c.nominal_bits_per_element for c in self.configs) / len(self.configs)
 
     def to_json(self) -> str:
-        """The map as JSON text (every Scheme field by name)."""
+        """The map as JSON text (every Scheme field by name; ``channel_bits`` as one string
+        of digits per row of the table, e.g. one per KV head)."""
         layers = [
-            {"k": asdict(c.k), "v": asdict(c.v), "residual": c.residual,
+            {"k": _scheme_json(c.k), "v": _scheme_json(c.v), "residual": c.residual,
              "sink_tokens": c.sink_tokens, "pre_rope": c.pre_rope}
             for c in self.configs
         ]  # fmt: skip
@@ -89,8 +92,8 @@ class LayerMap:
             try:
                 configs.append(
                     QuantConfig(
-                        k=Scheme(**layer["k"]),
-                        v=Scheme(**layer["v"]),
+                        k=_scheme_of(layer["k"]),
+                        v=_scheme_of(layer["v"]),
                         residual=layer["residual"],
                         sink_tokens=layer["sink_tokens"],
                         pre_rope=layer.get("pre_rope", False),  # absent before pre_rope
@@ -108,3 +111,29 @@ class LayerMap:
     def load(cls, path: str | Path) -> LayerMap:
         """The LayerMap saved at ``path``."""
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+
+def _scheme_json(scheme: Scheme) -> dict:
+    """A Scheme's fields by name, ``channel_bits`` rows as strings of digits (widths 1-8)."""
+    fields = asdict(scheme)
+    if scheme.channel_bits is not None:
+        table = scheme.channel_widths
+        rows = table.reshape(-1, table.shape[-1])
+        fields["channel_bits"] = {
+            "shape": list(table.shape),
+            "rows": ["".join(str(int(w)) for w in row) for row in rows],
+        }
+    return fields
+
+
+def _scheme_of(fields: dict) -> Scheme:
+    """The Scheme that :func:`_scheme_json` wrote."""
+    fields = dict(fields)
+    table = fields.get("channel_bits")
+    if isinstance(table, dict):
+        try:
+            widths = [[int(c) for c in row] for row in table["rows"]]
+            fields["channel_bits"] = np.array(widths, np.int64).reshape(table["shape"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"channel_bits is not a table of digit rows: {error}") from None
+    return Scheme(**fields)

@@ -12,6 +12,8 @@ from kvq._format import SUB_BITS, SUPER_GROUPS
 from kvq._validate import check_int, check_scale_dtype
 
 BITS = (2, 3, 4, 8)
+#: Code widths a channel of a per-channel scheme can take (``Scheme.channel_bits``).
+CHANNEL_BITS = (1, 2, 3, 4, 5, 6, 8)
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,14 @@ class Scheme:
     range to minimise squared error instead of min/max (gives up the ``scale / 2`` bound on
     clipped values). seed: the rotation's seed (used only with ``rotate``).
 
+    channel_bits: a code width per channel, for per-channel groups (``axis=-2``): an integer
+    array (nested sequence) of widths in :data:`CHANNEL_BITS`, shaped like the trailing axes
+    of a tensor's channels (``(num_kv_heads, head_dim)`` for a KV cache's keys). Each channel
+    keeps its own scale and min per group, as with one width; only its codes' width differs.
+    ``bits`` must then be the widest channel's width. Not with ``rotate`` (a rotation mixes
+    channels). ``kvq.allocate_channel_bits`` chooses them from the queries' energy and the
+    keys' ranges; ``kvq.hf.calibrate_channels`` does it for a model.
+
     Deprecated: an integer ``rotate`` (the seed); pass ``rotate=True, seed=N``.
 
     ``scheme.quantize(x)`` is ``kvq.quantize(x, scheme=scheme)`` (bound in kvq.tensor, so
@@ -43,12 +53,19 @@ class Scheme:
     double_quant: bool = False
     search: bool = False
     seed: int = 0
+    channel_bits: tuple | None = None
 
     def __post_init__(self) -> None:
         bits = check_int("bits", self.bits, 1)
-        if bits not in BITS:
+        table = _check_channel_bits(self.channel_bits)
+        if table is None and bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        if table is not None and bits != int(table.max()):
+            raise ValueError(
+                f"bits must be the widest of channel_bits ({int(table.max())}), got {bits}"
+            )
         object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "channel_bits", None if table is None else _nested(table))
         object.__setattr__(self, "group_size", check_int("group_size", self.group_size, 1))
         if isinstance(self.axis, bool | np.bool_):
             raise TypeError(f"axis must be an integer, got {self.axis!r}")
@@ -77,6 +94,27 @@ class Scheme:
             if not isinstance(getattr(self, name), bool | np.bool_):
                 raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
             object.__setattr__(self, name, bool(getattr(self, name)))
+        if table is not None and self.axis != -2:
+            raise ValueError(
+                f"channel_bits needs per-channel groups (axis=-2), got axis={self.axis}"
+            )
+        if table is not None and self.rotate:
+            raise ValueError(
+                "channel_bits cannot be used with rotate=True: a rotation mixes channels of "
+                "different widths"
+            )
+
+    @property
+    def channel_widths(self) -> np.ndarray | None:
+        """``channel_bits`` as an int64 array (a copy), or None for one width."""
+        return None if self.channel_bits is None else np.array(self.channel_bits, np.int64)
+
+    @property
+    def mean_bits(self) -> float:
+        """Mean code width: ``bits``, or the mean of ``channel_bits``."""
+        if self.channel_bits is None:
+            return float(self.bits)
+        return float(np.mean(self.channel_bits))
 
     @property
     def rotation_seed(self) -> int | None:
@@ -103,17 +141,49 @@ class Scheme:
             params = 2 * SUB_BITS + 2 * 16 / SUPER_GROUPS
         else:
             params = 2 * 8 * np.dtype(self.scale_dtype).itemsize
-        return self.bits + params / self.group_size
+        return self.mean_bits + params / self.group_size
 
     def describe(self) -> str:
-        """Short label: 'int4 g32 axis-2 dq search rot0' (rot and the seed when rotated)."""
-        parts = [f"int{self.bits}", f"g{self.group_size}", f"axis{self.axis}"]
+        """Short label: 'int4 g32 axis-2 dq search rot0' (rot and the seed when rotated;
+        'int2-6:4.12' for channel_bits: the widths' range and mean)."""
+        width = f"int{self.bits}"
+        if self.channel_bits is not None:
+            widths = self.channel_widths
+            width = f"int{widths.min()}-{widths.max()}:{widths.mean():.2f}"
+        parts = [width, f"g{self.group_size}", f"axis{self.axis}"]
         parts.append("dq" if self.double_quant else self.scale_dtype.replace("float", "f"))
         if self.search:
             parts.append("search")
         if self.rotate:
             parts.append(f"rot{self.seed}")
         return " ".join(parts)
+
+
+def _check_channel_bits(table) -> np.ndarray | None:
+    """``channel_bits`` as an int64 array (None stays None); ValueError or TypeError naming
+    the first bad width."""
+    if table is None:
+        return None
+    array = np.asarray(table)
+    if array.ndim == 0 or array.size == 0:
+        raise ValueError(f"channel_bits must be a non-empty array, got shape {array.shape}")
+    if array.dtype == object or array.dtype.kind not in "iu":
+        raise TypeError(f"channel_bits must hold integers, got {array.dtype} values")
+    bad = ~np.isin(array, CHANNEL_BITS)
+    if bad.any():
+        where = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(
+            f"channel_bits{list(where)} is {int(array[where])}; widths must be one of "
+            f"{CHANNEL_BITS}"
+        )
+    return array.astype(np.int64)
+
+
+def _nested(array: np.ndarray) -> tuple:
+    """A nested tuple of ints (hashable, JSON-able) of an int array."""
+    if array.ndim == 1:
+        return tuple(int(x) for x in array)
+    return tuple(_nested(row) for row in array)
 
 
 def _q8_keys(rotate: bool = True) -> Scheme:
@@ -176,6 +246,11 @@ class QuantConfig:
         if not isinstance(self.pre_rope, bool | np.bool_):
             raise TypeError(f"pre_rope must be a bool, got {self.pre_rope!r}")
         object.__setattr__(self, "pre_rope", bool(self.pre_rope))
+        if self.pre_rope and self.k.channel_bits is not None:
+            raise ValueError(
+                "pre_rope=True turns keys by RoPE's channel pairs, which channel_bits reorders "
+                "(widest first): use one or the other"
+            )
         if self.pre_rope and (self.k.rotate or self.rotate is not None):
             raise ValueError(
                 "pre_rope=True keeps keys before RoPE, which the kernel turns back per "

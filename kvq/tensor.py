@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvq import kernels
+from kvq import _rows, kernels
 from kvq._format import FLOAT16_MAX, MIN_OFFSET, SUB_BITS, SUB_LEVELS, SUPER_GROUPS
 from kvq._validate import as_float32, check_finite
 from kvq.rotation import rotate as rotate_last_axis
@@ -67,7 +67,9 @@ class QuantizedTensor:
 
     codes: the codes as a little-endian bit stream (``scheme.bits`` each) in the order of the
     tensor with ``scheme.axis`` moved last; params: per-group scales and mins. ``dequantize``
-    returns float32 of ``shape``. ``bits_per_element`` counts every stored bit.
+    returns float32 of ``shape``. ``bits_per_element`` counts every stored bit. With
+    ``scheme.channel_bits`` each channel (a row of the moved tensor) has its own width and
+    starts on a byte (the layout of ``kvq._rows``); the widths live in the scheme.
     """
 
     codes: np.ndarray
@@ -101,7 +103,11 @@ class QuantizedTensor:
         rows = self.size // length if length else 0
         group = min(self.scheme.group_size, max(length, 1))
         padded = -(-length // group) * group
-        codes = _unpack(self.codes, self.scheme.bits, self.size).reshape(rows, length)
+        if self.scheme.channel_bits is None:
+            codes = _unpack(self.codes, self.scheme.bits, self.size).reshape(rows, length)
+        else:
+            widths = _rows.row_widths(self.scheme.channel_bits, moved_shape[:-1])
+            codes = _rows.unpack_rows(self.codes, widths, length)
         if padded != length:
             codes = np.pad(codes, ((0, 0), (0, padded - length)))
         scales, mins = self.params.to_float32()
@@ -235,6 +241,13 @@ def quantize(
             f"x has values beyond +-{FLOAT16_MAX:g}, which float16 scales and mins cannot "
             "hold; use scale_dtype='float32'"
         )
+    if scheme.channel_bits is not None:
+        widths = _rows.row_widths(scheme.channel_bits, moved.shape[:-1])
+        packed, stored = _quantize_rows(
+            grid_flat, widths, group, row_groups, last_count, padded, length, scheme,
+            original, flat,
+        )  # fmt: skip
+        return QuantizedTensor(packed, stored, tuple(original.shape), original.dtype, scheme)
     scales = np.empty(n_groups, np.float32)
     mins = np.empty(n_groups, np.float32)
     if grid_flat.size:
@@ -290,6 +303,73 @@ def quantize(
     )
 
 
+def _quantize_rows(
+    grid_flat, widths, group, row_groups, last_count, padded, length, scheme, original, flat
+):  # fmt: skip
+    """(packed codes, params) of a grid whose rows have their own widths (``widths``, int64
+    (rows,)): each width's rows are searched and encoded at their own levels, and second-level
+    scales are taken over all groups in order, as with one width."""
+    rows = widths.size
+    n_groups = rows * row_groups
+    half = scheme.scale_dtype == "float16"
+    scales = np.empty(n_groups, np.float32)
+    mins = np.empty(n_groups, np.float32)
+    codes = np.empty((rows, padded), np.uint8)
+    lows = np.empty(n_groups, np.float32)
+    highs = np.empty(n_groups, np.float32)
+    grid = grid_flat.reshape(rows, padded)
+    members = []  # (width, levels, rows, their groups, their values)
+    if n_groups:
+        if kernels.extrema_blocks(grid_flat.view(np.int32), group, lows, highs):
+            _raise_rejected(original, flat, scheme)
+        if not np.all(highs.astype(np.float64) - lows <= float(kernels.MAX_RANGE_F32)):
+            _raise_rejected(original, flat, scheme)
+        if half and np.maximum(np.abs(lows), np.abs(highs)).max() > FLOAT16_MAX:
+            raise ValueError(
+                f"x has values beyond +-{FLOAT16_MAX:g}, which float16 scales and mins cannot "
+                "hold; use scale_dtype='float32'"
+            )
+    for width, chosen in _rows.classes(widths):
+        levels = np.float32((1 << width) - 1)
+        groups = (chosen[:, None] * row_groups + np.arange(row_groups)).reshape(-1)
+        values = np.ascontiguousarray(grid[chosen]).reshape(-1)
+        members.append((width, levels, chosen, groups, values))
+        if scheme.search:
+            found_scales = np.empty(groups.size, np.float32)
+            found_mins = np.empty(groups.size, np.float32)
+            kernels.search_blocks(
+                values, group, row_groups, last_count, levels, half, lows[groups],
+                highs[groups], found_scales, found_mins,
+            )  # fmt: skip
+            scales[groups], mins[groups] = found_scales, found_mins
+        else:
+            scales[groups], mins[groups] = _minmax_params(
+                lows[groups], highs[groups], levels, half
+            )
+    if scheme.double_quant:
+        group_levels = np.empty(n_groups, np.float32)
+        for _, levels, _, groups, _ in members:
+            group_levels[groups] = levels
+        refine = [(levels, groups, values) for _, levels, _, groups, values in members]
+        stored = _double_quantize(
+            scales, mins, group_levels, None, group, row_groups, last_count,
+            classes=refine if scheme.search else None,
+        ) if n_groups else _empty_double_quant()  # fmt: skip
+        if n_groups:
+            scales, mins = stored.to_float32()
+    else:
+        dtype = np.dtype(scheme.scale_dtype)
+        stored = GroupParams(scales.astype(dtype), mins.astype(dtype))
+    for _, levels, chosen, groups, values in members:
+        encoded = np.empty(values.size, np.uint8)
+        kernels.encode_blocks(
+            values, group, levels, np.ascontiguousarray(scales[groups]),
+            np.ascontiguousarray(mins[groups]), encoded,
+        )  # fmt: skip
+        codes[chosen] = encoded.reshape(chosen.size, padded)
+    return _rows.pack_rows(np.ascontiguousarray(codes[:, :length]), widths), stored
+
+
 def _quantize_with(scheme: Scheme, x) -> QuantizedTensor:
     """``kvq.quantize(x, scheme=scheme)``."""
     return quantize(x, scheme=scheme)
@@ -328,6 +408,7 @@ def _double_quantize(
     group: int = 0,
     row_groups: int = 1,
     last_count: int = 0,  # with grid: real values in each row's last group
+    classes: list | None = None,
 ) -> DoubleQuantParams:
     """Second-level quantization of per-group (scale, min), SUPER_GROUPS groups at a time.
 
@@ -336,7 +417,8 @@ def _double_quantize(
     ``[min, min + levels * scale]`` and the scale / 2 bound holds for the stored values.
     With ``grid`` (after a range search: the values, ``group`` per block), each group then
     tries its codes +-1 and keeps the lowest squared error (``row_groups`` groups a row, the
-    last holding ``last_count`` real values).
+    last holding ``last_count`` real values). ``levels`` may be per group (channel widths);
+    ``classes``, [(levels, group indices, their values)], refine each width's groups so.
     """
     n = scales.size
     n_super = -(-n // SUPER_GROUPS)
@@ -363,6 +445,14 @@ def _double_quantize(
             "turn double_quant off"
         )
     sc, mc = sc.astype(np.int64), (mc + MIN_OFFSET).astype(np.int64)
+    for class_levels, groups, values in classes or ():
+        class_sc, class_mc = sc[groups], mc[groups]
+        kernels.refine_subcodes(
+            values, group, row_groups, last_count, np.float32(class_levels),
+            np.ascontiguousarray(per_group(d)[groups]),
+            np.ascontiguousarray(per_group(dmin)[groups]), class_sc, class_mc,
+        )  # fmt: skip
+        sc[groups], mc[groups] = class_sc, class_mc
     if grid is not None:
         kernels.refine_subcodes(
             grid,

@@ -189,7 +189,7 @@ MUTANTS = (
         "kvq/kernels/attention.py",
         (
             (
-                "offset += q[r, d] * (channel_mins[d] + channel_scales[d] * half)",
+                "offset += q[r, d] * (channel_mins[d] + channel_scales[d] * halves[d])",
                 "offset += q[r, d] * channel_mins[d]",
             ),
         ),
@@ -290,6 +290,85 @@ MUTANTS = (
         (("row[d] *= signs[d] * factor", "row[d] *= factor"),),
         ("tests/test_attention.py",),
         "the values' inverse rotation of each output row leaves out the random signs",
+    ),
+    Mutant(
+        "channel-runs-all-start-at-zero",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "first = 0 if run == 0 else k.channel_runs[head, run - 1]",
+                "first = 0",
+            ),
+        ),
+        ("tests/test_channel_bits.py::test_attention_matches_reference",),
+        "scores from key codes of several widths read every run from the head's first channel",
+    ),
+    Mutant(
+        "channel-run-takes-the-widest-width",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "width_bits = k.channel_bits[head * dim + first]",
+                "width_bits = k.channel_bits[head * dim]",
+            ),
+        ),
+        ("tests/test_channel_bits.py::test_attention_matches_reference",),
+        "each run of key codes is decoded at its head's widest width",
+    ),
+    Mutant(
+        "channel-decode-ignores-the-channel-byte",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "byte = row_byte + view.channel_at[head * dim + d]",
+                "byte = row_byte + view.channel_at[head * dim]",
+            ),
+        ),
+        ("tests/test_channel_bits.py::test_attention_matches_reference",),
+        "keys of several widths decoded to scratch all read their head's first channel",
+    ),
+    Mutant(
+        "one-bit-codes-in-reverse",
+        "kvq/kernels/_unpack.py",
+        (
+            (
+                "order = ir.Constant(lanes, list(range(count)))",
+                "order = ir.Constant(lanes, list(range(count))[::-1])",
+            ),
+        ),
+        ("tests/test_unpack.py::test_channels_of_mixed_widths_decode_to_numpy",),
+        "1-bit codes are read last lane first",
+    ),
+    Mutant(
+        "queries-not-in-the-keys-order",
+        "kvq/attention.py",
+        (("queries = _in_order(queries, view.k_order)", "queries = queries"),),
+        ("tests/test_channel_bits.py::test_attention_matches_reference",),
+        "queries meet keys held widest first in the model's channel order",
+    ),
+    Mutant(
+        "rows-packed-at-the-previous-row",
+        "kvq/_rows.py",
+        (
+            (
+                "np.cumsum(row_bytes(widths, length), out=offsets[1:])",
+                "np.cumsum(row_bytes(widths, length), out=offsets[1:])\n    offsets[1:-1] -= 1",
+            ),
+        ),
+        ("tests/test_channel_bits.py::test_codes_and_params_equal_reference",),
+        "each channel's codes start a byte early, over the previous channel's last byte",
+    ),
+    Mutant(
+        "allocation-widens-the-least-useful-run",
+        "kvq/allocation.py",
+        (
+            (
+                "heapq.heappush(heap, (-saved / extra, run, extra))",
+                "heapq.heappush(heap, (saved / extra, run, extra))",
+            ),
+        ),
+        ("tests/test_channel_bits.py::test_allocation_is_optimal_on_small_cases",),
+        "the greedy allocation widens the run that saves the least error per bit first",
     ),
     Mutant(
         "sink-merge-ignores-the-body-weight",

@@ -108,6 +108,25 @@ def quantize_groups(x, bits: int, group_size: int, axis: int, scale_dtype="float
     return pack_bits(codes, bits) if bits < 8 else codes, scales, mins
 
 
+def quantize_channels(x, channel_bits, group_size: int, scale_dtype="float32"):
+    """Reference for kvq.quantize with ``Scheme.channel_bits`` (min/max, groups along axis
+    -2): row r of x with axis -2 moved last has width ``channel_bits`` (broadcast over the
+    leading axes) and its codes packed on bytes of its own. Returns (packed codes, scales,
+    mins, widths per row)."""
+    moved = np.moveaxis(np.asarray(x, np.float32), -2, -1)
+    length = moved.shape[-1]
+    rows = moved.reshape(-1, length)
+    widths = np.broadcast_to(np.asarray(channel_bits), moved.shape[:-1]).reshape(-1)
+    packed, all_scales, all_mins = [], [], []
+    for row, width in zip(rows, widths, strict=True):
+        levels = np.float32(2 ** int(width) - 1)
+        codes, scales, mins = quantize_blocks(row, group_size, scale_dtype, levels)
+        packed.append(pack_bits(codes, int(width)))
+        all_scales.append(scales)
+        all_mins.append(mins)
+    return np.concatenate(packed), np.concatenate(all_scales), np.concatenate(all_mins), widths
+
+
 # --- range search (kvq/kernels/search.py) -------------------------------------------------------
 
 #: The range shrink factors kvq's search is documented to try around each group's centre.
@@ -218,9 +237,12 @@ def double_quant_params(x: np.ndarray, group_size: int, levels: float):
     still reaches its max, ``n_g = (t_g - dmin * mc_g) / levels``; ``d`` = max n_g / 63
     rounded up to float16; scale code ``sc_g = clip(ceil(n_g / d), 0, 63)``.
 
+    ``levels``: one number, or one per group (groups of per-channel widths).
+
     Returns (sc int64[groups], mc + 32 int64[groups], d float32[supers], dmin float32[supers]).
     """
     groups = row_groups(x, group_size)
+    every = np.broadcast_to(np.asarray(levels, np.float32), (len(groups),))
     lows = np.array([g.min() for g in groups], np.float32)
     highs = np.array([g.max() for g in groups], np.float32)
     sc = np.zeros(lows.size, np.int64)
@@ -231,12 +253,13 @@ def double_quant_params(x: np.ndarray, group_size: int, levels: float):
     for s in range(n_super):
         part = slice(s * DQ_SUPER_GROUPS, (s + 1) * DQ_SUPER_GROUPS)
         m = lows[part]
+        grid = every[part]
         # the top of the group's first-level grid, min + levels * scale, in float32
-        top = m + np.float32(levels) * ((highs[part] - m) / np.float32(levels))
+        top = m + grid * ((highs[part] - m) / grid)
         dmin = float16_round_up(np.array([np.abs(m).max() / DQ_MIN_CODE_OFFSET], np.float32))[0]
         codes_m = np.floor(m / dmin) if dmin > 0 else np.zeros(m.size)
         codes_m = np.clip(codes_m, -DQ_MIN_CODE_OFFSET, DQ_MIN_CODE_OFFSET - 1)
-        needed = (top - dmin * codes_m.astype(np.float32)) / np.float32(levels)
+        needed = (top - dmin * codes_m.astype(np.float32)) / grid
         d = float16_round_up(np.array([needed.max() / DQ_SCALE_CODE_MAX], np.float32))[0]
         codes_s = np.ceil(needed / d) if d > 0 else np.zeros(m.size)
         sc[part] = np.clip(codes_s, 0, DQ_SCALE_CODE_MAX)
@@ -255,6 +278,7 @@ def double_quant_error_bound(x: np.ndarray, group_size: int, levels: float) -> n
     steps computed here from the input's groups (float64 of the format's definition).
     """
     groups = row_groups(x, group_size)
+    levels = np.broadcast_to(np.asarray(levels, np.float64), (len(groups),))  # or per group
     lows = np.array([g.min() for g in groups], np.float64)
     highs = np.array([g.max() for g in groups], np.float64)
     owner = np.arange(lows.size) // DQ_SUPER_GROUPS
@@ -267,6 +291,7 @@ def double_quant_error_bound(x: np.ndarray, group_size: int, levels: float) -> n
     d = np.array([needed[owner == s].max() for s in range(owner.max() + 1)]) / DQ_SCALE_CODE_MAX
     d = d * (1 + 2.0**-10)
     largest = np.maximum(np.abs(lows), np.abs(highs)) + dmin[owner] + levels * d[owner]
+    # (levels: per group, as ``needed`` above)
     return (needed + d[owner]) / 2 + 1e-6 * largest
 
 

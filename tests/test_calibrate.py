@@ -125,3 +125,41 @@ def test_a_layer_map_of_another_model_is_refused(tiny):
     with pytest.raises(ValueError, match="preset must be one of"):
         smollm2_layer_map("q8")
     assert len(kvq.hf.evaluate.__globals__["resolve_configs"](["q3+smollm2"])) == 1
+
+
+# --- per-channel key widths (kvq.hf.calibrate_channels) ---------------------------------------
+
+
+def test_calibrate_channels_fits_the_budget_and_follows_the_queries(tiny, ids):
+    """The map fits its budget over 4K tokens (kvq.plan), spends it (within one run of 8
+    channels in the whole model), keeps q4's values; a key channel pair whose queries are
+    zero (q_proj rows of both query heads on KV head 0) weighs nothing and is narrowest."""
+    from kvq.hf.channels import key_channel_weights
+
+    model = __import__("copy").deepcopy(tiny)
+    with torch.no_grad():
+        rows = model.model.layers[1].self_attn.q_proj.weight
+        for head in (0, 1):  # the query heads of KV head 0; RoPE pairs channel 5 with 37
+            rows[head * 64 + 5].zero_()
+            rows[head * 64 + 37].zero_()
+    weights = key_channel_weights(model, None, ids, TOKENS)
+    assert weights.shape == (3, 2, 64) and np.isfinite(weights).all()
+    assert weights[1, 0, 5] == weights[1, 0, 37] == 0 and (weights[1, 1] > 0).all()
+    layer_map = kvq.hf.calibrate_channels(model, None, 4.5, ids, TOKENS, CONTEXT)
+    assert 4.5 - 8 * 8 / (3 * 2 * 64) * 0.5 < bits_of(model, layer_map) <= 4.5
+    assert "base q4" in layer_map.note
+    for config in layer_map.configs:
+        assert config.v == Q.q4().v and config.sink_tokens == Q.q4().sink_tokens
+        assert config.k.channel_widths.shape == (2, 64) and not config.k.rotate
+    widths = layer_map(1).k.channel_widths
+    assert widths[0, 5] == widths[0, 37] == widths.min()
+    cache = kvq.hf.KVQCache(model, layer_map)
+    assert cache.plan().total_bytes == kvq.plan(model_config_of(model.config), 0, layer_map,
+                                                 max_queries=64).total_bytes  # fmt: skip
+
+
+def test_calibrate_channels_refuses_bad_budgets(tiny, ids):
+    with pytest.raises(ValueError, match="below the narrowest preset"):
+        kvq.hf.calibrate_channels(tiny, None, 1.0, ids, TOKENS, CONTEXT)
+    with pytest.raises(TypeError, match="finite number"):
+        kvq.hf.calibrate_channels(tiny, None, float("nan"), ids, TOKENS, CONTEXT)

@@ -497,3 +497,20 @@ def test_bad_states_of_a_single_row_leave_it_as_it_was(models, bad):
         )
     assert len(cache.kv(0)) == 4
     np.testing.assert_array_equal(cache.kv(0).keys(), before)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_oss"])
+def test_keys_of_per_channel_widths_match_float64_attention(models, checker, name):
+    """A LayerMap from kvq.hf.calibrate_channels (keys of per-channel widths, held widest
+    first) in every layer and call, sliding layers and sinks included."""
+    model = models[name]
+    ids = torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    calibration = torch.randint(1, 97, (200,), generator=torch.Generator().manual_seed(2))
+    layer_map = kvq.hf.calibrate_channels(model, None, 4.5, calibration, 128, 512)
+    assert model.config._attn_implementation == "kvq"  # restored
+    assert len({c.k.channel_bits for c in layer_map.configs}) > 1  # layers differ
+    check = checker()
+    cache = kvq.hf.KVQCache(model, layer_map, max_queries=16)
+    forward_chunks(model, cache, ids, [16, 5] + [1] * 19)
+    worst = max(error for *_, error in check.errors)
+    assert worst <= TOLERANCE, [e for e in check.errors if e[-1] > TOLERANCE][:5]

@@ -52,15 +52,15 @@ def _scores_caller(fits: int):
     t1, t2, t3, t4 = (_make_scores_codes_tile(n, fits) for n in (1, 2, 3, 4))
 
     @njit
-    def call(rows, codes, at, stride, bits, weights, bias, scores, r0, i0):
+    def call(rows, codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add):
         if rows == 1:
-            t1(codes, at, stride, bits, weights, bias, scores, r0, i0)
+            t1(codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add)
         elif rows == 2:
-            t2(codes, at, stride, bits, weights, bias, scores, r0, i0)
+            t2(codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add)
         elif rows == 3:
-            t3(codes, at, stride, bits, weights, bias, scores, r0, i0)
+            t3(codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add)
         else:
-            t4(codes, at, stride, bits, weights, bias, scores, r0, i0)
+            t4(codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add)
 
     return call
 
@@ -142,14 +142,15 @@ def test_values_from_codes_equal_numpy(bits, rows, group, fits):
     assert (acc[:r0] == before[:r0]).all() and (acc[r0 + rows :] == before[r0 + rows :]).all()
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("bits", [8, 6, 5, 4, 3, 2, 1])
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("fits", FITS)
 def test_scores_from_codes_equal_numpy(bits, rows, fits):
     """scores[r, i0:i0+32] = bias[r] + sum_d w[r, d] (code - 2 ** (bits - 1)) for channel runs
-    of 32 codes ``stride`` apart, written (not added) into the tile only."""
+    of 32 codes ``stride`` apart, written (not added) into the tile only; then the same
+    channels in two calls, the second adding to the first's scores (a head of two widths)."""
     rng = np.random.default_rng(bits * 10 + rows + 5)
-    dim, stride, at, r0, i0 = 64, 40, 8, 1, 32
+    dim, stride, at, r0, i0, split = 64, 40, 8, 1, 32, 24
     codes = rng.integers(0, 2**bits, at + dim * stride).astype(np.uint8)
     weights = rng.standard_normal((r0 + rows + 1, dim)).astype(np.float32)
     bias = rng.standard_normal(r0 + rows + 1).astype(np.float32)
@@ -157,12 +158,20 @@ def test_scores_from_codes_equal_numpy(bits, rows, fits):
     channels = np.stack([codes[at + d * stride : at + d * stride + 32] for d in range(dim)])
     centred = channels.astype(np.float64) - 2 ** (bits - 1)
     expected = bias[r0 : r0 + rows, None] + weights[r0 : r0 + rows].astype(np.float64) @ centred
-    _scores_caller(fits)(
-        rows, _packed(codes, bits), at, stride, bits, weights, bias, scores, r0, i0
-    )
+    packed = _packed(codes, bits)
+    call = _scores_caller(fits)
+    call(rows, packed, at * bits // 8, stride, bits, weights, bias, scores, r0, i0, 0, dim, 0)
     np.testing.assert_allclose(
         scores[r0 : r0 + rows, i0 : i0 + 32], expected, rtol=1e-5, atol=1e-4
     )
+    scores[r0 : r0 + rows, i0 : i0 + 32] = 7.0  # overwritten by the first of two calls
+    second = (at + split * stride) * bits // 8
+    call(rows, packed, at * bits // 8, stride, bits, weights, bias, scores, r0, i0, 0, split, 0)
+    call(rows, packed, second, stride, bits, weights, bias, scores, r0, i0, split, dim, 1)
+    # float32 sums in another order: within a few ulps of the sum of the terms' magnitudes
+    magnitude = np.abs(weights[r0 : r0 + rows]).astype(np.float64) @ np.abs(centred)
+    bound = 1e-6 * (magnitude + np.abs(bias[r0 : r0 + rows, None]))
+    assert (np.abs(scores[r0 : r0 + rows, i0 : i0 + 32] - expected) <= bound).all()
     untouched = np.ones(scores.shape, bool)
     untouched[r0 : r0 + rows, i0 : i0 + 32] = False
     assert (scores[untouched] == -9.0).all(), "wrote outside the tile"

@@ -5,7 +5,16 @@ import pytest
 from numba import njit
 
 from kvq.kernels import pack_codes
-from kvq.kernels._unpack import RUN, WIDTHS, code_at, unpack_affine_8, unpack_affine_32
+from kvq.kernels._unpack import (
+    CHANNEL_WIDTHS,
+    RUN,
+    WIDTHS,
+    code_at,
+    code_at_bit,
+    unpack_affine_8,
+    unpack_affine_32,
+    unpack_affine_bytes_32,
+)
 
 
 @njit
@@ -81,3 +90,35 @@ def test_code_at_reads_the_last_code_of_a_row_without_reading_past_it():
 @njit
 def _code_at(row, index, bits):
     return code_at(row, index, bits)
+
+
+@njit
+def _unpack_bytes(row, byte, bits, scale, lowest, out, at):
+    unpack_affine_bytes_32(row, byte, bits, scale, lowest, out, at)
+
+
+@njit
+def _code_at_bit(row, bit, bits):
+    return code_at_bit(row, bit, bits)
+
+
+@pytest.mark.parametrize("bits", CHANNEL_WIDTHS)
+def test_channels_of_mixed_widths_decode_to_numpy(bits):
+    """unpack_affine_bytes_32 reads a channel's 32 codes from the byte its run starts on (the
+    runs before it of other widths), for every width a channel takes; code_at_bit reads each
+    code alone from its bit; nothing else is written."""
+    rng = np.random.default_rng(bits + 3)
+    before = rng.integers(0, 256, 7).astype(np.uint8)  # 7 bytes of other channels' runs
+    codes = rng.integers(0, 2**bits, RUN).astype(np.uint8)
+    codes[:3] = 2**bits - 1
+    packed = np.zeros(RUN * bits // 8, np.uint8)
+    pack_codes(codes, bits, packed)
+    row = np.concatenate([before, packed, before]).astype(np.uint8)
+    out = np.full(RUN + 4, -7.0, np.float32)
+    scale, lowest = np.float32(0.37), np.float32(-2.5)
+    _unpack_bytes(row, 7, bits, scale, lowest, out, 2)
+    expected = codes.astype(np.float64) * scale + lowest
+    np.testing.assert_allclose(out[2 : 2 + RUN], expected, rtol=2**-24, atol=0)
+    assert (out[:2] == -7.0).all() and (out[2 + RUN :] == -7.0).all(), "wrote outside"
+    got = [int(_code_at_bit(row, 56 + i * bits, bits)) for i in range(RUN)]
+    assert got == codes.tolist()

@@ -21,6 +21,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from kvq.hf.attention import kvq_attention, kvq_mask
 from kvq.hf.cache import ATTN_IMPLEMENTATION, KVQCache, model_config_of
 from kvq.hf.calibrate import calibrate  # the function, as evaluate below
+from kvq.hf.channels import calibrate_channels
 from kvq.hf.evaluate import evaluate  # the function; the module is sys.modules["kvq.hf.evaluate"]
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, kvq_attention)
@@ -30,6 +31,7 @@ __all__ = [
     "ATTN_IMPLEMENTATION",
     "KVQCache",
     "calibrate",
+    "calibrate_channels",
     "evaluate",
     "kvq_attention",
     "kvq_mask",

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvq.hf.models import SMOLLM2_MAPS
 from kvq.layer_map import LayerMap
 from kvq.scheme import QuantConfig
 
@@ -52,7 +53,7 @@ PRESETS: dict[str, Callable[[], QuantConfig]] = {
     "mlx8": lambda: QuantConfig.mlx(8),
 }
 #: The LayerMaps calibrated for SmolLM2-135M (kvq.hf.models.smollm2_layer_map) by name.
-SMOLLM2_NAMES = ("q4+smollm2", "q3+smollm2", "q2+smollm2", "q3+pre_rope+smollm2")
+SMOLLM2_NAMES = tuple(f"{name}+smollm2" for name in SMOLLM2_MAPS)
 #: GGML kinds: bits per element (a float16 scale, and for q4_1 a float16 min, per 32).
 GGML_BITS = {"q8_0": 8.5, "q4_0": 4.5, "q4_1": 5.0}
 

@@ -112,17 +112,21 @@ def reference_text_source() -> str:
     return "Python's pydoc_data.topics (the GPL files are absent)"
 
 
-#: LayerMaps that ``kvq.hf.calibrate`` chose for SmolLM2-135M-Instruct (its Q4_1 GGUF), at
-#: the budgets of the presets q4, q3 and q2 (4.5, 3.5 and 2.5 bits over a 4K-token cache), on
-#: 512 tokens of :func:`kvq.hf.calibrate.calibration_text`: ``kvq calibrate --bits 3.5 --out
-#: kvq/hf/maps/smollm2-q3.json`` remakes one.
-SMOLLM2_MAPS = ("q4", "q3", "q2", "q3+pre_rope")
+#: LayerMaps calibrated for SmolLM2-135M-Instruct (its Q4_1 GGUF) at the budgets of the
+#: presets q4, q3 and q2 (4.5, 3.5 and 2.5 bits over a 4K-token cache), on
+#: :func:`kvq.hf.calibrate.calibration_text`. 'q4', 'q3', 'q2' and 'q3+pre_rope':
+#: ``kvq.hf.calibrate`` (each layer's K and V at a preset; 512 tokens; ``kvq calibrate --bits
+#: 3.5 --out kvq/hf/maps/smollm2-q3.json`` remakes one). 'q4+channels', 'q3+channels',
+#: 'q2+channels': ``kvq.hf.calibrate_channels`` (per-channel key widths; 1,024 tokens;
+#: ``kvq calibrate --channels --bits 4.5 --out kvq/hf/maps/smollm2-q4+channels.json``).
+SMOLLM2_MAPS = ("q4", "q3", "q2", "q3+pre_rope", "q4+channels", "q3+channels", "q2+channels")
 
 
 def smollm2_layer_map(preset: str):
     """The kvq.LayerMap calibrated for SmolLM2-135M-Instruct at ``preset``'s budget ('q4',
-    'q3' or 'q2'; 'q3+pre_rope' climbs the presets with keys before RoPE); its ``note`` says
-    what was raised and why."""
+    'q3' or 'q2'; 'q3+pre_rope' climbs the presets with keys before RoPE; 'q4+channels',
+    'q3+channels' and 'q2+channels' give the keys per-channel widths); its ``note`` says how
+    it was chosen."""
     from kvq.layer_map import LayerMap
 
     if preset not in SMOLLM2_MAPS:

@@ -12,7 +12,8 @@ vector registers across the whole reduction loop:
 
 For 1-4 query rows per KV head, three tiles read K/V codes themselves (decoded in registers
 as ``_unpack.py`` does, never stored): ``values_codes_tile`` (per-token value codes),
-``scores_codes_tile`` (32 tokens of per-channel key codes) and ``scores_tokens_tile``
+``scores_codes_tile`` (32 tokens of per-channel key codes, a run of channels of one width
+at a time, so keys of per-channel widths take one call per width) and ``scores_tokens_tile``
 (per-token key codes, one sum of lanes per token and row).
 
 ``scores_tile_n`` and ``values_tile_n`` (and the code tiles' ``_n``) are the same for
@@ -35,7 +36,7 @@ from numba.core import config
 from numba.extending import intrinsic
 
 from kvq.kernels._simd import _is_array
-from kvq.kernels._unpack import CODE_WIDTHS, _emit_codes, fma_function
+from kvq.kernels._unpack import CHANNEL_WIDTHS, CODE_WIDTHS, _emit_codes, fma_function
 
 _f32 = ir.FloatType()
 _i32 = ir.IntType(32)
@@ -267,16 +268,16 @@ def transpose_16(typingctx, source, target, t0, d0):
     return types.void(source, target, types.int64, types.int64), codegen
 
 
-def _per_width(builder, bits_v, emit):
+def _per_width(builder, bits_v, emit, widths=CODE_WIDTHS):
     """IR that runs ``emit(builder, width)`` for the code width ``bits_v`` (i64) holds, one
-    copy per width of ``CODE_WIDTHS`` (any other runs as the last): the switch is taken once
+    copy per width of ``widths`` (any other runs as the last): the switch is taken once
     before a tile's loops, not in them (inside, LLVM kept it in every iteration, with its
     constants reloaded: a third of the values tile's instructions)."""
     function = builder.function
     done = function.append_basic_block("width.done")
-    cases = {w: function.append_basic_block(f"width.{w}") for w in CODE_WIDTHS}
-    switch = builder.switch(bits_v, cases[CODE_WIDTHS[-1]])
-    for width in CODE_WIDTHS[:-1]:
+    cases = {w: function.append_basic_block(f"width.{w}") for w in widths}
+    switch = builder.switch(bits_v, cases[widths[-1]])
+    for width in widths[:-1]:
         switch.add_case(ir.Constant(_i64, width), cases[width])
     for width, block in cases.items():
         builder.position_at_end(block)
@@ -417,15 +418,15 @@ values_codes_tile_1, values_codes_tile_2, values_codes_tile_3, values_codes_tile
 
 
 def _emit_scores_codes_pass(
-    builder, arrays, at_v, stride_v, width, dim, row0, col0, count, halves
+    builder, arrays, stride_v, width, first_v, last_v, add_v, row0, col0, count, halves
 ):  # fmt: skip
     """One pass of ``scores_codes_tile`` over its 16-token halves ``halves`` (of 0, 1): a loop
-    over the channels whose accumulators stay in registers."""
+    over the channels first .. last - 1 whose accumulators stay in registers."""
     codes_data, (w_data, w_stride), bias_data, (s_data, s_stride) = arrays
     fma = _fma(builder.module)
     keys = [(r, h) for r in range(count) for h in halves]
-    d, accs, _, loop, done = _open_loop(builder, "kcodes", ir.Constant(_i64, 0), keys)
-    index = builder.add(at_v, builder.mul(d, stride_v))
+    d, accs, _, loop, done = _open_loop(builder, "kcodes", first_v, keys)
+    index = builder.mul(builder.sub(d, first_v), stride_v)
     decoded = _decoded_columns(builder, codes_data, index, width, ir.Constant(_i64, 0), halves)
     updated = {}
     for r in range(count):
@@ -434,25 +435,30 @@ def _emit_scores_codes_pass(
         broadcast = _splat(builder, weight)
         for h in halves:
             updated[r, h] = builder.call(fma, [broadcast, decoded[h], accs[r, h]])
-    _close_loop(builder, d, dim, loop, done, [(a, updated[key]) for key, a in accs.items()])
+    _close_loop(builder, d, last_v, loop, done, [(a, updated[key]) for key, a in accs.items()])
+    adding = builder.icmp_signed("!=", add_v, ir.Constant(_i64, 0))
     for r in range(count):
         row = builder.add(row0, ir.Constant(_i64, r))
         offset = _splat(builder, builder.load(builder.gep(bias_data, [row])))
         base = builder.add(builder.mul(row, s_stride), col0)
         for h in halves:
-            at = builder.add(base, ir.Constant(_i64, 16 * h))
-            total = builder.fadd(updated[r, h], offset)
-            builder.store(total, _vector_at(builder, s_data, at), align=4)
+            pointer = _vector_at(builder, s_data, builder.add(base, ir.Constant(_i64, 16 * h)))
+            earlier = builder.select(adding, builder.load(pointer, align=4), offset)
+            builder.store(builder.fadd(updated[r, h], earlier), pointer, align=4)
 
 
 def _make_scores_codes_tile(count: int, fits: int = ACCUMULATORS):
     @intrinsic
-    def scores_codes_tile(typingctx, codes, at, stride, bits, weights, bias, scores, r0, i0):
-        """scores[r, i0:i0+32] = bias[r] + sum_d weights[r, d] * (code(at + d * stride + i) -
-        2 ** (bits - 1)) for rows r0..r0+count-1: per-channel key codes (32 tokens of channel
-        d from code at + d * stride, ``bits`` wide), centred, with each channel's scale folded
-        into the weights (q times scale) and its centre into ``bias``: decoded in registers,
-        never stored."""
+    def scores_codes_tile(
+        typingctx, codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add
+    ):  # fmt: skip
+        """scores[r, i0:i0+32] = (bias[r], or with ``add`` what they hold) + sum over channels
+        d in first..last-1 of weights[r, d] * (code(d, i) - 2 ** (bits - 1)) for rows
+        r0..r0+count-1: per-channel key codes (32 tokens of channel d from code (d - first) *
+        stride after byte ``base`` of ``codes``, ``bits`` wide, one of CHANNEL_WIDTHS),
+        centred, with each channel's scale folded into the weights (q times scale) and its
+        centre into ``bias``: decoded in registers, never stored (last > first). Channels of
+        several widths take one call per run of one width, the later ones with ``add``."""
         if not (
             _is_array(codes, types.uint8)
             and _is_matrix(weights)
@@ -462,29 +468,30 @@ def _make_scores_codes_tile(count: int, fits: int = ACCUMULATORS):
             return None
 
         def codegen(context, builder, signature, args):
-            codes_v, at_v, stride_v, bits_v, w_v, bias_v, s_v, row0, col0 = args
+            (codes_v, base_v, stride_v, bits_v, w_v, bias_v, s_v, row0, col0, first_v, last_v,
+             add_v) = args  # fmt: skip
             types_ = signature.args
             codes_data = context.make_array(types_[0])(context, builder, codes_v).data
+            codes_data = builder.gep(codes_data, [base_v])
             w_data, w_stride, _ = _array(context, builder, types_[4], w_v)
             bias_data = context.make_array(types_[5])(context, builder, bias_v).data
             s_data, s_stride, _ = _array(context, builder, types_[6], s_v)
             arrays = (codes_data, (w_data, w_stride), bias_data, (s_data, s_stride))
-            dim = _array(context, builder, types_[4], w_v)[1]
             step = _pass_vectors(count, fits)
 
             def emit(builder, width):
                 for half in range(0, 2, step):
                     _emit_scores_codes_pass(
-                        builder, arrays, at_v, stride_v, width, dim, row0, col0, count,
-                        range(half, min(2, half + step)),
+                        builder, arrays, stride_v, width, first_v, last_v, add_v, row0, col0,
+                        count, range(half, min(2, half + step)),
                     )  # fmt: skip
 
-            _per_width(builder, bits_v, emit)
+            _per_width(builder, bits_v, emit, CHANNEL_WIDTHS)
             return context.get_dummy_value()
 
         return types.void(
             codes, types.int64, types.int64, types.int64, weights, bias, scores, types.int64,
-            types.int64,
+            types.int64, types.int64, types.int64, types.int64,
         ), codegen  # fmt: skip
 
     return scores_codes_tile

@@ -1,12 +1,15 @@
 """kvq's one decoder of bit-packed codes (the little-endian bit streams of ``packing.py``).
 
-- ``code_at(row, index, bits)``: one code, at random;
+- ``code_at(row, index, bits)``: one code, at random (``code_at_bit``: from a bit offset, for
+  channels of mixed widths);
 - ``unpack_run(row, start, count, bits, out)``: a run of codes into ``out`` (float32 codes for
   attention, uint8 codes for ``packing.unpack_codes``): byte loops for 8, 4, 2 and 6 bits,
   eight codes per ``bits`` bytes through a 64-bit word otherwise;
 - ``unpack_affine_32(row, index, bits, scale, lowest, out, at)``: 32 codes with a group's
   scale and min applied, as one LLVM vector operation (below); ``unpack_affine_8``: the
-  same for 8 codes (one second-level super-group of 6-bit scale or min codes).
+  same for 8 codes (one second-level super-group of 6-bit scale or min codes);
+  ``unpack_affine_bytes_32``: 32 codes from a byte offset, for a channel of its own width
+  (``Scheme.channel_bits``: 1-6 or 8 bits).
 
 Unpack 32 bit-packed codes and apply a group's scale and min, as one LLVM vector operation.
 
@@ -43,6 +46,16 @@ def code_at(row, index, bits):
     high = np.int64(row[min(byte + 1, row.size - 1)])
     value = np.int64(row[byte]) | (high << 8)
     return (value >> shift) & ((1 << bits) - 1)
+
+
+@njit(inline="always")
+def code_at_bit(row, bit, bits):
+    """The ``bits``-bit code that starts at bit ``bit`` of a little-endian bit stream ``row``
+    (uint8): codes of mixed widths (``Scheme.channel_bits``), each channel from its own byte."""
+    byte = bit >> 3
+    high = np.int64(row[min(byte + 1, row.size - 1)])  # branch-free, as code_at
+    value = np.int64(row[byte]) | (high << 8)
+    return (value >> (bit & 7)) & ((1 << bits) - 1)
 
 
 @njit(inline="always")
@@ -109,20 +122,36 @@ def _splat(builder, scalar, count, element):
     return builder.shuffle_vector(first, undefined, ir.Constant(_vector(_i32, count), [0] * count))
 
 
-def _emit_codes(builder, row_data, index_value, bits, count, centred=False):
+def _emit_codes(builder, row_data, index_value, bits, count, centred=False, byte=None):
     """The LLVM IR of ``count`` ``bits``-bit codes from code ``index_value`` of byte stream
-    ``row_data``, as a float vector (see the module docstring); ``centred``: each code minus
-    ``2 ** (bits - 1)``."""
+    ``row_data`` (or from byte ``byte``, an i64, when given), as a float vector (see the
+    module docstring); ``centred``: each code minus ``2 ** (bits - 1)``."""
     run_bytes = count * bits // 8
     low_index = [(i * bits) // 8 for i in range(count)]
     high_index = [min(j + 1, run_bytes - 1) for j in low_index]
     shifts = [(i * bits) % 8 for i in range(count)]
     needs_high = any(s + bits > 8 for s in shifts)
-    byte = builder.lshr(builder.mul(index_value, ir.Constant(_i64, bits)), ir.Constant(_i64, 3))
+    if byte is None:
+        first_bit = builder.mul(index_value, ir.Constant(_i64, bits))
+        byte = builder.lshr(first_bit, ir.Constant(_i64, 3))
+    lanes = _vector(_i32, count)
+    if bits == 1:  # one word of count bits, in every lane, shifted by the lane's index: a
+        # byte vector here became an SSE4a extrq among AVX code, 40x slower (AMD Zen 3)
+        pointer = builder.bitcast(builder.gep(row_data, [byte]), ir.IntType(count).as_pointer())
+        word = builder.load(pointer, align=1)
+        word = builder.zext(word, _i32) if count < 32 else word
+        order = ir.Constant(lanes, list(range(count)))
+        codes = builder.and_(
+            builder.lshr(_splat(builder, word, count, _i32), order),
+            ir.Constant(lanes, [1] * count),
+        )
+        if centred:
+            codes = builder.sub(codes, ir.Constant(lanes, [1] * count))
+            return builder.sitofp(codes, _vector(_f32, count))
+        return builder.uitofp(codes, _vector(_f32, count))
     source = builder.bitcast(builder.gep(row_data, [byte]), _vector(_i8, run_bytes).as_pointer())
     packed = builder.zext(builder.load(source, align=1), _vector(_i32, run_bytes))
     undefined = ir.Constant(_vector(_i32, run_bytes), ir.Undefined)
-    lanes = _vector(_i32, count)
     if bits == 8:
         codes = packed
     else:
@@ -140,12 +169,16 @@ def _emit_codes(builder, row_data, index_value, bits, count, centred=False):
 
 WIDTHS = (8, 6, 4, 2, 3)  # the widths the decoders take: any other reads as 3 (the last)
 CODE_WIDTHS = (8, 4, 2, 3)  # the widths of K/V codes
+# the widths of per-channel codes (Scheme.channel_bits: kvq.scheme.CHANNEL_BITS)
+CHANNEL_WIDTHS = (8, 6, 5, 4, 2, 1, 3)
 
 
-def emit_codes(builder, row_data, index_value, bits_value, count, widths=WIDTHS, centred=False):
-    """IR of ``count`` codes (a float vector, ``centred`` as :func:`_emit_codes`) for a
-    run-time width ``bits_value`` (i64): a ``switch`` over ``widths`` inside the IR (LLVM
-    folds it for a constant width); a width not listed reads as the last."""
+def emit_codes(
+    builder, row_data, index_value, bits_value, count, widths=WIDTHS, centred=False, byte=None
+):  # fmt: skip
+    """IR of ``count`` codes (a float vector, ``centred`` and ``byte`` as :func:`_emit_codes`)
+    for a run-time width ``bits_value`` (i64): a ``switch`` over ``widths`` inside the IR
+    (LLVM folds it for a constant width); a width not listed reads as the last."""
     function = builder.function
     done = function.append_basic_block("codes.done")
     cases = {w: function.append_basic_block(f"codes.{w}") for w in widths}
@@ -155,7 +188,7 @@ def emit_codes(builder, row_data, index_value, bits_value, count, widths=WIDTHS,
     results = []
     for width, block in cases.items():
         builder.position_at_end(block)
-        value = _emit_codes(builder, row_data, index_value, width, count, centred)
+        value = _emit_codes(builder, row_data, index_value, width, count, centred, byte)
         results.append((value, builder.basic_block))
         builder.branch(done)
     builder.position_at_end(done)
@@ -171,8 +204,9 @@ def fma_function(module, count):
     return _llvm_function(module, f"llvm.fma.v{count}f32", vector, [vector] * 3)
 
 
-def _unpack_affine(count):
-    """The intrinsic of a ``count``-code run (see :func:`unpack_affine_32`)."""
+def _unpack_affine(count, bytes_=False):
+    """The intrinsic of a ``count``-code run (see :func:`unpack_affine_32`); ``bytes_``: its
+    second argument is the run's first byte, and the widths are CHANNEL_WIDTHS."""
 
     def typer(typingctx, row, index, bits, scale, lowest, out, at):
         if not (_is_array(row, types.uint8) and _is_array(out, types.float32)):
@@ -182,7 +216,12 @@ def _unpack_affine(count):
             row_value, index_value, bits_value, scale_value, lowest_value, out_value, at = args
             row_data = context.make_array(signature.args[0])(context, builder, row_value).data
             out_data = context.make_array(signature.args[5])(context, builder, out_value).data
-            values = emit_codes(builder, row_data, index_value, bits_value, count)
+            if bytes_:
+                values = emit_codes(
+                    builder, row_data, None, bits_value, count, CHANNEL_WIDTHS, byte=index_value
+                )
+            else:
+                values = emit_codes(builder, row_data, index_value, bits_value, count)
             result = builder.call(
                 fma_function(builder.module, count),
                 [
@@ -201,7 +240,7 @@ def _unpack_affine(count):
             row, types.int64, types.int64, types.float32, types.float32, out, types.int64
         ), codegen
 
-    typer.__name__ = typer.__qualname__ = f"unpack_affine_{count}"
+    typer.__name__ = typer.__qualname__ = f"unpack_affine_{'bytes_' if bytes_ else ''}{count}"
     return typer
 
 
@@ -215,3 +254,8 @@ left an atomic incref and decref per run in attention's hot loops."""
 unpack_affine_8 = intrinsic(_unpack_affine(8))
 """out[at:at + 8] = lowest + scale * codes index .. index + 7 of ``row``, as
 :func:`unpack_affine_32` (``index * bits`` a multiple of 8; ``bits`` bytes are read)."""
+
+unpack_affine_bytes_32 = intrinsic(_unpack_affine(RUN, bytes_=True))
+"""out[at:at + 32] = lowest + scale * the 32 ``bits``-bit codes from byte ``byte`` of ``row``
+(``unpack_affine_bytes_32(row, byte, bits, scale, lowest, out, at)``), for ``bits`` in
+:data:`CHANNEL_WIDTHS`: a channel of mixed widths, whose codes start on a byte of their own."""

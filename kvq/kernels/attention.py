@@ -26,6 +26,11 @@ slower token-at-a-time decoder, compiled once and not inlined. Keys held before 
 scratch and turned there by their positions' angles (``_turn_keys``), then scored by the
 plain tiles: a per-token rotation cannot be folded into q.
 
+Keys of per-channel widths (``Scheme.channel_bits``) are held with each head's channels
+widest first (the queries arrive in that order), so a head's channels form a few runs of one
+width: the key tile takes one run at a time, adding to the scores, and the scratch decoder
+reads each channel's 32 codes from the byte its run starts on (``channel_at``).
+
 Compile time: Numba's passes cost more than linearly in the size of the function they see,
 so the kernel is compiled in parts that are not inlined into each other: the parallel loop
 and merge (``attention_blocks``), one task's walk over its blocks (``_attend_task``), the
@@ -76,8 +81,10 @@ from kvq.kernels._tiles import (
 from kvq.kernels._unpack import (
     RUN,
     code_at,
+    code_at_bit,
     unpack_affine_8,
     unpack_affine_32,
+    unpack_affine_bytes_32,
     unpack_run,
 )
 from kvq.kernels.sink_tokens import merge_sink_tokens
@@ -104,6 +111,12 @@ class StreamView(NamedTuple):
     # angles, which turn decoded keys back; (0, 0) for a stream without RoPE
     rope_cos: np.ndarray
     rope_sin: np.ndarray
+    # per-channel widths (Scheme.channel_bits), each head's channels widest first; empty for
+    # a stream of one width: int64 (heads * head_dim) widths, the byte of a slot row where
+    # each channel's codes start, and (heads, runs) the end channel of each run of one width
+    channel_bits: np.ndarray
+    channel_at: np.ndarray
+    channel_runs: np.ndarray
 
 
 _NEG_INF = np.float32(-np.inf)
@@ -239,9 +252,16 @@ def _decode_token_major(
         return
     token_group = min(view.group, chunk)
     groups_per_channel = chunk // token_group
+    mixed = view.channel_bits.shape[0] > 0
+    row_byte = slot * view.codes.shape[1]
     for d in range(dim):
-        run = (head * dim + d) * chunk
-        codes_out[d] = np.float32(code_at(flat.codes, row_at + run + inner, bits))
+        if mixed:  # each channel's own width, from its own byte
+            width = view.channel_bits[head * dim + d]
+            bit = 8 * (row_byte + view.channel_at[head * dim + d]) + inner * width
+            codes_out[d] = np.float32(code_at_bit(flat.codes, bit, width))
+        else:
+            run = (head * dim + d) * chunk
+            codes_out[d] = np.float32(code_at(flat.codes, row_at + run + inner, bits))
         s, m = _params(
             view, flat, slot, (head * dim + d) * groups_per_channel + inner // token_group
         )
@@ -411,6 +431,28 @@ def _dequantize_chunk_keys(
     per_channel = chunk // token_group
     row_at = slot * flat.codes_row
     bits = view.bits
+    if view.channel_bits.shape[0] > 0:  # per-channel widths: each channel from its own byte
+        whole = chunk % RUN == 0 and per_channel == 1
+        if whole:
+            _channel_params(view, flat, head, index, dim, channel_scales, channel_mins)
+        row_byte = slot * view.codes.shape[1]
+        for d in range(dim):
+            width = view.channel_bits[head * dim + d]
+            byte = row_byte + view.channel_at[head * dim + d]
+            if whole:
+                for i in range(0, chunk, RUN):
+                    unpack_affine_bytes_32(
+                        flat.codes, byte + i * width // 8, width, channel_scales[d],
+                        channel_mins[d], keys_flat, d * block + offset + i,
+                    )  # fmt: skip
+            else:
+                for i in range(chunk):
+                    s, m = _params(
+                        view, flat, slot, (head * dim + d) * per_channel + i // token_group
+                    )
+                    code = code_at_bit(flat.codes, 8 * byte + i * width, width)
+                    keys[d, offset + i] = m + s * np.float32(code)
+        return
     if view.double_quant and per_channel == 1 and dim % SUPER_GROUPS == 0:
         _channel_params(view, flat, head, index, dim, channel_scales, channel_mins)
         if chunk == RUN and bits in (2, 3, 4, 8):
@@ -523,19 +565,29 @@ def _scores(keys, q, scores, rows, width):
 
 
 @njit(inline="always")
-def _scores_codes(codes, at, stride, bits, weights, bias, scores, rows, i0):
-    """scores[r, i0:i0 + 32] for every row from 32 tokens of per-channel key codes (channel d
-    from code at + d * stride), scales folded into ``weights`` and mins into ``bias``."""
+def _scores_codes(codes, base, stride, bits, weights, bias, scores, rows, i0, first, last, add):
+    """scores[r, i0:i0 + 32] for every row from 32 tokens of per-channel key codes of
+    channels first .. last - 1 (channel d from code (d - first) * stride after byte
+    ``base``), scales folded into ``weights`` and mins into ``bias`` (``add``: added to what
+    the scores hold instead)."""
     rest = rows % 4
     for r0 in range(0, rows - rest, 4):
-        scores_codes_tile(codes, at, stride, bits, weights, bias, scores, r0, i0)
+        scores_codes_tile(
+            codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add
+        )
     r0 = rows - rest
     if rest == 3:
-        scores_codes_tile_3(codes, at, stride, bits, weights, bias, scores, r0, i0)
+        scores_codes_tile_3(
+            codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add
+        )
     elif rest == 2:
-        scores_codes_tile_2(codes, at, stride, bits, weights, bias, scores, r0, i0)
+        scores_codes_tile_2(
+            codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add
+        )
     elif rest == 1:
-        scores_codes_tile_1(codes, at, stride, bits, weights, bias, scores, r0, i0)
+        scores_codes_tile_1(
+            codes, base, stride, bits, weights, bias, scores, r0, i0, first, last, add
+        )
 
 
 @njit(inline="always")
@@ -709,6 +761,13 @@ def _attend_task(
     v_fused = v_vector and dim % 64 == 0 and (rows <= 4 or (v.bits != 3 and _WIDE and rows <= 8))
     k_flat = _flat(k)
     v_flat = _flat(v)
+    # keys of per-channel widths: each channel's centre, 2 ** (its width - 1)
+    mixed_k = k.channel_bits.shape[0] > 0
+    centres = np.empty((kv_heads, dim), np.float32)
+    for head in range(kv_heads):
+        for d in range(dim):
+            width_bits = k.channel_bits[head * dim + d] if mixed_k else k.bits
+            centres[head, d] = np.float32(1 << (width_bits - 1))
     heads_per_task = (kv_heads + head_groups - 1) // head_groups
     split = task // head_groups
     first_head = (task % head_groups) * heads_per_task
@@ -767,7 +826,7 @@ def _attend_task(
             fused_k = k_fused and dropped == 0 and start + width <= k.chunks * k_chunk
             if fused_k:
                 t = width  # nothing left for the scratch path
-                half = np.float32(1 << (k.bits - 1))  # the tile takes codes centred
+                halves = centres[head]  # the tile takes codes centred
                 for i0 in range(0, width, RUN):
                     index = (start + i0) // k_chunk
                     _channel_params(k, k_flat, head, index, dim, channel_scales, channel_mins)
@@ -775,12 +834,24 @@ def _attend_task(
                         offset = np.float32(0.0)
                         for d in range(dim):
                             folded[r, d] = q[r, d] * channel_scales[d]
-                            offset += q[r, d] * (channel_mins[d] + channel_scales[d] * half)
+                            offset += q[r, d] * (channel_mins[d] + channel_scales[d] * halves[d])
                         bias[r] = offset
-                    at = (index % k.slots) * k_flat.codes_row + head * dim * k_chunk
-                    _scores_codes(
-                        k_flat.codes, at, k_chunk, k.bits, folded, bias, scores, rows, i0
-                    )
+                    row_byte = (index % k.slots) * k.codes.shape[1]
+                    # one run of the head's channels for one width, else a run per width
+                    for run in range(max(1, k.channel_runs.shape[1])):
+                        first, last = 0, dim
+                        width_bits, base = k.bits, row_byte + head * dim * k_chunk * k.bits // 8
+                        if mixed_k:
+                            first = 0 if run == 0 else k.channel_runs[head, run - 1]
+                            last = k.channel_runs[head, run]
+                            if last <= first:
+                                break
+                            width_bits = k.channel_bits[head * dim + first]
+                            base = row_byte + k.channel_at[head * dim + first]
+                        _scores_codes(
+                            k_flat.codes, base, k_chunk, width_bits, folded, bias, scores, rows,
+                            i0, first, last, run,
+                        )  # fmt: skip
             # per-token codes the tiles read (every token of the block quantized, few rows):
             # their params and offsets, K's and V's from one call site (each inlined copy
             # costs seconds of compile time)

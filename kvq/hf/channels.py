@@ -1,0 +1,157 @@
+"""calibrate_channels: per-channel key widths for a model, from one pass over real text.
+
+The pass records each layer's queries and keys as its attention meets them (RoPE applied),
+weighs every key channel by ``kvq.allocation.channel_weights`` (query energy times squared
+key range, times the layer's squared scaling) and gives the keys of every layer
+``Scheme.channel_bits`` from ``kvq.allocate_channel_bits``, as wide on average as the budget
+allows over a ``context``-token cache, everything counted (``kvq.plan``). Values keep the
+base preset's scheme. One forward pass: seconds, where ``kvq.hf.calibrate`` takes minutes.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import replace
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvq._validate import check_int
+from kvq.allocation import allocate_channel_bits, channel_weights
+from kvq.hf.calibrate import LADDER, calibration_text, layer_bits
+from kvq.layer_map import LayerMap
+from kvq.scheme import CHANNEL_BITS, QuantConfig, Scheme
+
+_CAPTURE = "kvq_channels"  # the attention that records queries and keys (then runs sdpa)
+_captured: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+
+
+def _capture(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """The model's own eager attention (its modeling module's ``eager_attention_forward``:
+    sinks and windows as the model has them; sdpa where there is none), after keeping layer
+    ``module.layer_idx``'s first batch row of queries and keys (float64) and its scaling."""
+    dim = query.shape[-1]
+    scale = 1.0 / math.sqrt(dim) if scaling is None else float(scaling)
+    _captured[module.layer_idx] = (
+        query[0].detach().to(torch.float64).cpu().numpy(),
+        key[0].detach().to(torch.float64).cpu().numpy(),
+        scale,
+    )
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    kwargs.pop("dropout", None)
+    return eager(module, query, key, value, attention_mask, scale, 0.0, **kwargs)
+
+
+AttentionInterface.register(_CAPTURE, _capture)
+AttentionMaskInterface.register(_CAPTURE, eager_mask)  # additive float masks, as eager takes
+
+
+def key_channel_weights(model, tokenizer, text: str | None = None, tokens: int = 1024,
+                        group_size: int = 32, first: int = 1) -> np.ndarray:  # fmt: skip
+    """float64 (layers, kv_heads, head_dim): :func:`kvq.allocation.channel_weights` of each
+    layer over ``tokens`` tokens of ``text`` (default
+    :func:`kvq.hf.calibrate.calibration_text`), times the layer's squared attention scaling
+    (so that layers compare), from position ``first`` on (past the exact sink tokens)."""
+    from kvq.hf.cache import _text_config, model_config_of
+    from kvq.hf.evaluate import token_ids
+
+    tokens = check_int("tokens", tokens, group_size + first)
+    model_config = model_config_of(_text_config(model)[0])
+    ids = token_ids(tokenizer, calibration_text() if text is None else text, tokens)
+    original = model.config._attn_implementation
+    _captured.clear()
+    try:
+        model.set_attn_implementation(_CAPTURE)
+        with torch.inference_mode():
+            model(input_ids=ids)
+    finally:
+        model.set_attn_implementation(original)
+    layers = model_config.num_hidden_layers
+    missing = [layer for layer in range(layers) if layer not in _captured]
+    if missing:
+        raise ValueError(f"no attention call was seen for layers {missing}")
+    weights = []
+    for layer in range(layers):
+        queries, keys, scale = _captured[layer]
+        weights.append(channel_weights(queries, keys, group_size, first) * scale**2)
+    _captured.clear()
+    return np.stack(weights)
+
+
+def calibrate_channels(
+    model,
+    tokenizer,
+    bits: float,
+    text: str | None = None,
+    tokens: int = 1024,
+    context: int = 4096,
+    widths=CHANNEL_BITS,
+) -> LayerMap:
+    """A :class:`LayerMap` of at most ``bits`` bits per element over a ``context``-token
+    cache (everything counted, the width tables included), whose keys have per-channel widths.
+
+    The base is the widest preset of ``kvq.hf.calibrate.LADDER`` that fits ``bits`` (q4 for
+    4.5). Every layer takes its values scheme and sink tokens; its keys become per-channel
+    groups of 32 tokens, unrotated, with second-level scales and range search, and
+    ``channel_bits`` from :func:`kvq.allocate_channel_bits` of
+    :func:`key_channel_weights` (``tokens`` tokens of ``text``), the widest mean width that
+    fits the budget (to 1/64 of a bit). ``widths``: the widths a channel may take.
+    """
+    from kvq.hf.cache import _text_config, model_config_of
+
+    if isinstance(bits, bool) or not isinstance(bits, int | float) or not math.isfinite(bits):
+        raise TypeError(f"bits must be a finite number, got {bits!r}")
+    context = check_int("context", context, 1)
+    model_config = model_config_of(_text_config(model)[0])
+    layers = model_config.num_hidden_layers
+    presets = [(name, make()) for name, make in LADDER]
+    fits = [p for p in presets if layer_bits(model_config, LayerMap((p[1],) * layers), context)
+            <= bits]  # fmt: skip
+    if not fits:
+        raise ValueError(f"bits={bits} is below the narrowest preset's over {context} tokens")
+    name, base = fits[-1]
+    weights = key_channel_weights(model, tokenizer, text, tokens, base.k.group_size,
+                                  base.sink_tokens)  # fmt: skip
+
+    def layer_map(mean: float) -> LayerMap:
+        chosen = allocate_channel_bits(weights, mean, widths)
+        return LayerMap(tuple(_with_widths(base, table) for table in chosen))
+
+    allowed = sorted({int(w) for w in widths})
+    low, high = allowed[0] * 64, allowed[-1] * 64  # in 1/64 bits; low is assumed to fit
+    if layer_bits(model_config, layer_map(low / 64), context) > bits:
+        raise ValueError(
+            f"bits={bits} is too few for {allowed[0]}-bit keys beside {name}'s values"
+        )
+    while low < high:
+        middle = (low + high + 1) // 2
+        if layer_bits(model_config, layer_map(middle / 64), context) <= bits:
+            low = middle
+        else:
+            high = middle - 1
+    chosen = layer_map(low / 64)
+    counted = layer_bits(model_config, chosen, context)
+    key_mean = float(np.mean([np.mean(c.k.channel_bits) for c in chosen.configs]))
+    note = (
+        f"kvq.hf.calibrate_channels: base {name}, at most {bits} bits over {context} tokens "
+        f"({counted:.3f} counted); keys {key_mean:.3f} bits a code on average, widths "
+        f"{allowed}; {tokens} calibration tokens"
+    )
+    return LayerMap(chosen.configs, note)
+
+
+def _with_widths(base: QuantConfig, table: np.ndarray) -> QuantConfig:
+    """``base`` with keys of per-channel widths ``table`` (unrotated, as channel_bits needs)."""
+    k = Scheme(
+        int(table.max()), base.k.group_size, axis=-2, scale_dtype=base.k.scale_dtype,
+        double_quant=base.k.double_quant, search=base.k.search, channel_bits=table,
+    )  # fmt: skip
+    return replace(base, k=k)
