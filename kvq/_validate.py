@@ -27,6 +27,8 @@ def as_float32(name: str, x) -> tuple[np.ndarray, np.ndarray]:
 
 def check_float_dtype(name: str, dtype: np.dtype) -> None:
     """TypeError unless ``dtype`` is float16, float32 or float64 (either byte order)."""
+    if dtype in FLOAT_DTYPES:  # native order: the common case, without a new dtype object
+        return
     if dtype.newbyteorder("=") not in FLOAT_DTYPES:
         raise TypeError(
             f"{name} must hold float16, float32 or float64 values, got dtype {dtype}; "
@@ -68,6 +70,8 @@ def check_finite(
 
 def check_int(name: str, value, minimum: int = 1) -> int:
     """``value`` as an int >= ``minimum`` (NumPy integers accepted; bools and floats refused)."""
+    if type(value) is int and value >= minimum:  # the common case, checked first
+        return value
     if isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     try:

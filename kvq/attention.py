@@ -74,9 +74,6 @@ def attention(
     rotations = (q_signs, q_factor, v_signs, np.float32(norm))
     with cache.reading() as view:  # a consistent state; appends wait while the kernel reads
         _check_positions(view, t_q, cache.max_queries)
-        if view.k_order is not None:  # keys of per-channel widths are held widest first
-            queries = _in_order(queries, view.k_order)
-        v_inverse = view.v_inverse
         work = 2 * view.held * kv_heads * dim * max(1, group * t_q // 8)
         args = (view, queries, rotations, group, sinks_array)
         if work <= SERIAL_WORK:  # a parallel launch costs more than it saves
@@ -85,18 +82,7 @@ def attention(
             out = _attend_all(*args, causal, start, numba.get_num_threads())
     if out is None:  # some q * scale (rotated) is not finite
         _raise_queries(original, queries, config.k, scale)
-    if v_inverse is not None:  # values held widest first: the output's channels in order
-        out = _in_order(out, v_inverse)
     return out
-
-
-def _in_order(queries: np.ndarray, order: np.ndarray) -> np.ndarray:
-    """queries (heads, t_q, head_dim) (or the output) with channel j of each head taken from
-    channel order[h, j] of its KV head h (``order``: int64 (kv_heads, head_dim))."""
-    heads, t_q, dim = queries.shape
-    kv_heads = order.shape[0]
-    rows = queries.reshape(kv_heads, heads // kv_heads * t_q, dim)
-    return np.take_along_axis(rows, order[:, None, :], axis=2).reshape(heads, t_q, dim)
 
 
 # Calls of at most this many elements of work (2 x held tokens x kv_heads x head_dim, times

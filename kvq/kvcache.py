@@ -36,8 +36,11 @@ from kvq.tensor import QuantizedTensor, quantize
 FLOAT32_BYTES = 4
 _NO_PARAMS = np.zeros((1, 1), np.uint8)  # p2/p3 of a StreamView without second-level scales
 _NO_TABLES = (np.zeros((0, 0), np.float32),) * 2  # rope_cos/rope_sin of a stream without RoPE
-# channel_bits, channel_at, channel_runs of a stream of one width
-_NO_CHANNELS = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.int64))
+# channel_bits, channel_at, channel_runs, channel_order of a stream of one width
+_NO_CHANNELS = (
+    np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 0), np.int64),
+    np.zeros(0, np.int64),
+)  # fmt: skip
 #: Runs of equal width a head's channels can form (one per width of CHANNEL_BITS, and one spare).
 CHANNEL_RUNS = 8
 _INITIAL_CHUNKS = 16
@@ -180,7 +183,8 @@ class TensorStream:
             self.inverse = np.argsort(self.order, axis=1)
             held = np.take_along_axis(widths, self.order, axis=1)
             self.plain_scheme = self.stored_scheme = replace(scheme, channel_bits=held)
-            self.channel_tables = channel_tables(held, self.chunk)
+            order = np.ascontiguousarray(self.order, np.int64).reshape(-1)
+            self.channel_tables = (*channel_tables(held, self.chunk), order)
         template = quantize(np.zeros(self.chunk_shape, np.float32), scheme=scheme).parts()
         self.part_layout = {key: (part.dtype, part.size) for key, part in template.items()}
         # Several chunks quantize as one tensor (one kernel launch for a whole prefill) when
@@ -220,6 +224,13 @@ class TensorStream:
             self.sink_tokens = 0
             self.sinks = np.empty((self.heads, 0, self.head_dim), np.float32)
         self.__dict__.setdefault("rope", None)
+        for name, default in (
+            ("order", None),
+            ("inverse", None),
+            ("channel_tables", _NO_CHANNELS),
+        ):
+            self.__dict__.setdefault(name, default)
+        self.__dict__.setdefault("stored_scheme", self.scheme)
 
     # --- storage ----------------------------------------------------------------------------
 
@@ -531,11 +542,6 @@ class CacheView(NamedTuple):
     k_sinks: np.ndarray  # float32 (heads, n, head_dim): exact positions 0 .. n-1, rotated
     v_sinks: np.ndarray  # as the streams' residuals are (keys with RoPE applied); n = 0
     # without sink tokens
-    # channel_bits: streams hold each head's channels widest first, int64 (heads, head_dim)
-    # (None for one width): the key channel held at j is k_order[h, j]; the model's value
-    # channel j is held at v_inverse[h, j]
-    k_order: np.ndarray | None
-    v_inverse: np.ndarray | None
 
 
 class _Reading:
@@ -553,7 +559,7 @@ class _Reading:
         exact = cache._sink_count()
         return CacheView(
             k.appended, min(k.held, v.held), cache.window, k.kernel_view(), v.kernel_view(),
-            k.exact_sinks(exact), v.exact_sinks(exact), k.order, v.inverse,
+            k.exact_sinks(exact), v.exact_sinks(exact),
         )  # fmt: skip
 
     def __exit__(self, *exc) -> None:

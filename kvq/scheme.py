@@ -319,7 +319,9 @@ class QuantConfig:
         token (at most q4_0's 4.5). On SmolLM2-135M (as :meth:`q8`): mean KLD 0.021 at 1K
         tokens and 0.0177 (+1.3% perplexity) at 4K; before the sink token (unrotated values in
         groups of 32) 0.025 and 0.022; llama.cpp's Hadamard-rotated q4_0 0.073 and 0.064.
-        About 0.65x q4_0's attention error in bench/quality.py."""
+        About 0.65x q4_0's attention error in bench/quality.py. Calibrated for a model,
+        per-channel key widths at the same budget halve the divergence
+        (``kvq.hf.calibrate_channels(model, tokenizer, 4.5)``; SmolLM2: 0.0097 and 0.0078)."""
         return cls._searched(4, rotate, pre_rope)
 
     @classmethod
@@ -327,7 +329,9 @@ class QuantConfig:
         """3-bit, as :meth:`q4`: 3.375 bits per element nominal, 3.383 over a 4K-token
         SmolLM2 cache with the sink token. On SmolLM2-135M: mean KLD 0.086 (+4.9% perplexity)
         at 1K tokens and 0.075 (+6.2%) at 4K; before the sink token (values in groups of 32)
-        0.113 (+11.6%) and 0.087 (+8.7%). ``rotate=False`` rotates neither."""
+        0.113 (+11.6%) and 0.087 (+8.7%). ``rotate=False`` rotates neither. With per-channel
+        key widths at the same budget (``kvq.hf.calibrate_channels(model, tokenizer, 3.5)``):
+        0.048 (+2.3%) and 0.038 (+2.4%)."""
         return cls._searched(3, rotate, pre_rope)
 
     @classmethod
@@ -335,7 +339,9 @@ class QuantConfig:
         """2-bit, as :meth:`q3`: 2.375 bits per element nominal, 2.383 over a 4K-token
         SmolLM2 cache with the sink token. On SmolLM2-135M: mean KLD 0.40 (+38% perplexity)
         at 1K tokens and 0.39 (+45%) at 4K; before the sink token 0.43 and 0.47 (+52%).
-        ``rotate=False`` rotates neither."""
+        ``rotate=False`` rotates neither. With per-channel key widths at the same budget
+        (``kvq.hf.calibrate_channels(model, tokenizer, 2.5)``): 0.21 (+13.5%) and 0.19
+        (+17.6%)."""
         return cls._searched(2, rotate, pre_rope)
 
     @classmethod

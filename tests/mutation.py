@@ -341,8 +341,8 @@ MUTANTS = (
     ),
     Mutant(
         "queries-not-in-the-keys-order",
-        "kvq/attention.py",
-        (("queries = _in_order(queries, view.k_order)", "queries = queries"),),
+        "kvq/kernels/attention.py",
+        (("queries[head, r, order[head * dim + d]] * factor", "queries[head, r, d] * factor"),),
         ("tests/test_channel_bits.py::test_attention_matches_reference",),
         "queries meet keys held widest first in the model's channel order",
     ),

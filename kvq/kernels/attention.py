@@ -117,6 +117,9 @@ class StreamView(NamedTuple):
     channel_bits: np.ndarray
     channel_at: np.ndarray
     channel_runs: np.ndarray
+    # int64 (heads * head_dim): the model's channel held at j of head h is channel_order[h *
+    # head_dim + j] (queries are gathered so, outputs of such values scattered back)
+    channel_order: np.ndarray
 
 
 _NEG_INF = np.float32(-np.inf)
@@ -1008,13 +1011,18 @@ def _hadamard(x, dim):
 
 
 @njit(inline="always")
-def _scale_row(queries, signs, factor, rows, head, r):
+def _scale_row(queries, signs, factor, rows, head, r, order):
     """rows[head, r] = queries[head, r] @ R * factor for the rotation R = diag(signs) H /
     sqrt(dim) (``factor`` holds the 1 / sqrt(dim)), or queries[head, r] * factor where signs
-    is empty; 1 when a result is not finite, else 0."""
+    is empty, channel j taken from channel order[head * dim + j] when ``order`` is not empty
+    (keys of per-channel widths, held widest first; they never rotate); 1 when a result is
+    not finite, else 0."""
     dim = queries.shape[2]
     target = rows[head, r]
-    if signs.shape[0] == 0:
+    if order.shape[0] > 0:
+        for d in range(dim):
+            target[d] = queries[head, r, order[head * dim + d]] * factor
+    elif signs.shape[0] == 0:
         for d in range(dim):
             target[d] = queries[head, r, d] * factor
     else:
@@ -1028,6 +1036,17 @@ def _scale_row(queries, signs, factor, rows, head, r):
         if not np.isfinite(target[d]):
             bad = 1
     return bad
+
+
+@njit(inline="always")
+def _unorder_row(out, order, head, r, held):
+    """out[head, r, order[head * dim + j]] = out[head, r, j]: values of per-channel widths,
+    held widest first, back in the model's channel order (``held``: float32 (dim) scratch)."""
+    dim = out.shape[2]
+    for d in range(dim):
+        held[d] = out[head, r, d]
+    for d in range(dim):
+        out[head, r, order[head * dim + d]] = held[d]
 
 
 @njit(inline="always")
@@ -1084,10 +1103,16 @@ def attention_blocks(
     bad = 0
     if large:
         for index in prange(kv_heads * n_rows):
-            bad += _scale_row(queries, q_signs, q_factor, rows, index // n_rows, index % n_rows)
+            bad += _scale_row(
+                queries, q_signs, q_factor, rows, index // n_rows, index % n_rows,
+                k.channel_order,
+            )  # fmt: skip
     else:
         for index in range(kv_heads * n_rows):
-            bad += _scale_row(queries, q_signs, q_factor, rows, index // n_rows, index % n_rows)
+            bad += _scale_row(
+                queries, q_signs, q_factor, rows, index // n_rows, index % n_rows,
+                k.channel_order,
+            )  # fmt: skip
     if bad:
         return bad
     row_first = np.empty(n_rows, np.int64)
@@ -1127,4 +1152,8 @@ def attention_blocks(
         else:
             for index in range(kv_heads * n_rows):
                 _unrotate_row(out, v_signs, v_factor, index // n_rows, index % n_rows)
+    if v.channel_order.shape[0]:  # values of per-channel widths: back in the model's order
+        held = np.empty(dim, np.float32)
+        for index in range(kv_heads * n_rows):
+            _unorder_row(out, v.channel_order, index // n_rows, index % n_rows, held)
     return 0
