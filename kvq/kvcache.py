@@ -179,11 +179,14 @@ class TensorStream:
                     f"config.{name}.channel_bits has shape {widths.shape}; a cache of "
                     f"{num_kv_heads} KV heads of {head_dim} needs ({num_kv_heads}, {head_dim})"
                 )
-            self.order = np.argsort(-widths, axis=1, kind="stable")
-            self.inverse = np.argsort(self.order, axis=1)
-            held = np.take_along_axis(widths, self.order, axis=1)
+            # flat (heads * head_dim) gathers: stored channel j of head h is the model's
+            # order[h, j]; the model's channel c of head h is stored at inverse[h, c]
+            heads = np.arange(num_kv_heads)[:, None] * head_dim
+            self.order = np.argsort(-widths, axis=1, kind="stable") + heads
+            self.inverse = np.argsort(self.order - heads, axis=1) + heads
+            held = widths.reshape(-1)[self.order]
             self.plain_scheme = self.stored_scheme = replace(scheme, channel_bits=held)
-            order = np.ascontiguousarray(self.order, np.int64).reshape(-1)
+            order = np.ascontiguousarray(self.order - heads, np.int64).reshape(-1)
             self.channel_tables = (*channel_tables(held, self.chunk), order)
         template = quantize(np.zeros(self.chunk_shape, np.float32), scheme=scheme).parts()
         self.part_layout = {key: (part.dtype, part.size) for key, part in template.items()}
@@ -313,7 +316,7 @@ class TensorStream:
             if not float(np.abs(new).max()) <= self.limit:  # checked unrotated in _check
                 self.raise_out_of_range(new, rotated=True)
         if self.order is not None:  # the stored channel order (widest first)
-            new = np.take_along_axis(new, self.order[:, None, :], axis=2)
+            new = _gather_channels(new, self.order)
         pending = np.concatenate([self.pending, new], axis=1) if self.pending.size else new
         layout = held_layout(appended, self.chunk, self.residual_target, self.window)
         count = layout.chunks - self.chunks
@@ -496,7 +499,7 @@ class TensorStream:
                 sinks = unrotate(sinks, self.rotation_seed)
             out[:, : exact - start] = sinks
         if self.order is not None:  # back to the model's channel order
-            out = np.take_along_axis(out, self.inverse[:, None, :], axis=2)
+            out = _gather_channels(out, self.inverse)
         if self.rope is not None:  # held index i is position appended - held + i
             out = self.rope.rotate(out, self.appended - self.held + start)
         return out
@@ -507,6 +510,16 @@ class TensorStream:
         channels in the stored order)."""
         sinks = self.sinks[:, :count]
         return sinks if self.rope is None else self.rope.rotate(sinks, 0)
+
+
+def _gather_channels(x: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """float32 (heads, t, head_dim): channel j of head h of the result is x's channel
+    ``index[h, j]`` of heads and channels flattened (h * head_dim + c)."""
+    heads, t, dim = x.shape
+    if t == 1:  # a decode step: one gather
+        return x.reshape(heads * dim)[index].reshape(heads, 1, dim)
+    tokens = np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(t, heads * dim)
+    return np.ascontiguousarray(tokens[:, index].reshape(t, heads, dim).transpose(1, 0, 2))
 
 
 def table_bytes(scheme: Scheme) -> int:

@@ -34,15 +34,23 @@ def rotate(x: np.ndarray, seed: int) -> np.ndarray:
 
 def unrotate(x: np.ndarray, seed: int) -> np.ndarray:
     """float32 ``x @ R.T``, the inverse of :func:`rotate`."""
-    return _apply(x, np.ascontiguousarray(hadamard_rotation(x.shape[-1], seed).T))
+    return _apply(x, _transposed(x.shape[-1], seed))
+
+
+@functools.lru_cache(maxsize=32)
+def _transposed(d: int, seed: int) -> np.ndarray:
+    """``hadamard_rotation(d, seed).T``, C-contiguous and read-only (one kernel type)."""
+    matrix = np.ascontiguousarray(hadamard_rotation(d, seed).T)
+    matrix.flags.writeable = False
+    return matrix
 
 
 def _apply(x: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """float32 ``x @ matrix`` row by row; ``matrix`` read-only (as hadamard_rotation's: one
+    kernel type, one compile)."""
     from kvq import kernels
 
     rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, matrix.shape[0])
-    matrix = matrix.view()
-    matrix.flags.writeable = False  # as hadamard_rotation's: one kernel type, one compile
     out = np.empty_like(rows)
     if rows.size:
         kernels.rotate_rows(rows, matrix, out)

@@ -328,6 +328,13 @@ MUTANTS = (
         "keys of several widths decoded to scratch all read their head's first channel",
     ),
     Mutant(
+        "straddling-codes-bytes-swapped",
+        "kvq/kernels/_unpack.py",
+        (("for b in (low_index[i], high_index[i])]", "for b in (high_index[i], low_index[i])]"),),
+        ("tests/test_unpack.py",),
+        "codes that straddle bytes (3, 5, 6 bits) pair their two bytes high first",
+    ),
+    Mutant(
         "one-bit-codes-in-reverse",
         "kvq/kernels/_unpack.py",
         (

@@ -18,7 +18,10 @@ Unpack 32 bit-packed codes and apply a group's scale and min, as one LLVM vector
 little-endian bit stream of ``bits``-bit codes (uint8) and ``index * bits`` is a multiple of 8.
 Lane ``i`` reads the 16-bit window at byte ``i * bits // 8`` of the run, shifts it by
 ``i * bits % 8`` and masks ``bits`` bits: a byte gather, a shift and an and per
-lane, which LLVM turns into a few shuffles on AVX-512/AVX2 instead of a scalar loop.
+lane, which LLVM turns into a few shuffles on AVX-512/AVX2 instead of a scalar loop. Codes
+that straddle bytes (3, 5, 6 bits) pair each lane's two bytes with one byte shuffle before
+widening (LLVM then shifts 16-bit lanes with a multiply: 3-bit runs 1.5x faster on AVX2);
+1-bit codes shift one word by each lane's index.
 
 Callers guarantee the run's ``4 * bits`` bytes and ``out[at:at + 32]`` lie inside the arrays.
 The scale multiply and min add are one fused multiply-add per lane.
@@ -150,6 +153,23 @@ def _emit_codes(builder, row_data, index_value, bits, count, centred=False, byte
             return builder.sitofp(codes, _vector(_f32, count))
         return builder.uitofp(codes, _vector(_f32, count))
     source = builder.bitcast(builder.gep(row_data, [byte]), _vector(_i8, run_bytes).as_pointer())
+    if needs_high:  # codes that straddle bytes: each lane's two bytes paired by one byte
+        # shuffle, then widened (LLVM made four cross-lane vpermd of the widened bytes
+        # before: 34 instructions a 16-code run against 26 for 4-bit codes)
+        loaded = builder.load(source, align=1)
+        pairs = [b for i in range(count) for b in (low_index[i], high_index[i])]
+        bytes_ = builder.shuffle_vector(
+            loaded, ir.Constant(_vector(_i8, run_bytes), ir.Undefined),
+            ir.Constant(_vector(_i32, 2 * count), pairs),
+        )  # fmt: skip
+        words = builder.bitcast(bytes_, _vector(ir.IntType(16), count))
+        window = builder.zext(words, lanes)
+        shifted = builder.lshr(window, ir.Constant(lanes, shifts))
+        codes = builder.and_(shifted, ir.Constant(lanes, [(1 << bits) - 1] * count))
+        if centred:
+            codes = builder.sub(codes, ir.Constant(lanes, [1 << (bits - 1)] * count))
+            return builder.sitofp(codes, _vector(_f32, count))
+        return builder.uitofp(codes, _vector(_f32, count))
     packed = builder.zext(builder.load(source, align=1), _vector(_i32, run_bytes))
     undefined = ir.Constant(_vector(_i32, run_bytes), ir.Undefined)
     if bits == 8:
