@@ -142,43 +142,29 @@ def _emit_codes(builder, row_data, index_value, bits, count, centred=False, byte
         # byte vector here became an SSE4a extrq among AVX code, 40x slower (AMD Zen 3)
         pointer = builder.bitcast(builder.gep(row_data, [byte]), ir.IntType(count).as_pointer())
         word = builder.load(pointer, align=1)
-        word = builder.zext(word, _i32) if count < 32 else word
-        order = ir.Constant(lanes, list(range(count)))
-        codes = builder.and_(
-            builder.lshr(_splat(builder, word, count, _i32), order),
-            ir.Constant(lanes, [1] * count),
-        )
-        if centred:
-            codes = builder.sub(codes, ir.Constant(lanes, [1] * count))
-            return builder.sitofp(codes, _vector(_f32, count))
-        return builder.uitofp(codes, _vector(_f32, count))
-    source = builder.bitcast(builder.gep(row_data, [byte]), _vector(_i8, run_bytes).as_pointer())
-    if needs_high:  # codes that straddle bytes: each lane's two bytes paired by one byte
-        # shuffle, then widened (LLVM made four cross-lane vpermd of the widened bytes
-        # before: 34 instructions a 16-code run against 26 for 4-bit codes)
-        loaded = builder.load(source, align=1)
-        pairs = [b for i in range(count) for b in (low_index[i], high_index[i])]
-        bytes_ = builder.shuffle_vector(
-            loaded, ir.Constant(_vector(_i8, run_bytes), ir.Undefined),
-            ir.Constant(_vector(_i32, 2 * count), pairs),
-        )  # fmt: skip
-        words = builder.bitcast(bytes_, _vector(ir.IntType(16), count))
-        window = builder.zext(words, lanes)
-        shifted = builder.lshr(window, ir.Constant(lanes, shifts))
-        codes = builder.and_(shifted, ir.Constant(lanes, [(1 << bits) - 1] * count))
-        if centred:
-            codes = builder.sub(codes, ir.Constant(lanes, [1 << (bits - 1)] * count))
-            return builder.sitofp(codes, _vector(_f32, count))
-        return builder.uitofp(codes, _vector(_f32, count))
-    packed = builder.zext(builder.load(source, align=1), _vector(_i32, run_bytes))
-    undefined = ir.Constant(_vector(_i32, run_bytes), ir.Undefined)
-    if bits == 8:
-        codes = packed
+        window = _splat(builder, builder.zext(word, _i32) if count < 32 else word, count, _i32)
+        shifts = list(range(count))
     else:
-        window = builder.shuffle_vector(packed, undefined, ir.Constant(lanes, low_index))
-        if needs_high:
-            high = builder.shuffle_vector(packed, undefined, ir.Constant(lanes, high_index))
-            window = builder.or_(window, builder.shl(high, ir.Constant(lanes, [8] * count)))
+        vector = _vector(_i8, run_bytes)
+        loaded = builder.load(builder.bitcast(builder.gep(row_data, [byte]), vector.as_pointer()),
+                              align=1)  # fmt: skip
+        if needs_high:  # codes that straddle bytes: each lane's two bytes paired by one byte
+            # shuffle, then widened (four cross-lane vpermd of the widened bytes before: 34
+            # instructions a 16-code run of the key tile against 26 for 4-bit codes)
+            pairs = [b for i in range(count) for b in (low_index[i], high_index[i])]
+            paired = builder.shuffle_vector(
+                loaded,
+                ir.Constant(vector, ir.Undefined),
+                ir.Constant(_vector(_i32, 2 * count), pairs),
+            )
+            window = builder.zext(builder.bitcast(paired, _vector(ir.IntType(16), count)), lanes)
+        else:  # widened, then each lane's byte (shuffling the bytes first was slower)
+            window = builder.zext(loaded, _vector(_i32, run_bytes))
+            if bits != 8:
+                undefined = ir.Constant(_vector(_i32, run_bytes), ir.Undefined)
+                window = builder.shuffle_vector(window, undefined, ir.Constant(lanes, low_index))
+    codes = window
+    if bits != 8:
         shifted = builder.lshr(window, ir.Constant(lanes, shifts))
         codes = builder.and_(shifted, ir.Constant(lanes, [(1 << bits) - 1] * count))
     if centred:
