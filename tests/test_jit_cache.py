@@ -2,8 +2,12 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+
+import kvq
 
 PROBE = """
 import json, numpy as np, kvq
@@ -16,14 +20,19 @@ for name, f in (("quantize", kernels.quantize_blocks), ("dequantize", kernels.de
         "hits": sum(f.stats.cache_hits.values()),
         "misses": sum(f.stats.cache_misses.values()),
     }
+stats["file"] = kvq.__file__
 print(json.dumps(stats))
 """
 
 
-def run_probe(cache_dir) -> dict:
+def run_probe(cache_dir, package_root=None) -> dict:
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    if package_root is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(package_root), env.get("PYTHONPATH", "")])
     result = subprocess.run(
         [sys.executable, "-c", PROBE],
-        env={**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)},
+        env=env,
+        cwd=package_root,  # "-c" puts the working directory first on sys.path
         capture_output=True,
         text=True,
         check=True,
@@ -32,14 +41,40 @@ def run_probe(cache_dir) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_loads_kernels_from_cache(tmp_path):
-    first = run_probe(tmp_path)
+def test_second_process_loads_kernels_from_cache_until_any_kernel_file_changes(tmp_path):
+    """A copy of kvq: its second process loads the kernels; after an edit to a helper file
+    (not the one the kernels are in), the next process compiles them again. Numba alone
+    stamps a kernel with its own file only, and would load the old machine code."""
+    package = tmp_path / "src"
+    shutil.copytree(
+        Path(kvq.__file__).parent, package / "kvq", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    cache = tmp_path / "cache"
+    first = run_probe(cache, package)
+    assert Path(first["file"]).parent == package / "kvq", first
     assert first["quantize"]["misses"] >= 1  # compiled and written
-    assert any(tmp_path.rglob("*.nbi")), "no Numba cache index written"
-    second = run_probe(tmp_path)
+    assert any(cache.rglob("*.nbi")), "no Numba cache index written"
+    second = run_probe(cache, package)
     for name in ("quantize", "dequantize"):
         assert second[name]["misses"] == 0, second
         assert second[name]["hits"] >= 1, second
+    helper = package / "kvq" / "kernels" / "_floatbits.py"
+    helper.write_text(helper.read_text() + "\n# edited\n")
+    third = run_probe(cache, package)
+    for name in ("quantize", "dequantize"):
+        assert third[name]["hits"] == 0, third
+        assert third[name]["misses"] >= 1, third
+
+
+def test_source_stamp_covers_every_kernel_file(tmp_path):
+    from kvq.kernels._cache import source_stamp
+
+    for name in ("a.py", "b.py"):
+        (tmp_path / name).write_text("x = 1\n")
+    before = source_stamp(tmp_path)
+    assert source_stamp(tmp_path) == before
+    (tmp_path / "b.py").write_text("x = 2\n")
+    assert source_stamp(tmp_path) != before
 
 
 EVERY_CALL = """

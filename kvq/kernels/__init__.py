@@ -6,6 +6,7 @@ under the workqueue layer, which aborts the process on concurrent launches.
 """
 
 from kvq._threads import serialised
+from kvq.kernels import _cache  # noqa: F401 (first: stamps every kernel with all of kvq/kernels)
 from kvq.kernels.attention import attention_blocks
 from kvq.kernels.blockwise import (
     MAX_RANGE_F32,
