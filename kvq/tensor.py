@@ -392,6 +392,9 @@ def _minmax_params(lows, highs, levels, half) -> tuple[np.ndarray, np.ndarray]:
     return _f16_round((highs - mins) / levels, down=False), mins
 
 
+_F16_TINY = np.float32(2.0**-24)  # the smallest positive float16
+
+
 def _f16_round(values: np.ndarray, down: bool) -> np.ndarray:
     """float16-representable float32 values rounded toward -inf (down) or +inf."""
     h = values.astype(np.float16)
@@ -436,7 +439,11 @@ def _double_quantize(
         mc = np.floor(np.where(per_group(dmin) > 0, mins / per_group(dmin), 0))
         mc = np.clip(mc, -MIN_OFFSET, MIN_OFFSET - 1)
         needed = (tops - per_group(dmin) * mc) / levels
-        d = _f16_round(per_super(needed).max(axis=1) / SUB_LEVELS, down=False)
+        widest = per_super(needed).max(axis=1)
+        d = _f16_round(widest / SUB_LEVELS, down=False)
+        # a grid of subnormal width (1e-42 over a min of 0) needs a step all the same: the
+        # quotient underflows float32, and the smallest float16 step rounds it up
+        d[(d == 0) & (widest > 0)] = _F16_TINY
         sc = np.clip(np.ceil(np.where(per_group(d) > 0, needed / per_group(d), 0)), 0, SUB_LEVELS)
     if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
         raise ValueError(

@@ -235,7 +235,8 @@ def double_quant_params(x: np.ndarray, group_size: int, levels: float):
     of 8 groups: ``dmin`` = max |m_g| / 32 rounded up to float16; min code
     ``mc_g = clip(floor(m_g / dmin), -32, 31)``; the scale the group needs so that its grid
     still reaches its max, ``n_g = (t_g - dmin * mc_g) / levels``; ``d`` = max n_g / 63
-    rounded up to float16; scale code ``sc_g = clip(ceil(n_g / d), 0, 63)``.
+    rounded up to float16 (the smallest positive float16 when n_g > 0 and the quotient
+    underflows); scale code ``sc_g = clip(ceil(n_g / d), 0, 63)``.
 
     ``levels``: one number, or one per group (groups of per-channel widths).
 
@@ -261,6 +262,8 @@ def double_quant_params(x: np.ndarray, group_size: int, levels: float):
         codes_m = np.clip(codes_m, -DQ_MIN_CODE_OFFSET, DQ_MIN_CODE_OFFSET - 1)
         needed = (top - dmin * codes_m.astype(np.float32)) / grid
         d = float16_round_up(np.array([needed.max() / DQ_SCALE_CODE_MAX], np.float32))[0]
+        if d == 0 and needed.max() > 0:  # the quotient underflowed float32: round it up
+            d = np.float32(np.finfo(np.float16).smallest_subnormal)
         codes_s = np.ceil(needed / d) if d > 0 else np.zeros(m.size)
         sc[part] = np.clip(codes_s, 0, DQ_SCALE_CODE_MAX)
         mc[part] = codes_m.astype(np.int64) + DQ_MIN_CODE_OFFSET

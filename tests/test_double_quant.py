@@ -64,3 +64,22 @@ def test_bound_is_the_input_scale_plus_the_steps():
     needed = (np.array([3.0, 6.0]) + dmin) / 3
     d = needed.max() / 63 * (1 + 2**-10)
     np.testing.assert_allclose(bound, (needed + d) / 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("value", [1e-42, -3e-42, 8e-43])
+def test_a_subnormal_group_still_gets_a_scale_step(value):
+    """A group whose grid is subnormal wide (one value of 1e-42, its min stored as 0): the
+    super-group step (max needed scale / 63) underflows float32, and must round up to the
+    smallest float16 rather than to 0, which left the value above its grid (error 1e-42, past
+    the README's 2**-140 for subnormal groups). Found by Hypothesis."""
+    x = np.array([[value, value, value, value]], np.float32)
+    qt = kvq.quantize(x, 8, 4, -1, double_quant=True)
+    sc, mc, d, dmin = reference.double_quant_params(x, 4, 255)
+    got_sc, got_mc = stored_codes(qt)
+    np.testing.assert_array_equal(got_sc, sc)
+    np.testing.assert_array_equal(got_mc, mc)
+    np.testing.assert_array_equal(qt.params.super_scales.astype(np.float32), d)
+    np.testing.assert_array_equal(qt.params.super_mins.astype(np.float32), dmin)
+    assert d[0] > 0 and sc[0] > 0
+    error = np.abs(qt.dequantize().astype(np.float64) - x)
+    assert np.all(error <= d[0] * sc[0] / 2)  # within half the stored scale
