@@ -187,11 +187,11 @@ def _nested(array: np.ndarray) -> tuple:
 
 
 def _q8_keys(rotate: bool = True) -> Scheme:
-    return Scheme(8, 32, axis=-2, rotate=rotate, double_quant=True)
+    return Scheme(8, 32, axis=-2, rotate=rotate, double_quant=True, search=True)
 
 
-def _q8_values() -> Scheme:
-    return Scheme(8, 64, axis=-1, double_quant=True)
+def _q8_values(rotate: bool = True) -> Scheme:
+    return Scheme(8, 64, axis=-1, rotate=rotate, double_quant=True, search=True)
 
 
 # QuantConfig's default: the first token exact (issue 15: on SmolLM2 it is an attention sink
@@ -294,17 +294,17 @@ class QuantConfig:
 
     @classmethod
     def q8(cls, rotate: bool = True, pre_rope: bool = False) -> QuantConfig:
-        """8-bit keys per channel in groups of 32 after a Hadamard rotation, values per token
-        in groups of 64, second-level scales, the first token exact: 8.375 bits per element
+        """8-bit, the layout of :meth:`q4`: keys per channel in groups of 32 tokens after a
+        Hadamard rotation, values per token in groups of 64, also rotated, both
+        range-searched, second-level scales, the first token exact: 8.375 bits per element
         nominal, 8.383 measured over a 4K-token cache of SmolLM2's shape with the sink token
         (at most llama.cpp q8_0's 8.5). The default, ``QuantConfig()``. On SmolLM2-135M over
-        real text (bench/model_quality_experiments.py; mean KLD against the float32 cache,
-        through KVQCache in chunks of 64): 8.9e-5 at 1K tokens and 7.9e-5 at 4K (before the
-        sink token, values in groups of 32: 1.3e-4 and 8.8e-5); GGML q8_0 7.0e-4 and 5.6e-4.
-        About 0.65x q8_0's attention error in bench/quality.py. ``rotate=False`` drops the key
-        rotation (it needs a power-of-two head_dim); ``pre_rope=True`` keeps keys before RoPE,
-        unrotated (see the class)."""
-        return cls(k=_q8_keys(rotate and not pre_rope), v=_q8_values(), pre_rope=pre_rope)
+        real text (``kvq eval``; mean KLD against the float32 cache, through KVQCache in
+        chunks of 64): 7.9e-5 at 1K tokens and 6.9e-5 at 4K (unrotated values without the
+        search: 9.4e-5 and 7.7e-5); GGML q8_0 7.0e-4 and 5.6e-4. ``rotate=False`` rotates
+        neither (a rotation needs a power-of-two head_dim); ``pre_rope=True`` keeps keys
+        before RoPE, unrotated (see the class)."""
+        return cls._searched(8, rotate, pre_rope)
 
     @classmethod
     def original(cls) -> QuantConfig:
@@ -314,14 +314,13 @@ class QuantConfig:
 
     @classmethod
     def q4(cls, rotate: bool = True, pre_rope: bool = False) -> QuantConfig:
-        """4-bit, as :meth:`q8` plus a per-group range search, values Hadamard-rotated too:
-        4.375 bits per element nominal, 4.383 over a 4K-token SmolLM2 cache with the sink
-        token (at most q4_0's 4.5). On SmolLM2-135M (as :meth:`q8`): mean KLD 0.021 at 1K
-        tokens and 0.0177 (+1.3% perplexity) at 4K; before the sink token (unrotated values in
-        groups of 32) 0.025 and 0.022; llama.cpp's Hadamard-rotated q4_0 0.073 and 0.064.
-        About 0.65x q4_0's attention error in bench/quality.py. Calibrated for a model,
-        per-channel key widths at the same budget halve the divergence
-        (``kvq.hf.calibrate_channels(model, tokenizer, 4.5)``; SmolLM2: 0.0097 and 0.0078)."""
+        """4-bit, as :meth:`q8`: 4.375 bits per element nominal, 4.383 over a 4K-token SmolLM2
+        cache with the sink token (at most q4_0's 4.5). On SmolLM2-135M (as :meth:`q8`): mean KLD
+        0.021 at 1K tokens and 0.0177 (+1.3% perplexity) at 4K; before the sink token (unrotated
+        values in groups of 32) 0.025 and 0.022; llama.cpp's Hadamard-rotated q4_0 0.073 and 0.064.
+        About 0.65x q4_0's attention error in bench/quality.py. Calibrated for a model, per-channel
+        key widths at the same budget halve the divergence (``kvq.hf.calibrate_channels(model,
+        tokenizer, 4.5)``; SmolLM2: 0.0097 and 0.0078)."""
         return cls._searched(4, rotate, pre_rope)
 
     @classmethod

@@ -117,8 +117,8 @@ def test_describe_names_the_axis_without_assuming_a_layout():
     assert kvq.Scheme(4, 32, axis=-2, double_quant=True).describe() == "int4 g32 axis-2 dq"
     assert kvq.Scheme(8, 64, axis=1, rotate=True, seed=7).describe() == "int8 g64 axis1 f32 rot7"
     cache = kvq.KVCache(2, 64, kvq.QuantConfig.q8())
-    assert "axis-2 dq rot0 (per channel)" in repr(cache)
-    assert "axis-1 dq (per token)" in repr(cache)
+    assert "axis-2 dq search rot0 (per channel)" in repr(cache)
+    assert "axis-1 dq search rot0 (per token)" in repr(cache)
 
 
 def test_rotation_is_a_flag_and_a_seed():
