@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvq import _rows, kernels
-from kvq._format import FLOAT16_MAX, MIN_OFFSET, SUB_BITS, SUB_LEVELS, SUPER_GROUPS
+from kvq._format import FLOAT16_MAX, MIN_OFFSET, SUB_BITS, SUPER_GROUPS
 from kvq._validate import as_float32, check_finite
 from kvq.rotation import rotate as rotate_last_axis
 from kvq.rotation import unrotate
@@ -392,9 +392,6 @@ def _minmax_params(lows, highs, levels, half) -> tuple[np.ndarray, np.ndarray]:
     return _f16_round((highs - mins) / levels, down=False), mins
 
 
-_F16_TINY = np.float32(2.0**-24)  # the smallest positive float16
-
-
 def _f16_round(values: np.ndarray, down: bool) -> np.ndarray:
     """float16-representable float32 values rounded toward -inf (down) or +inf."""
     h = values.astype(np.float16)
@@ -425,33 +422,22 @@ def _double_quantize(
     """
     n = scales.size
     n_super = -(-n // SUPER_GROUPS)
-    pad = n_super * SUPER_GROUPS - n
-    tops = mins + levels * scales
-
-    def per_super(a: np.ndarray) -> np.ndarray:
-        return np.concatenate([a, np.zeros(pad, np.float32)]).reshape(n_super, -1)
 
     def per_group(a: np.ndarray) -> np.ndarray:
         return a.repeat(SUPER_GROUPS)[:n]
 
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        dmin = _f16_round(np.abs(per_super(mins)).max(axis=1) / MIN_OFFSET, down=False)
-        mc = np.floor(np.where(per_group(dmin) > 0, mins / per_group(dmin), 0))
-        mc = np.clip(mc, -MIN_OFFSET, MIN_OFFSET - 1)
-        needed = (tops - per_group(dmin) * mc) / levels
-        widest = per_super(needed).max(axis=1)
-        d = _f16_round(widest / SUB_LEVELS, down=False)
-        # a grid of subnormal width (1e-42 over a min of 0) needs a step all the same: the
-        # quotient underflows float32, and the smallest float16 step rounds it up
-        d[(d == 0) & (widest > 0)] = _F16_TINY
-        sc = np.clip(np.ceil(np.where(per_group(d) > 0, needed / per_group(d), 0)), 0, SUB_LEVELS)
-    if not (np.isfinite(d).all() and np.isfinite(dmin).all()):
+    d = np.empty(n_super, np.float32)
+    dmin = np.empty(n_super, np.float32)
+    sc = np.empty(n, np.int64)
+    mc = np.empty(n, np.int64)
+    every = np.ascontiguousarray(np.reshape(levels, -1), dtype=np.float32)
+    needed = np.empty(n, np.float32)
+    if kernels.second_level_codes(scales, mins, every, needed, d, dmin, sc, mc):
         raise ValueError(
             "x spans a range too wide for double_quant's float16 second-level scales "
             f"(largest group min {np.abs(mins).max():.3g}, scale {scales.max():.3g}); "
             "turn double_quant off"
         )
-    sc, mc = sc.astype(np.int64), (mc + MIN_OFFSET).astype(np.int64)
     for class_levels, groups, values in classes or ():
         class_sc, class_mc = sc[groups], mc[groups]
         kernels.refine_subcodes(

@@ -54,8 +54,8 @@ MUTANTS = (
     ),
     Mutant(
         "double-quant-step-twice-as-coarse",
-        "kvq/tensor.py",
-        (("per_super(needed).max(axis=1)", "2 * per_super(needed).max(axis=1)"),),
+        "kvq/kernels/second_level.py",
+        (("step = _step_up(widest / sub)", "step = _step_up(2 * widest / sub)"),),
         ("tests/test_double_quant.py",),
         "the float16 super-group scale step d is twice what the groups need",
     ),
@@ -326,6 +326,25 @@ MUTANTS = (
         ),
         ("tests/test_channel_bits.py::test_attention_matches_reference",),
         "keys of several widths decoded to scratch all read their head's first channel",
+    ),
+    Mutant(
+        "second-level-min-codes-round-up",
+        "kvq/kernels/second_level.py",
+        (
+            (
+                "code = np.float32(np.floor(mins[g] / step_min))",
+                "code = np.float32(np.ceil(mins[g] / step_min))",
+            ),
+        ),
+        ("tests/test_double_quant.py",),
+        "second-level min codes round up, so a grid can start above its group's min",
+    ),
+    Mutant(
+        "second-level-subnormal-step-zero",
+        "kvq/kernels/second_level.py",
+        (("if step == 0 and widest > 0:", "if step == 0 and widest > 0 and False:"),),
+        ("tests/test_double_quant.py",),
+        "a subnormal-wide super-group keeps a step of 0 (its values above their grid)",
     ),
     Mutant(
         "straddling-codes-bytes-swapped",

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import kvq
 from kvq.synthetic import kv_layer
@@ -83,3 +85,32 @@ def test_a_subnormal_group_still_gets_a_scale_step(value):
     assert d[0] > 0 and sc[0] > 0
     error = np.abs(qt.dequantize().astype(np.float64) - x)
     assert np.all(error <= d[0] * sc[0] / 2)  # within half the stored scale
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    groups=st.integers(1, 13),  # groups a row: super-groups of 8 end partial or whole
+    group_size=st.integers(1, 9),
+    bits=st.sampled_from([2, 3, 4, 8]),
+    magnitude=st.sampled_from([1e-44, 1e-38, 1e-20, 1e-3, 1.0, 1e3, 3e4]),
+    seed=st.integers(0, 2**16),
+    shifted=st.booleans(),  # every value of one sign: the mins' codes at one end
+)
+def test_second_level_codes_equal_reference_at_any_magnitude(
+    rows, groups, group_size, bits, magnitude, seed, shifted
+):
+    """The compiled second level (kernels.second_level_codes) against the definition, on
+    subnormal to float16-sized groups, partial last super-groups and one-signed data."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, groups * group_size)) * magnitude
+    if shifted:
+        x = np.abs(x)
+    x = x.astype(np.float32)
+    qt = kvq.quantize(x, bits, group_size, -1, double_quant=True)
+    sc, mc, d, dmin = reference.double_quant_params(x, group_size, 2**bits - 1)
+    got_sc, got_mc = stored_codes(qt)
+    np.testing.assert_array_equal(got_sc, sc)
+    np.testing.assert_array_equal(got_mc, mc)
+    np.testing.assert_array_equal(qt.params.super_scales.astype(np.float32), d)
+    np.testing.assert_array_equal(qt.params.super_mins.astype(np.float32), dmin)

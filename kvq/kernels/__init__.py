@@ -20,6 +20,7 @@ from kvq.kernels.ggml import ggml_dequantize_blocks, ggml_quantize_blocks
 from kvq.kernels.packing import pack_codes, unpack_codes
 from kvq.kernels.rotate import rotate_rows
 from kvq.kernels.search import refine_subcodes, search_blocks
+from kvq.kernels.second_level import second_level_codes
 
 attention_blocks = serialised(attention_blocks)
 bf16_to_f32 = serialised(bf16_to_f32)
@@ -34,6 +35,7 @@ quantize_blocks = serialised(quantize_blocks)
 refine_subcodes = serialised(refine_subcodes)
 rotate_rows = serialised(rotate_rows)
 search_blocks = serialised(search_blocks)
+second_level_codes = serialised(second_level_codes)
 unpack_codes = serialised(unpack_codes)
 
 __all__ = [
@@ -51,5 +53,6 @@ __all__ = [
     "refine_subcodes",
     "rotate_rows",
     "search_blocks",
+    "second_level_codes",
     "unpack_codes",
 ]
