@@ -19,6 +19,9 @@ def as_float32(name: str, x) -> tuple[np.ndarray, np.ndarray]:
     """
     original = np.asarray(x)
     check_float_dtype(name, original.dtype)
+    flags = original.flags
+    if original.dtype == np.float32 and flags.c_contiguous and flags.aligned:
+        return original, original.reshape(-1)  # the common case, without np.require
     with np.errstate(over="ignore"):  # float64 beyond float32 becomes inf, reported later
         # C-contiguous and aligned ("CA"): kernels load whole vectors assuming 4-byte alignment
         flat = np.require(original, np.float32, requirements="CA").reshape(-1)

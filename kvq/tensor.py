@@ -217,7 +217,8 @@ def quantize(
         # a rotation would smear a NaN over its row
         check_finite("x", flat, _FINITE_ONLY, original=original)
         values = rotate_last_axis(values, scheme.seed)
-    moved = np.ascontiguousarray(np.moveaxis(values, axis, -1))
+    moved = values if axis == values.ndim - 1 else np.moveaxis(values, axis, -1)
+    moved = np.ascontiguousarray(moved)
     length = moved.shape[-1]
     rows = moved.size // length if length else 0
     group = min(scheme.group_size, max(length, 1))
@@ -282,10 +283,9 @@ def quantize(
                 scales, mins = _minmax_params(lows, highs, levels, half)
             if scheme.double_quant:
                 grid_arg = grid_flat if scheme.search else None
-                params = _double_quantize(
+                params, scales, mins = _double_quantize(
                     scales, mins, levels, grid_arg, group, row_groups, last_count
                 )
-                scales, mins = params.to_float32()
             kernels.encode_blocks(grid_flat, group, levels, scales, mins, codes)
     if scheme.double_quant:
         stored = params if grid_flat.size else _empty_double_quant()
@@ -351,12 +351,13 @@ def _quantize_rows(
         for _, levels, _, groups, _ in members:
             group_levels[groups] = levels
         refine = [(levels, groups, values) for _, levels, _, groups, values in members]
-        stored = _double_quantize(
-            scales, mins, group_levels, None, group, row_groups, last_count,
-            classes=refine if scheme.search else None,
-        ) if n_groups else _empty_double_quant()  # fmt: skip
         if n_groups:
-            scales, mins = stored.to_float32()
+            stored, scales, mins = _double_quantize(
+                scales, mins, group_levels, None, group, row_groups, last_count,
+                classes=refine if scheme.search else None,
+            )  # fmt: skip
+        else:
+            stored = _empty_double_quant()
     else:
         dtype = np.dtype(scheme.scale_dtype)
         stored = GroupParams(scales.astype(dtype), mins.astype(dtype))
@@ -409,8 +410,9 @@ def _double_quantize(
     row_groups: int = 1,
     last_count: int = 0,  # with grid: real values in each row's last group
     classes: list | None = None,
-) -> DoubleQuantParams:
-    """Second-level quantization of per-group (scale, min), SUPER_GROUPS groups at a time.
+) -> tuple[DoubleQuantParams, np.ndarray, np.ndarray]:
+    """Second-level quantization of per-group (scale, min), SUPER_GROUPS groups at a time:
+    the params, and the float32 scales and mins they store (``params.to_float32()``).
 
     Per super-group, float16 steps ``d`` (scales) and ``dmin`` (mins); per group, 6-bit codes.
     Min codes round down and scale codes up, so every group's grid still spans
@@ -458,13 +460,17 @@ def _double_quantize(
             sc,
             mc,
         )
-    return DoubleQuantParams(
+    params = DoubleQuantParams(
         scale_codes=_pack(sc.astype(np.uint8), SUB_BITS),
         min_codes=_pack(mc.astype(np.uint8), SUB_BITS),
         super_scales=d.astype(np.float16),
         super_mins=dmin.astype(np.float16),
         n_groups=n,
     )
+    # what params.to_float32() decodes, from the codes at hand (d, dmin float16-exact)
+    scales = per_group(d) * sc.astype(np.float32)
+    mins = per_group(dmin) * (mc - MIN_OFFSET).astype(np.float32)
+    return params, scales, mins
 
 
 def _empty_double_quant() -> DoubleQuantParams:
