@@ -24,6 +24,17 @@ def stored_codes(qt: kvq.QuantizedTensor) -> tuple[np.ndarray, np.ndarray]:
     return sc, mc
 
 
+def assert_second_level_equal(qt, rows, group_size: int, bits: int) -> None:
+    """``qt``'s 6-bit scale and min codes (exactly) and float16 super-group steps (bit for
+    bit) equal the format's definition over ``rows`` (groups along the last axis)."""
+    sc, mc, d, dmin = reference.double_quant_params(rows, group_size, 2**bits - 1)
+    got_sc, got_mc = stored_codes(qt)
+    np.testing.assert_array_equal(got_sc, sc)
+    np.testing.assert_array_equal(got_mc, mc)
+    np.testing.assert_array_equal(qt.params.super_scales.astype(np.float32), d)
+    np.testing.assert_array_equal(qt.params.super_mins.astype(np.float32), dmin)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("axis", [-1, -2])
 @pytest.mark.parametrize("group_size", [32, 7])
@@ -33,12 +44,7 @@ def test_second_level_codes_and_steps_equal_reference(bits, axis, group_size):
     k, _ = kv_layer(4, 300, 64, seed=3)
     qt = kvq.quantize(k, bits, group_size, axis, double_quant=True)
     rows = as_rows(k, axis)
-    sc, mc, d, dmin = reference.double_quant_params(rows, group_size, 2**bits - 1)
-    got_sc, got_mc = stored_codes(qt)
-    np.testing.assert_array_equal(got_sc, sc)
-    np.testing.assert_array_equal(got_mc, mc)
-    np.testing.assert_array_equal(qt.params.super_scales.astype(np.float32), d)
-    np.testing.assert_array_equal(qt.params.super_mins.astype(np.float32), dmin)
+    assert_second_level_equal(qt, rows, group_size, bits)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -108,9 +114,4 @@ def test_second_level_codes_equal_reference_at_any_magnitude(
         x = np.abs(x)
     x = x.astype(np.float32)
     qt = kvq.quantize(x, bits, group_size, -1, double_quant=True)
-    sc, mc, d, dmin = reference.double_quant_params(x, group_size, 2**bits - 1)
-    got_sc, got_mc = stored_codes(qt)
-    np.testing.assert_array_equal(got_sc, sc)
-    np.testing.assert_array_equal(got_mc, mc)
-    np.testing.assert_array_equal(qt.params.super_scales.astype(np.float32), d)
-    np.testing.assert_array_equal(qt.params.super_mins.astype(np.float32), dmin)
+    assert_second_level_equal(qt, x, group_size, bits)
