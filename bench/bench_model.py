@@ -5,10 +5,10 @@ MLX cache formats.
 - Quality (issue 13): perplexity, delta-perplexity, mean KLD and top-1 agreement against the
   float32 DynamicCache on the same tokens, at contexts of 1,024 and 4,096 tokens of real text
   (kvq.hf.models.reference_text(): the GNU GPL-3 and GPL-2 texts of the OS), fed in chunks of
-  64 tokens (kvq.hf.evaluate). kvq's presets (the default, QuantConfig(), is q8) and the
-  original 8-bit per-token scheme; peers: GGML q8_0/q4_0/q4_1 with and without a
-  Walsh-Hadamard rotation, MLX affine 4/8-bit at groups of 32 and 64, QuantizedCache with
-  quanto and HQQ at 4 and 2 bits.
+  64 tokens (kvq.hf.evaluate; --chunk 1 feeds one token per call, as generate does). kvq's
+  presets (the default, QuantConfig(), is q8) and the original 8-bit per-token scheme;
+  peers: GGML q8_0/q4_0/q4_1 with and without a Walsh-Hadamard rotation, MLX affine 4/8-bit
+  at groups of 32 and 64, QuantizedCache with quanto and HQQ at 4 and 2 bits.
 - Speed: decode ms/token at 1K, 4K and 8K tokens of context (every cache filled with random
   K/V by kvq.hf.evaluate.fill_cache, then single-token forward steps, one step of each cache
   per round so that a drifting machine shifts them alike; median), and the attention
@@ -243,6 +243,12 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, help="prefill tokens")
     parser.add_argument("--steps", type=int, help="timed decode steps per point")
     parser.add_argument("--configs", nargs="+", help="quality configs (default: all)")
+    parser.add_argument(
+        "--chunk",
+        type=int,
+        default=64,
+        help="quality: tokens per forward call (default 64; 1 is decode order, as generate)",
+    )
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-speed", action="store_true")
     parser.add_argument(
@@ -285,10 +291,10 @@ def main() -> None:
     if not args.skip_quality:
         for context in contexts:
             t0 = time.perf_counter()
-            rows = evaluate(model, tokenizer, text, configs, context=context, chunk=64)
+            rows = evaluate(model, tokenizer, text, configs, context=context, chunk=args.chunk)
             timings[f"quality_{context}_s"] = time.perf_counter() - t0
             lines += [
-                f"## Quality at {context:,} tokens (chunks of 64, against float32 "
+                f"## Quality at {context:,} tokens (chunks of {args.chunk}, against float32 "
                 f"DynamicCache; {timings[f'quality_{context}_s']:.0f} s)",
                 "",
                 rows.table(),
