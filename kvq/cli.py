@@ -116,6 +116,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="instead: per-channel key widths from one pass over the text (query energy times "
         "key range; kvq.hf.calibrate_channels, seconds), values as the budget's preset",
     )  # fmt: skip
+    calibrate.add_argument(
+        "--decode-mean", action="store_true",
+        help="with --channels: count the bits averaged over a key group's decode steps after "
+        "--context (keys wait in float32 for their group), not at --context alone",
+    )  # fmt: skip
 
     bench = commands.add_parser(
         "bench",
@@ -209,15 +214,18 @@ def _calibrate_command(args) -> int:
               file=sys.stderr)  # fmt: skip
         return 2
     try:
-        text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")
-        model, tokenizer = load_model(args.model)
         if args.channels and args.pre_rope:
             raise ValueError("--channels and --pre-rope are exclusive: channel_bits reorders "
                              "the channels RoPE pairs")  # fmt: skip
+        if args.decode_mean and not args.channels:
+            raise ValueError("--decode-mean goes with --channels")
+        text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")
+        model, tokenizer = load_model(args.model)
         if args.channels:
             chosen = kvq.hf.calibrate_channels(
-                model, tokenizer, args.bits, text, args.tokens or 1024, args.context
-            )
+                model, tokenizer, args.bits, text, args.tokens or 1024, args.context,
+                decode_mean=args.decode_mean,
+            )  # fmt: skip
         else:
             chosen = kvq.hf.calibrate(
                 model, tokenizer, args.bits, text, args.tokens or 512, args.context,

@@ -163,3 +163,25 @@ def test_calibrate_channels_refuses_bad_budgets(tiny, ids):
         kvq.hf.calibrate_channels(tiny, None, 1.0, ids, TOKENS, CONTEXT)
     with pytest.raises(TypeError, match="finite number"):
         kvq.hf.calibrate_channels(tiny, None, float("nan"), ids, TOKENS, CONTEXT)
+
+
+def test_calibrate_channels_decode_mean_fits_the_budget_in_every_group_step_on_average(tiny, ids):
+    """decode_mean=True: the stored bits averaged over the 32 decode steps after CONTEXT
+    (kvq.plan at each length, computed here) fit the budget, where the default map's do not;
+    the map is no wider than the default and spends within one allocation step of it."""
+    config = model_config_of(tiny.config)
+
+    def mean_bits(layer_map) -> float:
+        sizes = [kvq.plan(config, CONTEXT + step, layer_map, max_queries=64)
+                 for step in range(32)]  # fmt: skip
+        return float(np.mean([32 * s.total_bytes / s.float32_bytes for s in sizes]))
+
+    at_end = kvq.hf.calibrate_channels(tiny, None, 4.5, ids, TOKENS, CONTEXT)
+    mean = kvq.hf.calibrate_channels(tiny, None, 4.5, ids, TOKENS, CONTEXT, decode_mean=True)
+    assert mean_bits(at_end) > 4.5  # the float32 keys waiting for their group
+    assert 4.5 - 8 * 8 / (3 * 2 * 64) * 0.5 < mean_bits(mean) <= 4.5
+    assert "mean over a key group" in mean.note
+    for wide, narrow in zip(at_end.configs, mean.configs, strict=True):
+        assert narrow.k.channel_widths.sum() <= wide.k.channel_widths.sum()
+    with pytest.raises(TypeError, match="decode_mean must be a bool"):
+        kvq.hf.calibrate_channels(tiny, None, 4.5, ids, TOKENS, CONTEXT, decode_mean="yes")

@@ -340,6 +340,14 @@ def test_cli_calibrate_writes_a_map_that_eval_runs(tiny_checkpoint, tmp_path, ca
     ]
     assert main(["calibrate", "--model", str(root), "--bits", "1", "--out", str(out)]) == 2
     assert "bits=1.0 is below the narrowest preset's" in capsys.readouterr().err
+    channels = tmp_path / "tiny-channels.json"
+    argv = ["calibrate", "--model", str(root), "--text", str(text), "--tokens", "64"]
+    argv += ["--context", "256", "--bits", "4.5", "--channels", "--out", str(channels)]
+    assert main([*argv, "--decode-mean"]) == 0
+    assert "mean over a key group's decode steps" in capsys.readouterr().out
+    assert kvq.LayerMap.load(channels).configs[0].k.channel_bits is not None
+    assert main([*argv[:-3], "--decode-mean", "--out", str(channels)]) == 2
+    assert "--decode-mean goes with --channels" in capsys.readouterr().err
 
 
 # --- the real model -------------------------------------------------------------------------
