@@ -347,6 +347,18 @@ MUTANTS = (
         "a subnormal-wide super-group keeps a step of 0 (its values above their grid)",
     ),
     Mutant(
+        "per-channel-values-last-tokens-untransposed",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "for i0 in range(t, t + v_chunk, 16):  # 16 x 16",
+                "for i0 in range(t, t + v_chunk - 16, 16):  # 16 x 16",
+            ),
+        ),
+        ("tests/test_attention_paths.py::test_per_channel_widths_of_keys_and_values",),
+        "a per-channel value chunk's last 16 tokens keep the scratch's stale values",
+    ),
+    Mutant(
         "straddling-codes-bytes-swapped",
         "kvq/kernels/_unpack.py",
         (("for b in (low_index[i], high_index[i])]", "for b in (high_index[i], low_index[i])]"),),

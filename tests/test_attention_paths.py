@@ -39,6 +39,12 @@ SCHEMES = {
     "g16-per-channel-v": kvq.QuantConfig(
         k=kvq.Scheme(8, 16, scale_dtype="float16"), v=kvq.Scheme(4, 32, axis=-2), residual=3
     ),
+    # per-channel values with second-level scales, rotated and searched (whole chunks
+    # decoded channel-major, then transposed), beside per-channel keys
+    "per-channel-v-dq": kvq.QuantConfig(
+        k=kvq.Scheme(3, 32, axis=-2, double_quant=True, search=True, rotate=True, seed=2),
+        v=kvq.Scheme(3, 32, axis=-2, double_quant=True, search=True, rotate=True, seed=2),
+    ),
     # keys held before RoPE (decoded to scratch, turned back there): per channel, with a
     # float32 residual, and per token
     "q4-pre-rope": kvq.QuantConfig.q4(pre_rope=True),
@@ -91,7 +97,15 @@ def test_decode_every_scheme_gqa_and_head_dim(name, group, dim, threads):
 
 
 @pytest.mark.parametrize(
-    "name", ["q4", "original", "kivi2-residual", "g16-per-channel-v", "q2-pre-rope-residual"]
+    "name",
+    [
+        "q4",
+        "original",
+        "kivi2-residual",
+        "g16-per-channel-v",
+        "per-channel-v-dq",
+        "q2-pre-rope-residual",
+    ],
 )
 @pytest.mark.parametrize("group", [3, 8])
 def test_prefill_chunk_causal_and_sinks(name, group, threads):
@@ -108,7 +122,7 @@ def test_prefill_chunk_causal_and_sinks(name, group, threads):
     assert_matches_reference(out, ref)
 
 
-@pytest.mark.parametrize("name", ["q8", "mlx4", "original", "q4-pre-rope"])
+@pytest.mark.parametrize("name", ["q8", "mlx4", "original", "q4-pre-rope", "per-channel-v-dq"])
 def test_left_padding_start(name, threads):
     cache = cache_for(name, 128)
     q = queries(KV_HEADS * 3, 1, 128, seed=2)
@@ -117,7 +131,9 @@ def test_left_padding_start(name, threads):
     assert_matches_reference(kvq.attention(q, cache, start=start), ref)
 
 
-@pytest.mark.parametrize("name", ["q4", "mlx8-g32", "q4-pre-rope"])
+@pytest.mark.parametrize(
+    "name", ["q4", "mlx8-g32", "q4-pre-rope", "g16-per-channel-v", "per-channel-v-dq"]
+)
 def test_windowed_ring(name, threads):
     dim, window = 64, 150
     rope = kvq.Rope.from_theta(10000.0, dim)
@@ -129,6 +145,24 @@ def test_windowed_ring(name, threads):
     out = kvq.attention(q, cache)
     ref = kvq.attention_reference(q, cache.keys(), cache.values(), window=window)
     assert_matches_reference(out, ref)
+
+
+@pytest.mark.parametrize("t_q", [1, 37])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 3, 8])
+def test_per_channel_widths_of_keys_and_values(group, dim, t_q, threads):
+    """Keys and values of per-channel widths (each head's channels held widest first): the
+    values' chunks decode through the keys' scratch decoder and are transposed."""
+    widths = np.random.default_rng(dim).choice([2, 3, 4, 6, 8], size=(KV_HEADS, dim))
+    scheme = kvq.Scheme(8, 32, axis=-2, double_quant=True, search=True, channel_bits=widths)
+    config = kvq.QuantConfig(k=scheme, v=replace(scheme, channel_bits=widths[:, ::-1].copy()))
+    cache = kvq.KVCache(KV_HEADS, dim, config, max_queries=t_q)
+    k, v = kv_layer(KV_HEADS, TOKENS, dim, seed=group)
+    cache.append(k[:, :150], v[:, :150])
+    cache.append(k[:, 150:], v[:, 150:])
+    q = queries(KV_HEADS * group, t_q, dim, seed=group)
+    ref = kvq.attention_reference(q, cache.keys(), cache.values())
+    assert_matches_reference(kvq.attention(q, cache), ref)
 
 
 def test_query_chunks_bound_scratch(monkeypatch, threads):

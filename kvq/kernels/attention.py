@@ -20,7 +20,8 @@ the softmax weight times a token's scale) and its centre (min plus scale times 2
 the codes taken centred) is summed apart. Otherwise per-channel keys decode a chunk a channel
 at a time; per-token keys and values decode a token at a time, 32 codes per vector operation
 when head_dim and the group are multiples of 32 (keys are then transposed into the
-channel-major scratch). Residual tokens, per-channel values and other shapes go through a
+channel-major scratch). Per-channel values decode whole chunks to that scratch as keys do and
+are transposed to token-major. Residual tokens and other shapes go through a
 slower token-at-a-time decoder, compiled once and not inlined. Keys held before RoPE
 (``rope_cos``/``rope_sin`` tables in the key view) are always decoded to the channel-major
 scratch and turned there by their positions' angles (``_turn_keys``), then scored by the
@@ -746,6 +747,15 @@ def _attend_task(
     per_split = (n_blocks + splits - 1) // splits
     k_chunk = k.chunk
     chunk_keys = k.per_channel and block % k_chunk == 0 and origin % k_chunk == 0
+    # per-channel values: whole chunks decoded as keys are, then transposed to token-major
+    v_chunk = v.chunk
+    chunk_values = (
+        v.per_channel
+        and block % v_chunk == 0
+        and origin % v_chunk == 0
+        and v_chunk % 16 == 0
+        and dim % 16 == 0
+    )
     # keys held before RoPE are decoded to scratch and turned back there (never fused)
     rope = k.rope_cos.shape[0] > 0
     # per-channel chunks of one token group, few rows: scores straight from the key codes
@@ -785,7 +795,7 @@ def _attend_task(
     keys_tok_flat = keys_tok.reshape(block * dim)
     values_flat = values.reshape(block * dim)
     scores = np.empty((rows, block), np.float32)
-    scratch = np.empty(max(k_chunk, dim), np.float32)
+    scratch = np.empty(max(k_chunk, v_chunk, dim), np.float32)
     channel_scales = np.empty(dim, np.float32)
     channel_mins = np.empty(dim, np.float32)
     codes = np.empty(dim, np.float32)
@@ -972,11 +982,30 @@ def _attend_task(
                         v, v_flat, v_vector, head, start + dropped, quantized_v - dropped,
                         dim, values, values_flat, dropped, group_scales, group_mins, staged,
                     )  # fmt: skip
-            if v.per_channel:
-                for t in range(quantized_v, width):
-                    _decode_token_major(
-                        v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
-                    )
+            if v.per_channel:  # whole chunks via the channel-major scratch, the rest a token
+                t = quantized_v
+                while t < width:
+                    index = (start + t) // v_chunk
+                    if (
+                        chunk_values
+                        and (start + t) % v_chunk == 0
+                        and index < v.chunks
+                        and t + v_chunk <= width
+                    ):
+                        # the keys' scratch is free once the scores are taken
+                        _dequantize_chunk_keys(
+                            v, v_flat, head, index, t, dim, keys, keys_flat, scratch,
+                            channel_scales, channel_mins,
+                        )  # fmt: skip
+                        for i0 in range(t, t + v_chunk, 16):  # 16 x 16 register transposes
+                            for d0 in range(0, dim, 16):
+                                transpose_16(keys, values, d0, i0)
+                        t += v_chunk
+                    else:
+                        _decode_token_major(
+                            v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
+                        )
+                        t += 1
             else:  # the rest of the block is residual: copied
                 v_residual = v.chunks * v.chunk - start
                 for t in range(quantized_v, width):
