@@ -4,8 +4,13 @@ import importlib
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
+
+# The checkout these scripts live in goes ahead of an installed kvq, which may be an older copy
+# (a script's own folder, bench/, is what Python puts first on sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

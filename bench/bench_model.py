@@ -52,6 +52,8 @@ from _common import machine, markdown_table, publish, verdicts, versions
 KVQ_QUALITY = ["q8", "q4", "q3", "q2", "original", "kivi2", "mlx4"]
 # SmolLM2's maps of per-channel key widths (kvq.hf.calibrate_channels) at q4/q3/q2's budgets
 KVQ_QUALITY += ["q4+channels+smollm2", "q3+channels+smollm2", "q2+channels+smollm2"]
+# ... and with per-channel value widths too (kvq.hf.calibrate_channels(values=True))
+KVQ_QUALITY += ["q4+channels+values+smollm2", "q3+channels+values+smollm2"]
 PEER_QUALITY = [
     "q8_0",
     "q4_0",
@@ -78,6 +80,7 @@ SPEED = {
     "KVQCache q4": "q4",
     "KVQCache q4, keys before RoPE": "q4+pre_rope",
     "KVQCache q4, per-channel key widths (SmolLM2 map)": "q4+channels+smollm2",
+    "KVQCache q4, per-channel key and value widths (SmolLM2 map)": "q4+channels+values+smollm2",
 }
 
 

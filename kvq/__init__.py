@@ -9,7 +9,7 @@ from kvq import (  # kvq.testing, as np.testing
     formats,
     testing,
 )
-from kvq.allocation import allocate_channel_bits, channel_weights
+from kvq.allocation import allocate_channel_bits, channel_weights, value_channel_weights
 from kvq.array import Array, devices
 from kvq.attention import attention, attention_reference
 from kvq.blocks import QuantizedBlocks
@@ -60,4 +60,5 @@ __all__ = [
     "plan",
     "quantize",
     "testing",
+    "value_channel_weights",
 ]

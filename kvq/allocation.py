@@ -56,6 +56,46 @@ def channel_weights(queries, keys, group_size: int = 32, first: int = 0) -> np.n
     return energy * spread
 
 
+def value_channel_weights(values, out_weight, group_size: int = 32, first: int = 0) -> np.ndarray:
+    """float64 (kv_heads, head_dim): each value channel's weight for per-channel value groups,
+    the squared norm of the output projection's columns that read it (summed over the query
+    heads of its KV head) times E[(max - min)^2] over its ``group_size``-token groups, from
+    positions ``first`` on. A value channel's error reaches the layer's output through those
+    columns, so this is the key weights' counterpart (:func:`channel_weights`).
+
+    values: (num_kv_heads, t, head_dim) float, finite; out_weight: (hidden, num_q_heads *
+    head_dim), the output projection as ``torch.nn.Linear`` holds it (``o_proj.weight``),
+    whose columns run query head by query head, each head_dim wide.
+    """
+    v = _sample("values", values)
+    w = np.asarray(out_weight)
+    if w.dtype.kind != "f" or w.ndim != 2:
+        raise ValueError(
+            f"out_weight must be a 2-D float array (hidden, heads * head_dim), got {w.dtype} "
+            f"{w.shape}"
+        )
+    group_size = check_int("group_size", group_size)
+    first = check_int("first", first, 0)
+    kv_heads, tokens, dim = v.shape
+    if w.shape[1] % (kv_heads * dim):
+        raise ValueError(
+            f"out_weight has {w.shape[1]} columns, not a multiple of {kv_heads} KV heads x "
+            f"head_dim {dim}"
+        )
+    usable = (tokens - first) // group_size * group_size
+    if usable < group_size:
+        raise ValueError(
+            f"values hold {tokens - first} tokens from position {first}: at least one group "
+            f"of {group_size} is needed"
+        )
+    columns = (w.astype(np.float64) ** 2).sum(axis=0).reshape(kv_heads, -1, dim).sum(axis=1)
+    if not np.all(np.isfinite(columns)):
+        raise ValueError("out_weight must be finite")
+    grouped = v[:, first : first + usable].reshape(kv_heads, -1, group_size, dim)
+    spread = ((grouped.max(axis=2) - grouped.min(axis=2)) ** 2).mean(axis=1)
+    return columns * spread
+
+
 def allocate_channel_bits(weights, mean_bits: float, widths=CHANNEL_BITS) -> np.ndarray:
     """int64 widths, shaped like ``weights`` (..., head_dim), whose mean is at most
     ``mean_bits``, that least the summed ``weights / (2**width - 1)**2``.

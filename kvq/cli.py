@@ -117,6 +117,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "key range; kvq.hf.calibrate_channels, seconds), values as the budget's preset",
     )  # fmt: skip
     calibrate.add_argument(
+        "--values", action="store_true",
+        help="with --channels: per-channel value widths too, in the layers where per-channel "
+        "value groups beat the preset's per-token ones (kvq.hf.calibrate_channels(values=True))",
+    )  # fmt: skip
+    calibrate.add_argument(
         "--decode-mean", action="store_true",
         help="with --channels: count the bits averaged over a key group's decode steps after "
         "--context (keys wait in float32 for their group), not at --context alone",
@@ -217,14 +222,15 @@ def _calibrate_command(args) -> int:
         if args.channels and args.pre_rope:
             raise ValueError("--channels and --pre-rope are exclusive: channel_bits reorders "
                              "the channels RoPE pairs")  # fmt: skip
-        if args.decode_mean and not args.channels:
-            raise ValueError("--decode-mean goes with --channels")
+        for flag in ("decode_mean", "values"):
+            if getattr(args, flag) and not args.channels:
+                raise ValueError(f"--{flag.replace('_', '-')} goes with --channels")
         text = None if args.text is None else Path(args.text).read_text(encoding="utf-8")
         model, tokenizer = load_model(args.model)
         if args.channels:
             chosen = kvq.hf.calibrate_channels(
                 model, tokenizer, args.bits, text, args.tokens or 1024, args.context,
-                decode_mean=args.decode_mean,
+                decode_mean=args.decode_mean, values=args.values,
             )  # fmt: skip
         else:
             chosen = kvq.hf.calibrate(

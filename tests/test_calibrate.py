@@ -185,3 +185,72 @@ def test_calibrate_channels_decode_mean_fits_the_budget_in_every_group_step_on_a
         assert narrow.k.channel_widths.sum() <= wide.k.channel_widths.sum()
     with pytest.raises(TypeError, match="decode_mean must be a bool"):
         kvq.hf.calibrate_channels(tiny, None, 4.5, ids, TOKENS, CONTEXT, decode_mean="yes")
+
+
+def test_calibrate_channels_values_where_per_channel_groups_err_less(tiny, ids):
+    """values=True: a layer's values take per-channel widths exactly where per-channel groups
+    give the smaller error at the output projection (computed here with
+    kvq.attention_reference on the recorded pass), q4's values elsewhere; the map fits its
+    budget; a value channel whose output columns are zero is among the narrowest. Layer 0's
+    values are made to need per-channel groups: half its channels 30x the others."""
+    from kvq.hf.channels import _record, value_layouts
+
+    model = __import__("copy").deepcopy(tiny)
+    with torch.no_grad():
+        attention = model.model.layers[0].self_attn
+        for head in range(2):
+            attention.v_proj.weight[head * 64 : head * 64 + 32] *= 30.0
+        for query_head in (0, 1):  # the query heads of KV head 0 read its channel 40
+            attention.o_proj.weight[:, query_head * 64 + 40] = 0.0
+    captured = _record(model, None, ids, TOKENS)
+    per_channel = kvq.Scheme(4, 32, axis=-2, double_quant=True, search=True)
+    expected = []
+    for queries, keys, scale, values, out_weight in captured:
+        exact = kvq.attention_reference(queries, keys, values, scale=scale)
+        errors = []
+        for scheme in (Q.q4().v, per_channel):
+            held = values.copy()
+            coded = kvq.quantize(values[:, 1:].astype(np.float32), scheme=scheme)
+            held[:, 1:] = coded.dequantize()
+            moved = kvq.attention_reference(queries, keys, held, scale=scale) - exact
+            projected = moved.transpose(1, 0, 2).reshape(moved.shape[1], -1) @ out_weight.T
+            errors.append(float(np.sum(projected**2)))
+        expected.append(errors[1] < errors[0])
+    assert expected[0]
+    assert value_layouts(captured, Q.q4().v) == expected
+
+    layer_map = kvq.hf.calibrate_channels(model, None, 4.5, ids, TOKENS, CONTEXT, values=True)
+    assert 4.5 - 8 * 8 / (3 * 2 * 64) * 0.5 < bits_of(model, layer_map) <= 4.5
+    chosen = [layer for layer, take in enumerate(expected) if take]
+    assert f"values of per-channel widths in layers {chosen}" in layer_map.note
+    for config, take in zip(layer_map.configs, expected, strict=True):
+        if take:
+            assert config.v.axis == -2 and not config.v.rotate and config.v.double_quant
+            assert config.v.channel_widths.shape == (2, 64)
+        else:
+            assert config.v == Q.q4().v
+    widths = layer_map(0).v.channel_widths
+    assert widths[0, 40] == widths.min() < widths.max()
+    tables = [layer_map(layer).v.channel_widths for layer in chosen]
+    assert np.mean(tables) <= 4  # q4's width, spread over the chosen layers' channels
+    with pytest.raises(TypeError, match="values must be a bool"):
+        kvq.hf.calibrate_channels(model, None, 4.5, ids, TOKENS, CONTEXT, values=1)
+
+
+def test_value_layouts_keep_per_token_groups_for_outlier_tokens():
+    """Recorded layers made up here: values with a few tokens 50x the rest (a per-channel group
+    holding one stretches every channel's range for 32 tokens) keep the per-token layout;
+    values whose channels sit at offsets 10x their spread (constant along tokens, as a
+    per-channel min holds them) take per-channel groups."""
+    from kvq.hf.channels import value_layouts
+
+    rng = np.random.default_rng(3)
+    heads, kv_heads, tokens, dim = 4, 2, 96, 64
+    queries = rng.standard_normal((heads, tokens, dim))
+    keys = rng.standard_normal((kv_heads, tokens, dim))
+    out_weight = rng.standard_normal((32, heads * dim))
+    outliers = rng.standard_normal((kv_heads, tokens, dim))
+    outliers[:, 10::23] *= 50.0
+    channels = rng.standard_normal((kv_heads, tokens, dim)) + 10 * rng.standard_normal(dim)
+    captured = [(queries, keys, 0.125, v, out_weight) for v in (outliers, channels)]
+    assert value_layouts(captured, Q.q4().v) == [False, True]

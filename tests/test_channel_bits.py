@@ -12,7 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kvq
-from kvq.allocation import RUN_CHANNELS, allocate_channel_bits, channel_weights
+from kvq.allocation import (
+    RUN_CHANNELS,
+    allocate_channel_bits,
+    channel_weights,
+    value_channel_weights,
+)
 from kvq.scheme import CHANNEL_BITS
 from kvq.synthetic import kv_layer
 from kvq.tensor import DoubleQuantParams, _unpack
@@ -363,9 +368,29 @@ def test_channel_weights_are_query_energy_times_squared_range(rng):
             assert got[head, d] == pytest.approx(energy * spread)
 
 
+def test_value_channel_weights_are_output_column_energy_times_squared_range(rng):
+    """Two KV heads of 16 under six query heads (three each): a value channel's weight sums
+    the squared output-projection columns of its three query heads, times its mean squared
+    group range."""
+    v = rng.standard_normal((2, 70, 16)) * np.arange(1, 17)
+    out = rng.standard_normal((24, 6 * 16))
+    got = value_channel_weights(v, out, group_size=32, first=3)
+    for head in range(2):
+        for d in range(16):
+            columns = [out[:, (3 * head + j) * 16 + d] for j in range(3)]
+            energy = sum(float(np.sum(c**2)) for c in columns)
+            groups = [v[head, 3 + 32 * g : 3 + 32 * (g + 1), d] for g in range(2)]
+            spread = np.mean([(g.max() - g.min()) ** 2 for g in groups])
+            assert got[head, d] == pytest.approx(energy * spread)
+
+
 @pytest.mark.parametrize(
     ("call", "match"),
     [
+        (lambda: value_channel_weights(np.ones((2, 40, 8)), np.ones((4, 24))), "multiple"),
+        (lambda: value_channel_weights(np.ones((2, 40, 8)), np.ones(32)), "2-D float"),
+        (lambda: value_channel_weights(np.ones((2, 20, 8)), np.ones((4, 32))), "at least one"),
+        (lambda: value_channel_weights(np.ones((2, 40, 8)), np.full((4, 32), np.nan)), "finite"),
         (lambda: allocate_channel_bits(np.ones((2, 12)), 4), "multiple of 8"),
         (lambda: allocate_channel_bits(-np.ones((2, 16)), 4), "non-negative"),
         (lambda: allocate_channel_bits(np.ones((2, 16)), 0.5), "below the narrowest"),

@@ -348,6 +348,11 @@ def test_cli_calibrate_writes_a_map_that_eval_runs(tiny_checkpoint, tmp_path, ca
     assert kvq.LayerMap.load(channels).configs[0].k.channel_bits is not None
     assert main([*argv[:-3], "--decode-mean", "--out", str(channels)]) == 2
     assert "--decode-mean goes with --channels" in capsys.readouterr().err
+    assert main([*argv, "--values"]) == 0
+    assert "values of per-channel widths in layers" in capsys.readouterr().out
+    assert any(c.v.channel_bits is not None for c in kvq.LayerMap.load(channels).configs)
+    assert main([*argv[:-3], "--values", "--out", str(channels)]) == 2
+    assert "--values goes with --channels" in capsys.readouterr().err
 
 
 # --- the real model -------------------------------------------------------------------------

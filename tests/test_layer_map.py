@@ -134,3 +134,34 @@ def test_the_shipped_smollm2_maps_fit_their_budgets(preset, budget):
     sized = kvq.plan(SMOLLM2, 4096, layer_map, max_queries=64)
     assert 32 * sized.total_bytes / sized.float32_bytes <= budget
     assert f"base {preset.removesuffix('+pre_rope')}, at most {budget} bits" in layer_map.note
+
+
+@pytest.mark.parametrize(
+    ("preset", "budget"),
+    [
+        ("q4+channels", 4.5),
+        ("q3+channels", 3.5),
+        ("q2+channels", 2.5),
+        ("q4+channels+values", 4.5),
+        ("q3+channels+values", 3.5),
+    ],
+)
+def test_the_shipped_smollm2_channel_maps_fit_their_budgets(preset, budget):
+    """The maps of per-channel widths: keys of per-channel widths in every layer, values the
+    base preset's or (+values) of per-channel widths, within the budget over 4K tokens."""
+    from importlib import resources
+
+    from kvq.layer_map import LayerMap
+
+    path = resources.files("kvq") / "hf" / "maps" / f"smollm2-{preset}.json"
+    layer_map = LayerMap.from_json(path.read_text(encoding="utf-8"))
+    base = getattr(Q, preset[:2])()
+    assert len(layer_map) == 30
+    for config in layer_map.configs:
+        assert config.k.channel_widths.shape == (3, 64) and config.k.axis == -2
+        assert config.v == base.v or preset.endswith("+values")
+        assert config.sink_tokens == base.sink_tokens
+    per_channel_values = [c.v.channel_bits is not None for c in layer_map.configs]
+    assert any(per_channel_values) == preset.endswith("+values")
+    sized = kvq.plan(SMOLLM2, 4096, layer_map, max_queries=64)
+    assert budget - 0.01 < 32 * sized.total_bytes / sized.float32_bytes <= budget

@@ -119,13 +119,26 @@ def reference_text_source() -> str:
 #: 3.5 --out kvq/hf/maps/smollm2-q3.json`` remakes one). 'q4+channels', 'q3+channels',
 #: 'q2+channels': ``kvq.hf.calibrate_channels`` (per-channel key widths; 1,024 tokens;
 #: ``kvq calibrate --channels --bits 4.5 --out kvq/hf/maps/smollm2-q4+channels.json``).
-SMOLLM2_MAPS = ("q4", "q3", "q2", "q3+pre_rope", "q4+channels", "q3+channels", "q2+channels")
+#: 'q4+channels+values', 'q3+channels+values': the same with per-channel value widths in the
+#: layers where per-channel value groups err less (``kvq calibrate --channels --values``).
+SMOLLM2_MAPS = (
+    "q4",
+    "q3",
+    "q2",
+    "q3+pre_rope",
+    "q4+channels",
+    "q3+channels",
+    "q2+channels",
+    "q4+channels+values",
+    "q3+channels+values",
+)
 
 
 def smollm2_layer_map(preset: str):
     """The kvq.LayerMap calibrated for SmolLM2-135M-Instruct at ``preset``'s budget ('q4',
     'q3' or 'q2'; 'q3+pre_rope' climbs the presets with keys before RoPE; 'q4+channels',
-    'q3+channels' and 'q2+channels' give the keys per-channel widths); its ``note`` says how
+    'q3+channels' and 'q2+channels' give the keys per-channel widths; 'q4+channels+values'
+    and 'q3+channels+values' the values too, in 24 of the 30 layers); its ``note`` says how
     it was chosen."""
     from kvq.layer_map import LayerMap
 
