@@ -111,7 +111,9 @@ def value_layouts(captured: list[tuple], base: Scheme, first: int = 1) -> list[b
     base's second-level scales and search, unrotated) give a smaller attention-output error
     than ``base``, measured through the layer's output projection on the recorded pass
     (causal float64 attention, positions ``first`` on quantized; the earlier ones exact, as
-    the sink tokens are)."""
+    the sink tokens are). ``captured``: per layer (queries (num_q_heads, t, head_dim), keys
+    and values (num_kv_heads, t, head_dim), the attention scaling, the o_proj weight (hidden,
+    num_q_heads * head_dim)), float64, as the calibration pass records them."""
     per_channel = _value_scheme(base, None)
     chosen = []
     for queries, keys, scale, values, out_weight in captured:
