@@ -503,6 +503,23 @@ def _dequantize_chunk_keys(
                 target[i] = m + s * source[i]
 
 
+@njit(cache=True)  # per-channel values only: compiled once, not inlined (+110 s of compile)
+def _chunk_values(
+    view, flat, head, index, t, dim, channels, channels_flat, values, scratch, channel_scales,
+    channel_mins,
+):  # fmt: skip
+    """values[t:t + chunk] = per-channel value chunk ``index`` of ``head``, token-major: decoded
+    channel-major into ``channels`` (dim, block) by the keys' chunk decoder, then transposed."""
+    _dequantize_chunk_keys(
+        view, flat, head, index, t, dim, channels, channels_flat, scratch, channel_scales,
+        channel_mins,
+    )  # fmt: skip
+    v_chunk = view.chunk
+    for i0 in range(t, t + v_chunk, 16):  # 16 x 16 register transposes
+        for d0 in range(0, dim, 16):
+            transpose_16(channels, values, d0, i0)
+
+
 @njit(inline="always")
 def _touch(view, flat, first, count):
     """Sum of one byte in 64 of the slot rows that hold positions first .. first + count - 1
@@ -993,13 +1010,10 @@ def _attend_task(
                         and t + v_chunk <= width
                     ):
                         # the keys' scratch is free once the scores are taken
-                        _dequantize_chunk_keys(
-                            v, v_flat, head, index, t, dim, keys, keys_flat, scratch,
+                        _chunk_values(
+                            v, v_flat, head, index, t, dim, keys, keys_flat, values, scratch,
                             channel_scales, channel_mins,
                         )  # fmt: skip
-                        for i0 in range(t, t + v_chunk, 16):  # 16 x 16 register transposes
-                            for d0 in range(0, dim, 16):
-                                transpose_16(keys, values, d0, i0)
                         t += v_chunk
                     else:
                         _decode_token_major(
