@@ -237,9 +237,7 @@ def _causal_weights(queries: np.ndarray, keys: np.ndarray, scale: float) -> np.n
     """float64 (kv_heads, group * t, t): causal softmax weights of each KV head's query rows
     (query heads of a KV head one after the other), queries and keys at the same positions."""
     kv_heads, tokens, _ = keys.shape
-    rows = queries.reshape(kv_heads, -1, tokens, queries.shape[2]).reshape(
-        kv_heads, -1, queries.shape[2]
-    )
+    rows = queries.reshape(kv_heads, -1, queries.shape[2])  # C order: a KV head's heads in turn
     scores = scale * rows @ keys.transpose(0, 2, 1)
     future = np.triu(np.ones((tokens, tokens), bool), 1)
     scores[:, np.tile(future, (rows.shape[1] // tokens, 1))] = -np.inf
@@ -272,19 +270,21 @@ def _value_widths(captured: list[tuple], base: Scheme, first: int, widths) -> li
 
 
 def _value_scheme(base: Scheme, table: np.ndarray | None) -> Scheme:
-    """Values grouped per channel over 32 tokens, unrotated, with ``base``'s second-level
-    scales and search; ``table``: per-channel widths (None: ``base.bits`` for all)."""
+    """Values grouped per channel over 32 tokens (see :func:`_per_channel`)."""
+    return _per_channel(base, table, 32)
+
+
+def _per_channel(base: Scheme, table: np.ndarray | None, group_size: int) -> Scheme:
+    """Per-channel groups of ``group_size`` tokens, unrotated (as channel_bits needs), with
+    ``base``'s scale dtype, second-level scales and search; ``table``: per-channel widths
+    (None: ``base.bits`` for all)."""
     bits = base.bits if table is None else int(table.max())
     return Scheme(
-        bits, 32, axis=-2, scale_dtype=base.scale_dtype, double_quant=base.double_quant,
-        search=base.search, channel_bits=table,
+        bits, group_size, axis=-2, scale_dtype=base.scale_dtype,
+        double_quant=base.double_quant, search=base.search, channel_bits=table,
     )  # fmt: skip
 
 
 def _with_widths(base: QuantConfig, table: np.ndarray) -> QuantConfig:
-    """``base`` with keys of per-channel widths ``table`` (unrotated, as channel_bits needs)."""
-    k = Scheme(
-        int(table.max()), base.k.group_size, axis=-2, scale_dtype=base.k.scale_dtype,
-        double_quant=base.k.double_quant, search=base.k.search, channel_bits=table,
-    )  # fmt: skip
-    return replace(base, k=k)
+    """``base`` with keys of per-channel widths ``table``."""
+    return replace(base, k=_per_channel(base.k, table, base.k.group_size))
