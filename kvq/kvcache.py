@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kvq import kernels
 from kvq._bytes import in_unit
 from kvq._format import FLOAT16_MAX, FLOAT32_MAX, MIN_OFFSET, SUPER_GROUPS
 from kvq._threads import on_calling_thread
@@ -29,11 +30,15 @@ from kvq.errors import KvqError
 from kvq.kernels.attention import StreamView
 from kvq.pool import MemoryPool
 from kvq.rope import Rope
-from kvq.rotation import rotate, unrotate
+from kvq.rotation import hadamard_rotation, rotate, unrotate
 from kvq.scheme import QuantConfig, Scheme
 from kvq.tensor import QuantizedTensor, quantize
 
 FLOAT32_BYTES = 4
+_FLOAT32 = np.dtype(np.float32)
+_NO_ROTATION = np.zeros((0, 0), np.float32)  # a stream without rotation (read-only)
+_NO_ROTATION.flags.writeable = False
+_NO_ORDER = np.zeros(0, np.int64)  # a stream without per-channel widths
 _NO_PARAMS = np.zeros((1, 1), np.uint8)  # p2/p3 of a StreamView without second-level scales
 _NO_TABLES = (np.zeros((0, 0), np.float32),) * 2  # rope_cos/rope_sin of a stream without RoPE
 # channel_bits, channel_at, channel_runs, channel_order of a stream of one width
@@ -209,6 +214,10 @@ class TensorStream:
         self.slots = slots
         # the residual never holds more than residual + chunk - 1 tokens between appends
         self.pending = np.empty((num_kv_heads, 0, head_dim), np.float32)
+        # decode steps write the residual in place: ``pending`` is then ``buffered``, the
+        # first tokens of ``buffer`` (float32 (heads, residual + chunk, head_dim))
+        self.buffer = self.buffered = None
+        self._entry_tables()
         # positions 0 .. sinks.shape[1] - 1, rotated as the residual is
         self.sinks = np.empty((num_kv_heads, 0, head_dim), np.float32)
         self.appended = 0
@@ -219,6 +228,9 @@ class TensorStream:
         """For pickle and copies: everything but the cached byte views of the params."""
         state = dict(self.__dict__)
         state.pop("_param_bytes", None)
+        if state.get("buffered") is not None:  # the residual alone, contiguous
+            state["pending"] = np.ascontiguousarray(state["pending"])
+        state["buffer"] = state["buffered"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -234,6 +246,18 @@ class TensorStream:
         ):
             self.__dict__.setdefault(name, default)
         self.__dict__.setdefault("stored_scheme", self.scheme)
+        if "rotation" not in state:  # pickled before decode steps wrote in place
+            self.buffer = self.buffered = None
+            self._entry_tables()
+
+    def _entry_tables(self) -> None:
+        """What a decode step's token goes through on its way in (``kernels.stage_tokens``):
+        ``rotation`` float32 (head_dim, head_dim), empty without one (read-only: one kernel
+        type), and ``gather`` int64 (heads * head_dim), the flat channel order (empty: none)."""
+        seed = self.rotation_seed
+        self.rotation = _NO_ROTATION if seed is None else hadamard_rotation(self.head_dim, seed)
+        order = self.order
+        self.gather = _NO_ORDER if order is None else np.ascontiguousarray(order, np.int64).ravel()
 
     # --- storage ----------------------------------------------------------------------------
 
@@ -264,6 +288,7 @@ class TensorStream:
         for key, array in self.store.items():
             twin.store[key][...] = array
         twin.pending = self.pending.copy()
+        twin.buffer = twin.buffered = None  # never the original's
         twin.sinks = self.sinks.copy()
         return twin
 
@@ -318,12 +343,24 @@ class TensorStream:
         if self.order is not None:  # the stored channel order (widest first)
             new = _gather_channels(new, self.order)
         pending = np.concatenate([self.pending, new], axis=1) if self.pending.size else new
-        layout = held_layout(appended, self.chunk, self.residual_target, self.window)
-        count = layout.chunks - self.chunks
         sinks = self.sinks
         if self.appended < self.sink_tokens:
             take = min(self.sink_tokens - self.appended, new.shape[1])
             sinks = np.concatenate([sinks, new[:, :take]], axis=1)
+        return self._stage_chunks(pending, sinks, appended)
+
+    def stage_token(self) -> _Staged:
+        """:meth:`stage` of the token :meth:`token_slot`'s slot received (checked, rotated
+        and in the stored channel order already; never a sink token)."""
+        return self._stage_chunks(
+            self.buffer[:, : self.pending.shape[1] + 1], self.sinks, self.appended + 1
+        )
+
+    def _stage_chunks(self, pending: np.ndarray, sinks: np.ndarray, appended: int) -> _Staged:
+        """The rest of :meth:`stage`: ``pending`` is the residual with the new tokens, as
+        held (rotated, channels ordered); ``sinks`` the sink copy with them."""
+        layout = held_layout(appended, self.chunk, self.residual_target, self.window)
+        count = layout.chunks - self.chunks
         base = self.chunks * self.chunk  # pending's first position
         if count and base < self.sink_tokens:
             pending = self._without_sinks(pending, base, count)
@@ -427,6 +464,36 @@ class TensorStream:
         quantized = (self.chunks - self.first_chunk) * self.chunk_nbytes
         return quantized + self.pending.nbytes + self.sinks.nbytes + table_bytes(self.scheme)
 
+    def token_slot(self) -> tuple[np.ndarray, int, bool] | None:
+        """(residual buffer, slot, whether the token completes a chunk) for one more token,
+        or None when it is a sink token or the keys are held before RoPE (the general path of
+        :meth:`stage`). Moves the residual into the buffer if it is not there (same values).
+        Then :meth:`commit_token` counts a token that only waits there, and
+        :meth:`stage_token` quantizes the chunk one completes."""
+        appended = self.appended + 1
+        if appended <= self.sink_tokens or self.rope is not None:
+            return None
+        chunks = max(0, (appended - self.residual_target) // self.chunk)
+        completes = chunks != self.chunks
+        if self.window is not None and not completes:
+            first = min(chunks, max(0, (appended - self.window) // self.chunk))
+            completes = first != self.first_chunk  # drops chunks: the general commit
+        held = self.pending.shape[1]
+        if self.pending is not self.buffered:
+            buffer = self.buffer
+            if buffer is None or buffer.shape[1] <= held:
+                size = max(self.residual_target + self.chunk, held + 1)
+                buffer = np.empty((self.heads, size, self.head_dim), np.float32)
+                self.buffer = buffer
+            buffer[:, :held] = self.pending
+            self.pending = self.buffered = buffer[:, :held]
+        return self.buffer, held, completes
+
+    def commit_token(self) -> None:
+        """Count the token :meth:`token_slot`'s slot received."""
+        self.pending = self.buffered = self.buffer[:, : self.pending.shape[1] + 1]
+        self.appended += 1
+
     def kernel_view(self) -> StreamView:
         """The store as the attention kernel reads it: the scheme's integers and the store's
         arrays by name (params as bytes). Valid until the next append or truncate."""
@@ -456,7 +523,8 @@ class TensorStream:
             p1,
             p2,
             p3,
-            self.pending,
+            # the kernel reads the residual's first tokens only: the whole buffer (contiguous)
+            self.buffer if self.pending is self.buffered else self.pending,
             *(_NO_TABLES if self.rope is None else self.rope.tables(self.appended)),
             *self.channel_tables,
         )
@@ -682,11 +750,65 @@ class KVCache:
         (K and V together: a decode step) run their kernels on the calling thread only.
         """
         with self._lock:
+            if self._append_token(k, v):
+                return
             k_new, v_new = self._check_pair(k, v)
             if 2 * k_new.size <= SERIAL_VALUES:  # a decode step: no parallel launch
                 on_calling_thread(self._stage_and_commit, k_new, v_new)
             else:
                 self._stage_and_commit(k_new, v_new)
+
+    def _append_token(self, k, v) -> bool:
+        """A decode step's append: a token of float32 k and v (heads, 1, head_dim) checked,
+        rotated and put in the residual by one kernel call (see
+        :meth:`TensorStream.token_slot`), and the chunks it completes quantized. False,
+        changing nothing the general path would not, when it is not one (a sink token, keys
+        before RoPE) or when a value is bad (the general path then says which)."""
+        if type(k) is not np.ndarray or type(v) is not np.ndarray:
+            return False
+        shape = (self.num_kv_heads, 1, self.head_dim)
+        if k.shape != shape or v.shape != shape or k.dtype != _FLOAT32 or v.dtype != _FLOAT32:
+            return False
+        k = k if k.flags.c_contiguous else np.ascontiguousarray(k)  # one kernel type
+        v = v if v.flags.c_contiguous else np.ascontiguousarray(v)
+        if self.capacity is not None and self._k.appended >= self.capacity:
+            return False
+        ks, vs = self._k, self._v
+        k_slot = ks.token_slot()
+        v_slot = None if k_slot is None else vs.token_slot()
+        if v_slot is None:
+            return False
+        status = kernels.stage_tokens(
+            k, v, ks.rotation, vs.rotation, ks.gather, vs.gather, ks.limit, vs.limit,
+            k_slot[0], v_slot[0], k_slot[1], v_slot[1],
+        )  # fmt: skip
+        if status:
+            return False
+        if k_slot[2] or v_slot[2]:  # a chunk completes: quantized as the general path does
+            if 2 * k.size <= SERIAL_VALUES:
+                on_calling_thread(self._commit_tokens, k_slot[2], v_slot[2])
+            else:
+                self._commit_tokens(k_slot[2], v_slot[2])
+            return True
+        ks.commit_token()
+        vs.commit_token()
+        return True
+
+    def _commit_tokens(self, k_completes: bool, v_completes: bool) -> None:
+        """Count the staged token in both streams, quantizing the chunks it completes."""
+        ks, vs = self._k, self._v
+        staged_k = ks.stage_token() if k_completes else None
+        try:
+            staged_v = vs.stage_token() if v_completes else None
+        except BaseException:
+            if staged_k is not None:
+                ks.discard(staged_k)
+            raise
+        for stream, staged in ((ks, staged_k), (vs, staged_v)):
+            if staged is None:
+                stream.commit_token()
+            else:
+                stream.commit(staged)
 
     def check_append(self, k, v) -> None:
         """Raise what :meth:`append` would raise for ``k`` and ``v`` (bad dtype, shape,

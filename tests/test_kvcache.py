@@ -561,3 +561,135 @@ def test_presets_stay_within_their_bits_over_a_4k_cache(name, nominal):
     stored = 8 * cache.nbytes / (2 * 4096 * 3 * 64)
     assert cache.bits_per_element == pytest.approx(stored)
     assert stored <= nominal
+
+
+# --- a decode step's append: one kernel call (kernels.stage_tokens) ---------------------------
+
+
+def _widths(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).choice([2, 3, 4, 5, 6, 8], (4, 64))
+
+
+TOKEN_CONFIGS = CONFIGS | {
+    "channel-widths": kvq.QuantConfig(
+        k=kvq.Scheme(8, 32, axis=-2, double_quant=True, channel_bits=_widths(1)),
+        v=kvq.Scheme(8, 32, axis=-2, double_quant=True, channel_bits=_widths(2)),
+        sink_tokens=2,
+    ),
+}
+
+
+@pytest.fixture
+def staged_tokens(monkeypatch):
+    """Counts the calls of kernels.stage_tokens (the decode step's path)."""
+    calls = []
+    stage = kvq.kernels.stage_tokens
+
+    def spy(*args):
+        calls.append(args[-2:])
+        return stage(*args)
+
+    monkeypatch.setattr(kvq.kernels, "stage_tokens", spy)
+    return calls
+
+
+def tokens(x: np.ndarray) -> list[np.ndarray]:
+    """x (heads, t, head_dim) as t C-contiguous (heads, 1, head_dim) arrays, as a model's."""
+    return [np.ascontiguousarray(x[:, t : t + 1]) for t in range(x.shape[1])]
+
+
+@pytest.mark.parametrize("name", TOKEN_CONFIGS)
+@pytest.mark.parametrize("window", [None, 50])
+def test_decode_steps_store_what_one_append_stores(layer, name, window, staged_tokens):
+    k, v = layer
+    config = TOKEN_CONFIGS[name]
+    whole = kvq.KVCache(4, 64, config, window=window)
+    whole.append(k, v)
+    steps = kvq.KVCache(4, 64, config, window=window)
+    for k_token, v_token in zip(tokens(k), tokens(v), strict=True):
+        steps.append(k_token, v_token)
+    assert len(staged_tokens) == 203 - config.sink_tokens  # every token but the sinks
+    same_stored(whole, steps)  # identical codes, scales, mins and residual
+    np.testing.assert_array_equal(whole.keys(), steps.keys())
+    np.testing.assert_array_equal(whole.values(), steps.values())
+    assert whole.nbytes == steps.nbytes and len(whole) == len(steps) == 203
+    q = np.random.default_rng(3).standard_normal((8, 1, 64)).astype(np.float32)
+    np.testing.assert_array_equal(kvq.attention(q, whole), kvq.attention(q, steps))
+
+
+@pytest.mark.parametrize(
+    ("stream", "value", "message"),
+    [
+        ("k", np.nan, r"k has nan at head 2, token 0 \(position 40\), channel 5"),
+        ("v", np.inf, r"v has inf at head 2, token 0 \(position 40\), channel 5"),
+        ("k", 60000.0, r"k at head 1, token 0 \(position 40\) reaches .* after rotation"),
+        ("v", -70000.0, r"v has -70000.0 at head 2, token 0 \(position 40\), channel 5"),
+    ],
+)
+def test_a_bad_decode_step_names_it_and_changes_nothing(
+    layer, stream, value, message, staged_tokens
+):
+    k, v = layer
+    config = kvq.QuantConfig(
+        k=kvq.Scheme(8, 32, axis=-2, scale_dtype="float16", rotate=True),
+        v=kvq.Scheme(8, 32, axis=-2, scale_dtype="float16"),
+        residual=8,
+    )
+    cache = kvq.KVCache(4, 64, config)
+    for k_token, v_token in zip(tokens(k[:, :40]), tokens(v[:, :40]), strict=True):
+        cache.append(k_token, v_token)
+    before = (cache.keys(), cache.values(), cache.nbytes)
+    k_token, v_token = tokens(k[:, 40:41])[0], tokens(v[:, 40:41])[0]
+    bad = k_token if stream == "k" else v_token
+    if value == 60000.0:
+        bad[1, 0, :] = value  # storable as is (float16 scales), not once rotated
+    else:
+        bad[2, 0, 5] = value
+    staged_tokens.clear()
+    with pytest.raises(ValueError, match=message):
+        cache.append(k_token, v_token)
+    assert staged_tokens == [(8, 8)]  # the kernel saw it first (slot 8: 40 - one chunk)
+    assert len(cache) == 40 and cache._k.appended == cache._v.appended == 40
+    np.testing.assert_array_equal(cache.keys(), before[0])
+    np.testing.assert_array_equal(cache.values(), before[1])
+    assert cache.nbytes == before[2]
+    # and the next good steps land where that one would have
+    reference = kvq.KVCache(4, 64, config)
+    reference.append(k[:, :60], v[:, :60])
+    for k_token, v_token in zip(tokens(k[:, 40:60]), tokens(v[:, 40:60]), strict=True):
+        cache.append(k_token, v_token)
+    same_stored(reference, cache)
+
+
+def test_decode_steps_copy_their_input_and_copies_stay_apart(layer, staged_tokens):
+    k, v = layer
+    config = kvq.QuantConfig.q4()
+    cache = kvq.KVCache(4, 64, config)
+    for k_token, v_token in zip(tokens(k[:, :45]), tokens(v[:, :45]), strict=True):
+        cache.append(k_token, v_token)
+        k_token[:] = 1e3  # the caller's arrays are not the cache's
+        v_token[:] = 1e3
+    assert staged_tokens and cache._k.pending is cache._k.buffered
+    reference = kvq.KVCache(4, 64, config)
+    reference.append(k[:, :45], v[:, :45])
+    same_stored(reference, cache)
+    twins = [copy.copy(cache), copy.deepcopy(cache), pickle.loads(pickle.dumps(cache))]
+    for twin in twins:
+        assert twin._k.buffer is not cache._k.buffer
+        for k_token, v_token in zip(tokens(k[:, 45:50]), tokens(v[:, 45:50]), strict=True):
+            twin.append(k_token, v_token)
+    same_stored(reference, cache)  # the original did not move
+    reference.append(k[:, 45:50], v[:, 45:50])
+    for twin in twins:
+        same_stored(reference, twin)
+
+
+def test_decode_steps_stop_at_capacity(layer, staged_tokens):
+    k, v = layer
+    cache = kvq.KVCache(4, 64, kvq.QuantConfig.q4(), capacity=10)
+    for k_token, v_token in zip(tokens(k[:, :10]), tokens(v[:, :10]), strict=True):
+        cache.append(k_token, v_token)
+    assert len(staged_tokens) == 9  # the first is a sink token
+    with pytest.raises(kvq.CapacityError, match="capacity of 10 tokens"):
+        cache.append(*tokens(k[:, 10:11]), *tokens(v[:, 10:11]))
+    assert len(cache) == 10

@@ -94,18 +94,29 @@ def kvq_attention(
         except ValueError as error:
             raise type(error)(f"layer {index}, batch row {row}: {error}") from None
     starts = _left_padding(attention_mask, batch, len(caches[0]) + tokens, index)
+    if batch == 1 and t_q <= step:  # a decode step: one append, one call, no copies
+        _append(caches[0], k_new[0], v_new[0], index, 0)
+        out = attention(q[0], caches[0], scale=scaling, sinks=sinks, start=starts[0])
+        if t_q == 1:  # (heads, 1, head_dim) is (1, 1, heads, head_dim) as it lies
+            return torch.from_numpy(out.reshape(1, 1, heads, dim)), None
+        return torch.from_numpy(out).transpose(0, 1).unsqueeze(0).contiguous(), None
     out = np.empty((batch, heads, t_q, dim), np.float32)
     for row, cache in enumerate(caches):
         for lo in range(0, t_q, step):
             hi = min(t_q, lo + step)
-            try:
-                cache.append(k_new[row, :, lo:hi], v_new[row, :, lo:hi])
-            except ValueError as error:  # unchecked above: one append, nothing changed
-                raise type(error)(f"layer {index}, batch row {row}: {error}") from None
+            _append(cache, k_new[row, :, lo:hi], v_new[row, :, lo:hi], index, row)
             out[row, :, lo:hi] = attention(
                 q[row, :, lo:hi], cache, scale=scaling, sinks=sinks, start=starts[row]
             )
     return torch.from_numpy(out).transpose(1, 2).contiguous(), None
+
+
+def _append(cache, k, v, index: int, row: int) -> None:
+    """``cache.append(k, v)``, its error naming the layer and the batch row."""
+    try:
+        cache.append(k, v)
+    except ValueError as error:  # unchecked before when it is the only append: unchanged
+        raise type(error)(f"layer {index}, batch row {row}: {error}") from None
 
 
 def _left_padding(mask, batch: int, length: int, index: int) -> list[int]:

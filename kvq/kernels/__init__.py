@@ -7,6 +7,7 @@ under the workqueue layer, which aborts the process on concurrent launches.
 
 from kvq._threads import serialised
 from kvq.kernels import _cache  # noqa: F401 (first: stamps every kernel with all of kvq/kernels)
+from kvq.kernels.append import stage_tokens
 from kvq.kernels.attention import attention_blocks
 from kvq.kernels.blockwise import (
     MAX_RANGE_F32,
@@ -36,6 +37,7 @@ refine_subcodes = serialised(refine_subcodes)
 rotate_rows = serialised(rotate_rows)
 search_blocks = serialised(search_blocks)
 second_level_codes = serialised(second_level_codes)
+stage_tokens = serialised(stage_tokens)
 unpack_codes = serialised(unpack_codes)
 
 __all__ = [
@@ -54,5 +56,6 @@ __all__ = [
     "rotate_rows",
     "search_blocks",
     "second_level_codes",
+    "stage_tokens",
     "unpack_codes",
 ]

@@ -11,7 +11,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath={"reassoc", "contract"})
 def merge_sink_tokens(
     queries, t_q, query_end, causal, window, first, stop, keys, values, sinks, part_max,
     part_sum, splits, out,
@@ -39,7 +39,7 @@ def merge_sink_tokens(
                     scores[i] = -np.inf
                     continue
                 s = 0.0
-                for d in range(dim):
+                for d in range(dim):  # reassociated: vectorised, float64 all the same
                     s += np.float64(queries[head, r, d]) * np.float64(keys[head, p, d])
                 scores[i] = s
                 top = max(top, s)
@@ -61,8 +61,9 @@ def merge_sink_tokens(
                     total += scores[i]
                 else:
                     scores[i] = 0.0
+            inverse = 1.0 / total
             for d in range(dim):
                 a = body * np.float64(out[head, r, d])
                 for i in range(count):
                     a += scores[i] * np.float64(values[head, first + i, d])
-                out[head, r, d] = np.float32(a / total)
+                out[head, r, d] = np.float32(a * inverse)
