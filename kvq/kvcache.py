@@ -379,7 +379,9 @@ class TensorStream:
                 ).parts()
                 for i in range(dropped, count)
             ]
-            parts = {key: np.concatenate([p[key] for p in each]) for key in self.part_layout}
+            parts = each[0]  # most often one chunk: a decode step's
+            if kept > 1:
+                parts = {key: np.concatenate([p[key] for p in each]) for key in self.part_layout}
         if kept:
             layout_sizes = self.part_layout.items()
             rows = {key: parts[key].reshape(kept, size) for key, (_, size) in layout_sizes}
