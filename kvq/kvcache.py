@@ -17,6 +17,7 @@ import threading
 import warnings
 import weakref
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -228,8 +229,7 @@ class TensorStream:
         """For pickle and copies: everything but the cached byte views of the params."""
         state = dict(self.__dict__)
         state.pop("_param_bytes", None)
-        if state.get("buffered") is not None:  # the residual alone, contiguous
-            state["pending"] = np.ascontiguousarray(state["pending"])
+        state["pending"] = np.ascontiguousarray(state["pending"])  # the residual alone
         state["buffer"] = state["buffered"] = None
         return state
 
@@ -758,10 +758,8 @@ class KVCache:
             if self._append_token(k, v):
                 return
             k_new, v_new = self._check_pair(k, v)
-            if 2 * k_new.size <= SERIAL_VALUES:  # a decode step: no parallel launch
-                on_calling_thread(self._stage_and_commit, k_new, v_new)
-            else:
-                self._stage_and_commit(k_new, v_new)
+            stage_k, stage_v = partial(self._k.stage, k_new), partial(self._v.stage, v_new)
+            self._commit_pair(k_new.size, stage_k, stage_v)
 
     def _append_token(self, k, v) -> bool:
         """A decode step's append: a token of float32 k and v (heads, 1, head_dim) checked,
@@ -783,37 +781,29 @@ class KVCache:
         v_slot = None if k_slot is None else vs.token_slot()
         if v_slot is None:
             return False
+        (k_buffer, k_held, k_completes), (v_buffer, v_held, v_completes) = k_slot, v_slot
         status = kernels.stage_tokens(
             k, v, ks.rotation, vs.rotation, ks.gather, vs.gather, ks.limit, vs.limit,
-            k_slot[0], v_slot[0], k_slot[1], v_slot[1],
+            k_buffer, v_buffer, k_held, v_held,
         )  # fmt: skip
         if status:
             return False
-        if k_slot[2] or v_slot[2]:  # a chunk completes: quantized as the general path does
-            if 2 * k.size <= SERIAL_VALUES:
-                on_calling_thread(self._commit_tokens, k_slot[2], v_slot[2])
-            else:
-                self._commit_tokens(k_slot[2], v_slot[2])
-            return True
-        ks.commit_token()
-        vs.commit_token()
+        # a chunk the token completes is quantized as the general path's are
+        stage_k = ks.stage_token if k_completes else None
+        stage_v = vs.stage_token if v_completes else None
+        self._commit_pair(k.size, stage_k, stage_v)
         return True
 
-    def _commit_tokens(self, k_completes: bool, v_completes: bool) -> None:
-        """Count the staged token in both streams, quantizing the chunks it completes."""
-        ks, vs = self._k, self._v
-        staged_k = ks.stage_token() if k_completes else None
-        try:
-            staged_v = vs.stage_token() if v_completes else None
-        except BaseException:
-            if staged_k is not None:
-                ks.discard(staged_k)
-            raise
-        for stream, staged in ((ks, staged_k), (vs, staged_v)):
-            if staged is None:
-                stream.commit_token()
-            else:
-                stream.commit(staged)
+    def _commit_pair(self, size: int, stage_k, stage_v) -> None:
+        """Stage K, then V (``stage_k``/``stage_v``: callables giving a stream's staged
+        append; None for a decode token that only waits in the residual), undoing K's
+        allocations if V's staging raises; then commit both. Appends of at most
+        ``SERIAL_VALUES`` values (``size`` each of K and V) run on the calling thread."""
+        quantizes = stage_k is not None or stage_v is not None
+        if quantizes and 2 * size <= SERIAL_VALUES:  # a decode step: no parallel launch
+            on_calling_thread(self._stage_and_commit, stage_k, stage_v)
+        else:
+            self._stage_and_commit(stage_k, stage_v)
 
     def check_append(self, k, v) -> None:
         """Raise what :meth:`append` would raise for ``k`` and ``v`` (bad dtype, shape,
@@ -850,15 +840,19 @@ class KVCache:
             )
         return k_new, v_new
 
-    def _stage_and_commit(self, k_new: np.ndarray, v_new: np.ndarray) -> None:
-        staged_k = self._k.stage(k_new)
+    def _stage_and_commit(self, stage_k, stage_v) -> None:
+        staged_k = None if stage_k is None else stage_k()
         try:
-            staged_v = self._v.stage(v_new)
+            staged_v = None if stage_v is None else stage_v()
         except BaseException:
-            self._k.discard(staged_k)
+            if staged_k is not None:
+                self._k.discard(staged_k)
             raise
-        self._k.commit(staged_k)
-        self._v.commit(staged_v)
+        for stream, staged in ((self._k, staged_k), (self._v, staged_v)):
+            if staged is None:
+                stream.commit_token()
+            else:
+                stream.commit(staged)
 
     def _check(self, name: str, x) -> np.ndarray:
         array = np.asarray(x)
