@@ -354,6 +354,56 @@ MUTANTS = (
         "the Walsh-Hadamard stages from 8 on lose a term of their sums: not H any more",
     ),
     Mutant(
+        "residual-keys-scored-one-late",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "k.residual, head, q, scores, rows, max(0, k_residual), width, k_residual",
+                "k.residual, head, q, scores, rows, max(0, k_residual) + 1, width, k_residual",
+            ),
+        ),
+        ("tests/test_attention_paths.py", "tests/test_attention.py"),
+        "a block's first float32 key after its whole chunks keeps a stale score",
+    ),
+    Mutant(
+        "residual-values-from-the-wrong-token",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "v.residual, head, scores, acc, rows, max(0, v_coded), width, v_residual",
+                "v.residual, head, scores, acc, rows, max(0, v_coded), width, v_residual - 1",
+            ),
+        ),
+        ("tests/test_attention_paths.py", "tests/test_attention.py"),
+        "the values waiting for their chunk are read one token later than they sit",
+    ),
+    Mutant(
+        "scores-last-tokens-dropped",
+        "kvq/kernels/attention.py",
+        (("        tiled_width += 32", "        width = tiled_width"),),
+        ("tests/test_attention_paths.py", "tests/test_attention.py"),
+        "the scores of a scratch block's last width % 32 tokens are left as they were",
+    ),
+    Mutant(
+        "single-split-merge-unweighted",
+        "kvq/kernels/attention.py",
+        (("weight = weights[0] * scale", "weight = scale"),),
+        ("tests/test_sink_tokens.py", "tests/test_attention.py"),
+        "one split's partial is not weighted by exp(max - top) against a GPT-OSS sink logit",
+    ),
+    Mutant(
+        "splits-merged-unweighted",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "a += weights[split] * np.float64(part_acc[head * splits + split, r, d])",
+                "a += np.float64(part_acc[head * splits + split, r, d])",
+            ),
+        ),
+        ("tests/test_attention_paths.py", "tests/test_attention.py"),
+        "the splits' partial outputs are summed without their exp(max - top) weights",
+    ),
+    Mutant(
         "decode-step-token-unrotated",
         "kvq/kernels/append.py",
         (("rotate_row(new[h, 0], rotation, rotated[h])", "rotated[h, :] = new[h, 0]"),),

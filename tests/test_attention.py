@@ -320,3 +320,35 @@ def test_start_masks_left_padding(name, window):
         assert_matches_reference(out[:, padded:], ref)
     with pytest.raises(ValueError, match="start must be >= 0"):
         kvq.attention(q, cache, start=-1)
+
+
+# --- block length: longer when the tiles read the codes themselves ------------------------------
+
+
+def _block(cache, rows):
+    with cache.reading() as view:
+        return attention_module._block_tokens(view, cache.num_kv_heads, rows, cache.head_dim)
+
+
+def test_blocks_grow_only_where_no_scratch_is_used(monkeypatch):
+    """Decode rows (at most 4 a KV head) over keys after RoPE and per-token values take
+    blocks up to 512 tokens at head_dim 64 (256 at 128) while one block's codes over every KV
+    head fit L2; more rows, keys before RoPE and per-channel values keep 128 (64)."""
+    monkeypatch.setattr(attention_module, "_BLOCK_BYTES", 1 << 20)
+    q4, q8 = kvq.QuantConfig.q4(), kvq.QuantConfig.q8()
+    assert _block(kvq.KVCache(3, 64, q4), 3) == 512  # SmolLM2
+    assert _block(kvq.KVCache(3, 64, q4), 1) == 512
+    assert _block(kvq.KVCache(8, 128, q8), 4) == 256  # Llama-3-8B: 1 MiB / 2 KiB a token
+    assert _block(kvq.KVCache(32, 128, q4), 1) == 256  # Llama-2-7B: 4 KiB a token
+    assert _block(kvq.KVCache(32, 128, q8), 1) == 128  # 8 KiB a token
+    assert _block(kvq.KVCache(8, 64, q4), 8) == 128  # GPT-OSS: 8 rows decode via scratch
+    assert _block(kvq.KVCache(3, 64, q4), 5) == 128
+    rope = kvq.Rope.from_theta(10000.0, 64)
+    assert _block(kvq.KVCache(3, 64, kvq.QuantConfig.q4(pre_rope=True), rope=rope), 3) == 128
+    per_channel = replace(q4, v=replace(q4.v, axis=-2, group_size=32, rotate=False))
+    assert _block(kvq.KVCache(3, 64, per_channel), 3) == 128
+    monkeypatch.setattr(attention_module, "_BLOCK_BYTES", 1 << 16)  # a small L2: 64 KiB
+    assert _block(kvq.KVCache(3, 64, q4), 3) == 256  # 192 bytes a token
+    monkeypatch.setattr(attention_module, "_BLOCK_BYTES", 1 << 14)
+    assert _block(kvq.KVCache(3, 64, q4), 3) == 128  # never below the scratch blocks
+    assert _block(kvq.KVCache(3, 64, replace(q4, k=replace(q4.k, group_size=48))), 3) == 96

@@ -556,9 +556,14 @@ def _turn_keys(keys, cos, sin, start, width):
 @njit(inline="always")
 def _scores(keys, q, scores, rows, width):
     """scores[r, :width] = q[r] @ keys[:, :width] for every row: register tiles of 4 rows (and
-    one of the 1-3 rows left) over 32 tokens, plain loops for the last width % 32 tokens."""
+    one of the 1-3 rows left) over 32 tokens; the last width % 32 tokens take one more tile
+    where the scratch has the columns, else plain loops."""
     dim = q.shape[1]
     tiled_width = width - width % 32
+    if tiled_width < width and tiled_width + 32 <= min(keys.shape[1], scores.shape[1]):
+        # the last tokens as one more tile (a loop per row and channel over 1-31 tokens cost
+        # a Llama-3 decode call 10 us); the scores past ``width`` are never read
+        tiled_width += 32
     rest = rows % 4
     for r0 in range(0, rows - rest, 4):
         for i0 in range(0, tiled_width, 32):
@@ -640,6 +645,34 @@ def _scores_tokens(view, flat, token_at, q, run_sums, scales, mins, scores, rows
         scores_tokens_tile_1(
             codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
         )
+
+
+@njit(inline="always")
+def _scores_rows(residual, head, q, scores, rows, lo, hi, offset):
+    """scores[r, i] = q[r] . residual[head, i - offset] for tokens lo <= i < hi (float32
+    token-major keys: one contiguous dot product each)."""
+    dim = q.shape[1]
+    for i in range(lo, hi):
+        key = residual[head, i - offset]
+        for r in range(rows):
+            total = np.float32(0.0)
+            for d in range(dim):
+                total += q[r, d] * key[d]
+            scores[r, i] = total
+
+
+@njit(inline="always")
+def _accumulate_rows(residual, head, scores, acc, rows, lo, hi, offset):
+    """acc[r] += scores[r, i] * residual[head, i - offset] for tokens lo <= i < hi (float32
+    token-major values)."""
+    dim = acc.shape[1]
+    for i in range(lo, hi):
+        value_row = residual[head, i - offset]
+        for r in range(rows):
+            p = scores[r, i]
+            acc_row = acc[r]
+            for d in range(dim):
+                acc_row[d] += p * value_row[d]
 
 
 @njit(inline="always")
@@ -740,6 +773,13 @@ def _merge_row(part_max, part_sum, part_acc, sinks, t_q, splits, out, head, r, w
         weights[split] = w
         total += w * np.float64(part_sum[head * splits + split, r])
     scale = 1.0 / total if total > 0 else 1.0
+    if splits == 1:  # one loop over the row (a loop over one split per value was 4x slower)
+        weight = weights[0] * scale
+        acc_row = part_acc[head, r]
+        out_row = out[head, r]
+        for d in range(dim):
+            out_row[d] = np.float32(np.float64(acc_row[d]) * weight)
+        return
     for d in range(dim):
         a = 0.0
         for split in range(splits):
@@ -853,11 +893,17 @@ def _attend_task(
                 values[t, :] = 0.0
             # --- keys of the block: scores from their codes, or dequantized into scratch ---
             t = dropped
-            fused_k = k_fused and dropped == 0 and start + width <= k.chunks * k_chunk
+            k_residual = k.chunks * k_chunk - start  # block offset of the float32 tail
+            fused_k = k_fused and dropped == 0
             if fused_k:
                 t = width  # nothing left for the scratch path
                 halves = centres[head]  # the tile takes codes centred
-                for i0 in range(0, width, RUN):
+                # a decode step's last block: its whole chunks from their codes, the keys
+                # waiting for their group (float32, token-major) one dot product each
+                _scores_rows(
+                    k.residual, head, q, scores, rows, max(0, k_residual), width, k_residual
+                )
+                for i0 in range(0, min(width, k_residual), RUN):
                     index = (start + i0) // k_chunk
                     _channel_params(k, k_flat, head, index, dim, channel_scales, channel_mins)
                     for r in range(rows):
@@ -886,17 +932,22 @@ def _attend_task(
             # their params and offsets, K's and V's from one call site (each inlined copy
             # costs seconds of compile time)
             k_codes = k_vector and k_tokens and t == 0 and start + width <= k.chunks * k_chunk
-            v_codes = v_fused and dropped == 0 and start + width <= v.chunks * v.chunk
+            # values: the block's quantized tokens from their codes, the rest (a decode step's
+            # values waiting for their chunk) from the float32 residual
+            v_residual = v.chunks * v.chunk - start  # block offset of the float32 tail
+            v_coded = min(width, v_residual)
+            v_codes = v_fused and dropped == 0
             for side in range(2):
-                if k_codes if side == 0 else v_codes:
+                count = width if side == 0 else v_coded
+                if (k_codes if side == 0 else v_codes) and count > 0:
                     view = k if side == 0 else v
                     flat = k_flat if side == 0 else v_flat
                     groups = dim // min(view.group, dim)
                     _token_params(
-                        view, flat, head, start, width, groups, token_scales[side],
+                        view, flat, head, start, count, groups, token_scales[side],
                         token_mins[side], staged,
                     )  # fmt: skip
-                    _token_offsets(view, flat, head, start, width, dim, token_at[side])
+                    _token_offsets(view, flat, head, start, count, dim, token_at[side])
             if k_codes:  # scores straight from the codes
                 fused_k = True
                 t = width
@@ -924,7 +975,6 @@ def _attend_task(
                         for d in range(dim):
                             keys[d, i] = keys_tok[i, d]
                     t = coded
-            k_residual = k.chunks * k_chunk - start  # block offset of the float32 tail
             while t < width:
                 if t >= k_residual:  # the rest of the block is residual: copied
                     for i in range(t, width):
@@ -989,11 +1039,15 @@ def _attend_task(
             if not v.per_channel:
                 quantized_v = max(dropped, min(width, v.chunks * v.chunk - start))
                 fused = v_codes
-                if fused:  # every token quantized: decoded in registers, never stored
-                    _accumulate_codes(
-                        v, v_flat, token_at[1], scores, token_scales[1], token_mins[1], acc,
-                        rows, width,
-                    )  # fmt: skip
+                if fused:  # decoded in registers, never stored; the residual read as it is
+                    if v_coded > 0:
+                        _accumulate_codes(
+                            v, v_flat, token_at[1], scores, token_scales[1], token_mins[1],
+                            acc, rows, v_coded,
+                        )  # fmt: skip
+                    _accumulate_rows(
+                        v.residual, head, scores, acc, rows, max(0, v_coded), width, v_residual
+                    )
                 elif quantized_v > dropped:
                     _token_rows(
                         v, v_flat, v_vector, head, start + dropped, quantized_v - dropped,
@@ -1020,8 +1074,7 @@ def _attend_task(
                             v, v_flat, head, start + t, dim, codes, scales, mins, values[t]
                         )
                         t += 1
-            else:  # the rest of the block is residual: copied
-                v_residual = v.chunks * v.chunk - start
+            elif not fused:  # the rest of the block is residual: copied
                 for t in range(quantized_v, width):
                     for d in range(dim):
                         values[t, d] = v.residual[head, t - v_residual, d]

@@ -27,6 +27,7 @@ def merge_sink_tokens(
     kv_heads, rows, dim = queries.shape
     count = max(0, stop - first)
     scores = np.empty(max(count, 1), np.float64)
+    row = np.empty(dim, np.float64)
     for head in range(kv_heads):
         for r in range(rows):
             position = query_end - t_q + r % t_q
@@ -62,8 +63,12 @@ def merge_sink_tokens(
                 else:
                     scores[i] = 0.0
             inverse = 1.0 / total
+            # loops along the row (a loop over the few tokens per value was not vectorised)
             for d in range(dim):
-                a = body * np.float64(out[head, r, d])
-                for i in range(count):
-                    a += scores[i] * np.float64(values[head, first + i, d])
-                out[head, r, d] = np.float32(a * inverse)
+                row[d] = body * np.float64(out[head, r, d])
+            for i in range(count):
+                weight = scores[i]
+                for d in range(dim):
+                    row[d] += weight * np.float64(values[head, first + i, d])
+            for d in range(dim):
+                out[head, r, d] = np.float32(row[d] * inverse)
