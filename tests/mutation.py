@@ -482,7 +482,7 @@ MUTANTS = (
     Mutant(
         "sink-merge-ignores-the-body-weight",
         "kvq/kernels/sink_tokens.py",
-        (("a = body * np.float64(out[head, r, d])", "a = np.float64(out[head, r, d])"),),
+        (("row[d] = body * np.float64(out[head, r, d])", "row[d] = np.float64(out[head, r, d])"),),
         ("tests/test_sink_tokens.py",),
         "the merge of exact sink tokens takes the kernel's normalised output as its sum",
     ),
