@@ -931,7 +931,7 @@ def _attend_task(
             # per-token codes the tiles read (every token of the block quantized, few rows):
             # their params and offsets, K's and V's from one call site (each inlined copy
             # costs seconds of compile time)
-            k_codes = k_vector and k_tokens and t == 0 and start + width <= k.chunks * k_chunk
+            k_codes = k_vector and k_tokens and t == 0 and width <= k_residual
             # values: the block's quantized tokens from their codes, the rest (a decode step's
             # values waiting for their chunk) from the float32 residual
             v_residual = v.chunks * v.chunk - start  # block offset of the float32 tail
@@ -962,7 +962,7 @@ def _attend_task(
                     rows, width,
                 )  # fmt: skip
             if k_vector:  # per-token codes, 32 a vector operation, then transposed
-                coded = max(t, min(width, k.chunks * k_chunk - start))
+                coded = max(t, min(width, k_residual))
                 if coded > t:
                     _token_rows(  # k_vector, not True: a literal is another signature
                         k, k_flat, k_vector, head, start + t, coded - t, dim, keys_tok,
@@ -1037,7 +1037,7 @@ def _attend_task(
             quantized_v = dropped
             fused = False
             if not v.per_channel:
-                quantized_v = max(dropped, min(width, v.chunks * v.chunk - start))
+                quantized_v = max(dropped, v_coded)
                 fused = v_codes
                 if fused:  # decoded in registers, never stored; the residual read as it is
                     if v_coded > 0:
