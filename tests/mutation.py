@@ -378,6 +378,25 @@ MUTANTS = (
         "the values waiting for their chunk are read one token later than they sit",
     ),
     Mutant(
+        "token-params-widened-one-lane-short",
+        "kvq/kernels/attention.py",
+        (("lanes = min(16, hi - lo - i)", "lanes = min(16, hi - lo - i) - 1"),),
+        ("tests/test_attention_paths.py", "tests/test_attention.py"),
+        "a token's last float16/float32 group param is left zero (the masked load one short)",
+    ),
+    Mutant(
+        "channel-params-widened-from-the-next-channel",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "widen_halves(flat.p0, at + i, channel_scales, i, lanes)",
+                "widen_halves(flat.p0, at + i + 1, channel_scales, i, lanes)",
+            ),
+        ),
+        ("tests/test_attention_paths.py", "tests/test_attention.py"),
+        "kivi's per-channel float16 key scales are read one channel late",
+    ),
+    Mutant(
         "scores-last-tokens-dropped",
         "kvq/kernels/attention.py",
         (("        tiled_width += 32", "        width = tiled_width"),),

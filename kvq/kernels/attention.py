@@ -55,6 +55,7 @@ from numba import njit, prange
 
 from kvq._format import MIN_OFFSET, SUB_BITS, SUPER_GROUPS
 from kvq.kernels._floatbits import bits_to_float, half_bits_to_float
+from kvq.kernels._simd import widen_floats, widen_halves
 from kvq.kernels._tiles import (
     ACCUMULATORS,
     scores_codes_tile,
@@ -320,14 +321,15 @@ def _token_params(view, flat, head, first, count, groups, scales, mins, staged):
                 for p in range(max(lo, base), min(hi, base + SUPER_GROUPS)):
                     scales[out_at + p] = staged[p - base]
                     mins[out_at + p] = staged[SUPER_GROUPS + p - base]
-        elif view.half:
-            for p in range(lo, hi):
-                scales[out_at + p] = _f16_at(flat.p0, row_at + p)
-                mins[out_at + p] = _f16_at(flat.p1, row_at + p)
-        else:
-            for p in range(lo, hi):
-                scales[out_at + p] = _f32_at(flat.p0, row_at + p)
-                mins[out_at + p] = _f32_at(flat.p1, row_at + p)
+        else:  # 16 a vector operation (``scales`` and ``mins`` have 16 to spare)
+            for i in range(0, hi - lo, 16):
+                lanes = min(16, hi - lo - i)
+                if view.half:
+                    widen_halves(flat.p0, row_at + lo + i, scales, done * groups + i, lanes)
+                    widen_halves(flat.p1, row_at + lo + i, mins, done * groups + i, lanes)
+                else:
+                    widen_floats(flat.p0, row_at + lo + i, scales, done * groups + i, lanes)
+                    widen_floats(flat.p1, row_at + lo + i, mins, done * groups + i, lanes)
         done += n
         inner = 0
         slot += 1
@@ -342,7 +344,7 @@ def _token_rows(
     """out[at + t, :dim] = per-token codes of positions first .. first + count - 1 (all
     quantized and held) dequantized; ``vector``: :func:`_vector_tokens` of the view;
     ``out_flat``: ``out`` as a flat view; scales, mins: float32 (count * groups) scratch for
-    the vector path's params, staged: (2 * SUPER_GROUPS)."""
+    the vector path's params (and 16 to spare), staged: (2 * SUPER_GROUPS)."""
     chunk = view.chunk
     slots = view.slots
     bits = view.bits
@@ -412,14 +414,15 @@ def _channel_params(view, flat, head, index, dim, channel_scales, channel_mins):
             s, m = _params(view, flat, slot, base + d)
             channel_scales[d] = s
             channel_mins[d] = m
-    elif view.half:  # the branch out of the loop: kivi's keys (measured 1.2-1.4x without)
-        for d in range(dim):
-            channel_scales[d] = _f16_at(flat.p0, at + d)
-            channel_mins[d] = _f16_at(flat.p1, at + d)
-    else:
-        for d in range(dim):
-            channel_scales[d] = _f32_at(flat.p0, at + d)
-            channel_mins[d] = _f32_at(flat.p1, at + d)
+    else:  # 16 a vector operation (the arrays have 16 to spare)
+        for i in range(0, dim, 16):
+            lanes = min(16, dim - i)
+            if view.half:
+                widen_halves(flat.p0, at + i, channel_scales, i, lanes)
+                widen_halves(flat.p1, at + i, channel_mins, i, lanes)
+            else:
+                widen_floats(flat.p0, at + i, channel_scales, i, lanes)
+                widen_floats(flat.p1, at + i, channel_mins, i, lanes)
 
 
 @njit(inline="always")
@@ -522,19 +525,38 @@ def _chunk_values(
 
 @njit(inline="always")
 def _touch(view, flat, first, count):
-    """Sum of one byte in 64 of the slot rows that hold positions first .. first + count - 1
-    (the quantized ones): many independent loads in flight bring a block's rows into cache
-    before its heads are walked one at a time. Without them a per-token stream (a slot row
-    per token, all heads side by side) is read a head's slice per row, one row after the
-    other: perf put 70% of Llama-2's time on those loads."""
-    total = 0
-    row_bytes = view.codes.shape[1]
+    """Sum of one byte in 64 of the slot rows, codes and params, that hold positions first ..
+    first + count - 1 (the quantized ones): many independent loads in flight bring a block's
+    rows into cache before its heads are walked one at a time. Without them a per-token
+    stream (a slot row per token, all heads side by side) is read a head's slice per row,
+    one row after the other: perf put 70% of Llama-2's time on those loads."""
     lo = first // view.chunk
     hi = min(view.chunks, (first + count - 1) // view.chunk + 1)
-    for index in range(lo, hi):
-        base = (index % view.slots) * row_bytes
-        for at in range(0, row_bytes, 64):
-            total += flat.codes[base + at]
+    if hi <= lo:
+        return 0
+    slot = lo % view.slots
+    ahead = min(hi - lo, view.slots - slot)  # rows before the ring wraps, then from row 0
+    behind = hi - lo - ahead
+    total = _touch_rows(flat.codes, view.codes.shape[1], slot, ahead, behind)
+    total += _touch_rows(flat.p0, view.p0.shape[1], slot, ahead, behind)
+    total += _touch_rows(flat.p1, view.p1.shape[1], slot, ahead, behind)
+    if view.double_quant:
+        total += _touch_rows(flat.p2, view.p2.shape[1], slot, ahead, behind)
+        total += _touch_rows(flat.p3, view.p3.shape[1], slot, ahead, behind)
+    return total
+
+
+@njit(inline="always")
+def _touch_rows(flat, row_bytes, slot, ahead, behind):
+    """Sum of one byte in 64 (and the last) of rows slot .. slot + ahead - 1 and 0 .. behind
+    - 1 of a flat byte array of ``row_bytes`` a row (rows are contiguous: each cache line
+    read once, however short the rows)."""
+    total = 0
+    for start, length in ((slot * row_bytes, ahead * row_bytes), (0, behind * row_bytes)):
+        if length > 0:
+            for at in range(start, start + length, 64):
+                total += flat[at]
+            total += flat[start + length - 1]
     return total
 
 
@@ -853,17 +875,18 @@ def _attend_task(
     values_flat = values.reshape(block * dim)
     scores = np.empty((rows, block), np.float32)
     scratch = np.empty(max(k_chunk, v_chunk, dim), np.float32)
-    channel_scales = np.empty(dim, np.float32)
-    channel_mins = np.empty(dim, np.float32)
+    # params are widened 16 a store: every params scratch has 16 floats to spare
+    channel_scales = np.empty(dim + 16, np.float32)
+    channel_mins = np.empty(dim + 16, np.float32)
     codes = np.empty(dim, np.float32)
     scales = np.empty(dim, np.float32)
     mins = np.empty(dim, np.float32)
     value = np.empty(dim, np.float32)
-    group_scales = np.empty(block * max(1, dim // RUN), np.float32)  # per-token params
-    group_mins = np.empty(block * max(1, dim // RUN), np.float32)
+    group_scales = np.empty(block * max(1, dim // RUN) + 16, np.float32)  # per-token params
+    group_mins = np.empty(block * max(1, dim // RUN) + 16, np.float32)
     # the params and code offsets of the blocks' per-token codes the tiles read: K 0, V 1
-    token_scales = np.empty((2, block * max(1, dim // RUN)), np.float32)
-    token_mins = np.empty((2, block * max(1, dim // RUN)), np.float32)
+    token_scales = np.empty((2, block * max(1, dim // RUN) + 16), np.float32)
+    token_mins = np.empty((2, block * max(1, dim // RUN) + 16), np.float32)
     staged = np.empty(2 * SUPER_GROUPS, np.float32)
     token_at = np.empty((2, block), np.int64)
     folded = np.empty((rows, dim), np.float32)  # q times the channel scales of a chunk
