@@ -397,6 +397,20 @@ MUTANTS = (
         "kivi's per-channel float16 key scales are read one channel late",
     ),
     Mutant(
+        "block-params-a-token-one-short",
+        "kvq/kernels/attention.py",
+        (("out_at = t * stride - base", "out_at = t * (stride - 1) - base"),),
+        ("tests/test_attention_paths.py", "tests/test_attention.py"),
+        "a block's staged params overlap from one token to the next",
+    ),
+    Mutant(
+        "block-params-super-group-unaligned",
+        "kvq/kernels/attention.py",
+        (("base = lo // SUPER_GROUPS * SUPER_GROUPS", "base = lo"),),
+        ("tests/test_attention_paths.py", "tests/test_attention.py"),
+        "a task's first head's second-level params decoded from mid super-group",
+    ),
+    Mutant(
         "scores-last-tokens-dropped",
         "kvq/kernels/attention.py",
         (("        tiled_width += 32", "        width = tiled_width"),),

@@ -8,12 +8,12 @@ from numba import njit
 from kvq.kernels._simd import widen_floats, widen_halves
 
 
-@njit(cache=True)
+@njit
 def _widen_halves(source, first, out, out_first, count):
     widen_halves(source, first, out, out_first, count)
 
 
-@njit(cache=True)
+@njit
 def _widen_floats(source, first, out, out_first, count):
     widen_floats(source, first, out, out_first, count)
 
@@ -33,4 +33,3 @@ def test_widen_converts_count_values_and_zeros_the_rest_of_its_16(rng, dtype, co
     expected[out_first : out_first + 16] = 0.0
     expected[out_first : out_first + count] = params[first : first + count].astype(np.float32)
     np.testing.assert_array_equal(out, expected)
-

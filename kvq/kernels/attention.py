@@ -337,6 +337,50 @@ def _token_params(view, flat, head, first, count, groups, scales, mins, staged):
             slot = 0
 
 
+@njit(inline="always")
+def _block_params(view, flat, first, count, lo, hi, scales, mins):
+    """Params lo .. hi - 1 of the slot rows of per-token positions first .. first + count - 1
+    (one token a row, every head's params side by side: ``view.chunk == 1``; all quantized
+    and held), float32: param p of token t to scales[t * stride + p - base], mins[...].
+    Returns (stride, base). Second-level rows decode whole super-groups of 6-bit codes, 8 a
+    vector operation (base: lo rounded down to one); float16/float32 rows 16 (``scales`` and
+    ``mins`` have 16 to spare). Staged once a block for all its heads: per head and token
+    (a head holds 1-4 params), the staging cost Llama-2's q8 a third of its time."""
+    base, top = lo, hi
+    if view.double_quant:
+        base = lo // SUPER_GROUPS * SUPER_GROUPS
+        top = (hi + SUPER_GROUPS - 1) // SUPER_GROUPS * SUPER_GROUPS
+    stride = top - base
+    slot = first % view.slots
+    for t in range(count):
+        row_at = slot * flat.param_row
+        out_at = t * stride - base
+        if view.double_quant:
+            for sg in range(base // SUPER_GROUPS, top // SUPER_GROUPS):
+                step_at = slot * flat.step_row + sg
+                step = _f16_at(flat.p2, step_at)
+                step_min = _f16_at(flat.p3, step_at)
+                at = sg * SUPER_GROUPS
+                unpack_affine_8(flat.p0, row_at + at, SUB_BITS, step, 0.0, scales, out_at + at)
+                unpack_affine_8(
+                    flat.p1, row_at + at, SUB_BITS, step_min,
+                    np.float32(-MIN_OFFSET) * step_min, mins, out_at + at,
+                )  # fmt: skip
+        else:
+            for i in range(base, top, 16):
+                lanes = min(16, top - i)
+                if view.half:
+                    widen_halves(flat.p0, row_at + i, scales, out_at + i, lanes)
+                    widen_halves(flat.p1, row_at + i, mins, out_at + i, lanes)
+                else:
+                    widen_floats(flat.p0, row_at + i, scales, out_at + i, lanes)
+                    widen_floats(flat.p1, row_at + i, mins, out_at + i, lanes)
+        slot += 1
+        if slot == view.slots:
+            slot = 0
+    return stride, base
+
+
 @njit(cache=True, fastmath=_FASTMATH)  # per block: compiled once, not inlined
 def _token_rows(
     view, flat, vector, head, first, count, dim, out, out_flat, at, scales, mins, staged
@@ -639,33 +683,32 @@ def _scores_codes(codes, base, stride, bits, weights, bias, scores, rows, i0, fi
 
 
 @njit(inline="always")
-def _scores_tokens(view, flat, token_at, q, run_sums, scales, mins, scores, rows, width):
+def _scores_tokens(view, flat, token_at, q, run_sums, scales, mins, stride, scores, rows, width):
     """scores[r, :width] = q[r] . keys read from their per-token codes (positions token_at,
-    params scales/mins as :func:`_token_params` leaves them; run_sums: q summed over each
-    32-channel run): tiles of 4 rows (and one of the 1-3 left)."""
+    params scales/mins as :func:`_block_params` leaves them, ``stride`` a token; run_sums:
+    q summed over each 32-channel run): tiles of 4 rows (and one of the 1-3 left)."""
     dim = q.shape[1]
     group = min(view.group, dim)
-    groups = dim // group
     runs = group // RUN
     bits = view.bits
     codes = flat.codes
     rest = rows % 4
     for r0 in range(0, rows - rest, 4):
         scores_tokens_tile(
-            codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
+            codes, token_at, bits, q, run_sums, scales, mins, stride, runs, scores, r0, width
         )
     r0 = rows - rest
     if rest == 3:
         scores_tokens_tile_3(
-            codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
+            codes, token_at, bits, q, run_sums, scales, mins, stride, runs, scores, r0, width
         )
     elif rest == 2:
         scores_tokens_tile_2(
-            codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
+            codes, token_at, bits, q, run_sums, scales, mins, stride, runs, scores, r0, width
         )
     elif rest == 1:
         scores_tokens_tile_1(
-            codes, token_at, bits, q, run_sums, scales, mins, groups, runs, scores, r0, width
+            codes, token_at, bits, q, run_sums, scales, mins, stride, runs, scores, r0, width
         )
 
 
@@ -743,13 +786,13 @@ def _token_offsets(view, flat, head, first, count, dim, token_at):
 
 
 @njit(inline="always")
-def _accumulate_codes(view, flat, token_at, scores, scales, mins, acc, rows, width):
+def _accumulate_codes(view, flat, token_at, scores, scales, mins, stride, acc, rows, width):
     """acc[r] += scores[r, :width] @ values, the values read from their per-token codes
-    (positions token_at, params scales/mins as :func:`_token_params` leaves them): tiles of
-    4 rows (and one of the 1-3 left) by 64 columns that decode the codes in registers."""
+    (positions token_at, params scales/mins as :func:`_block_params` leaves them, ``stride``
+    a token): tiles of 4 rows (and one of the 1-3 left) by 64 columns that decode the codes
+    in registers."""
     dim = acc.shape[1]
     group = min(view.group, dim)
-    groups = (dim + group - 1) // group
     runs = group // RUN
     bits = view.bits
     codes = flat.codes
@@ -757,20 +800,20 @@ def _accumulate_codes(view, flat, token_at, scores, scales, mins, acc, rows, wid
     for c0 in range(0, dim, 64):
         for r0 in range(0, rows - rest, 4):
             values_codes_tile(
-                codes, token_at, bits, scores, scales, mins, groups, runs, acc, r0, 0, width, c0
+                codes, token_at, bits, scores, scales, mins, stride, runs, acc, r0, 0, width, c0
             )
         r0 = rows - rest
         if rest == 3:
             values_codes_tile_3(
-                codes, token_at, bits, scores, scales, mins, groups, runs, acc, r0, 0, width, c0
+                codes, token_at, bits, scores, scales, mins, stride, runs, acc, r0, 0, width, c0
             )
         elif rest == 2:
             values_codes_tile_2(
-                codes, token_at, bits, scores, scales, mins, groups, runs, acc, r0, 0, width, c0
+                codes, token_at, bits, scores, scales, mins, stride, runs, acc, r0, 0, width, c0
             )
         elif rest == 1:
             values_codes_tile_1(
-                codes, token_at, bits, scores, scales, mins, groups, runs, acc, r0, 0, width, c0
+                codes, token_at, bits, scores, scales, mins, stride, runs, acc, r0, 0, width, c0
             )
 
 
@@ -884,9 +927,15 @@ def _attend_task(
     value = np.empty(dim, np.float32)
     group_scales = np.empty(block * max(1, dim // RUN) + 16, np.float32)  # per-token params
     group_mins = np.empty(block * max(1, dim // RUN) + 16, np.float32)
-    # the params and code offsets of the blocks' per-token codes the tiles read: K 0, V 1
-    token_scales = np.empty((2, block * max(1, dim // RUN) + 16), np.float32)
-    token_mins = np.empty((2, block * max(1, dim // RUN) + 16), np.float32)
+    # the params and code offsets of the blocks' per-token codes the tiles read: K 0, V 1;
+    # one token a slot row, every head of the task's (rounded out to super-groups)
+    per_token = heads_per_task * max(1, dim // RUN) + 2 * SUPER_GROUPS
+    token_scales = np.empty((2, block * per_token + 16), np.float32)
+    token_mins = np.empty((2, block * per_token + 16), np.float32)
+    param_stride = np.zeros(2, np.int64)  # params a token in token_scales[side]
+    param_at = np.zeros(2, np.int64)  # the head's first param there
+    param_base = np.zeros(2, np.int64)  # the first param of the row staged
+    staged_block = np.full(2, -1, np.int64)  # the block whose params are staged
     staged = np.empty(2 * SUPER_GROUPS, np.float32)
     token_at = np.empty((2, block), np.int64)
     folded = np.empty((rows, dim), np.float32)  # q times the channel scales of a chunk
@@ -966,10 +1015,23 @@ def _attend_task(
                     view = k if side == 0 else v
                     flat = k_flat if side == 0 else v_flat
                     groups = dim // min(view.group, dim)
-                    _token_params(
-                        view, flat, head, start, count, groups, token_scales[side],
-                        token_mins[side], staged,
-                    )  # fmt: skip
+                    if view.chunk != 1:  # the head's params alone
+                        _token_params(
+                            view, flat, head, start, count, groups, token_scales[side],
+                            token_mins[side], staged,
+                        )  # fmt: skip
+                        param_stride[side] = groups
+                        param_at[side] = 0
+                    else:  # every head's of the task at the block's first head, then read
+                        if staged_block[side] != b:
+                            stride, base = _block_params(
+                                view, flat, start, count, first_head * groups,
+                                last_head * groups, token_scales[side], token_mins[side],
+                            )  # fmt: skip
+                            staged_block[side] = b
+                            param_stride[side] = stride
+                            param_base[side] = base
+                        param_at[side] = head * groups - param_base[side]
                     _token_offsets(view, flat, head, start, count, dim, token_at[side])
             if k_codes:  # scores straight from the codes
                 fused_k = True
@@ -981,8 +1043,8 @@ def _attend_task(
                             total += q[r, d]
                         run_sums[r, j] = total
                 _scores_tokens(
-                    k, k_flat, token_at[0], q, run_sums, token_scales[0], token_mins[0], scores,
-                    rows, width,
+                    k, k_flat, token_at[0], q, run_sums, token_scales[0][param_at[0] :],
+                    token_mins[0][param_at[0] :], param_stride[0], scores, rows, width,
                 )  # fmt: skip
             if k_vector:  # per-token codes, 32 a vector operation, then transposed
                 coded = max(t, min(width, k_residual))
@@ -1065,8 +1127,8 @@ def _attend_task(
                 if fused:  # decoded in registers, never stored; the residual read as it is
                     if v_coded > 0:
                         _accumulate_codes(
-                            v, v_flat, token_at[1], scores, token_scales[1], token_mins[1],
-                            acc, rows, v_coded,
+                            v, v_flat, token_at[1], scores, token_scales[1][param_at[1] :],
+                            token_mins[1][param_at[1] :], param_stride[1], acc, rows, v_coded,
                         )  # fmt: skip
                     _accumulate_rows(
                         v.residual, head, scores, acc, rows, max(0, v_coded), width, v_residual
