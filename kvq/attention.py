@@ -46,7 +46,9 @@ def attention(
     Memory: queries are processed in chunks, so scratch beyond q and the output stays under
     ``SCRATCH_BYTES`` (32 MiB), or one query token's share when that is larger (about
     4 x group x (kv_heads x splits x (head_dim + 2) + threads x (kv_heads x head_dim + 512))
-    bytes, splits <= 2 x threads: 1.1 MB for GPT-OSS's 8 KV heads of 64 on 16 threads).
+    bytes, splits <= 2 x threads: 1.1 MB for GPT-OSS's 8 KV heads of 64 on 16 threads),
+    plus each running task's block of per-token params (at most 16 x block x (kv_heads x
+    head_dim / group + 16) bytes: 0.3 MB for Llama-2's 32 heads of 128 in groups of 32).
     Small calls (at most ``SERIAL_WORK`` elements of work) run on the calling thread alone.
 
     q, sinks and scale must be finite: NaN or +-Inf raises ValueError naming the argument and

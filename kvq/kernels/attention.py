@@ -929,7 +929,9 @@ def _attend_task(
     group_mins = np.empty(block * max(1, dim // RUN) + 16, np.float32)
     # the params and code offsets of the blocks' per-token codes the tiles read: K 0, V 1;
     # one token a slot row, every head of the task's (rounded out to super-groups)
-    per_token = heads_per_task * max(1, dim // RUN) + 2 * SUPER_GROUPS
+    k_groups = 1 if k.per_channel else -(-dim // max(1, min(k.group, dim)))
+    v_groups = 1 if v.per_channel else -(-dim // max(1, min(v.group, dim)))
+    per_token = heads_per_task * max(k_groups, v_groups) + 2 * SUPER_GROUPS
     token_scales = np.empty((2, block * per_token + 16), np.float32)
     token_mins = np.empty((2, block * per_token + 16), np.float32)
     param_stride = np.zeros(2, np.int64)  # params a token in token_scales[side]
