@@ -211,9 +211,27 @@ MUTANTS = (
     Mutant(
         "token-params-min-offset-dropped",
         "kvq/kernels/attention.py",
-        (("np.float32(-MIN_OFFSET) * step_min", "np.float32(0.0) * step_min"),),
-        ("tests/test_attention.py",),
-        "per-token 6-bit min codes decode without their offset of 32 steps",
+        (
+            (
+                "np.float32(-MIN_OFFSET) * step_min, staged, SUPER_GROUPS",
+                "np.float32(0.0) * step_min, staged, SUPER_GROUPS",
+            ),
+        ),
+        ("tests/test_attention.py", "tests/test_attention_paths.py"),
+        "per-token 6-bit min codes staged a head at a time decode without their offset of 32 "
+        "steps",
+    ),
+    Mutant(
+        "block-params-min-offset-dropped",
+        "kvq/kernels/attention.py",
+        (
+            (
+                "np.float32(-MIN_OFFSET) * step_min, mins, out_at + at",
+                "np.float32(0.0) * step_min, mins, out_at + at",
+            ),
+        ),
+        ("tests/test_attention.py", "tests/test_attention_paths.py"),
+        "per-token 6-bit min codes staged a block at a time decode without their offset",
     ),
     Mutant(
         "token-codes-side-swapped",
