@@ -352,3 +352,26 @@ def test_blocks_grow_only_where_no_scratch_is_used(monkeypatch):
     monkeypatch.setattr(attention_module, "_BLOCK_BYTES", 1 << 14)
     assert _block(kvq.KVCache(3, 64, q4), 3) == 128  # never below the scratch blocks
     assert _block(kvq.KVCache(3, 64, replace(q4, k=replace(q4.k, group_size=48))), 3) == 96
+
+
+@pytest.mark.parametrize("name", ["8bit", "q4", "q2-kivi-res"])
+def test_block_prefetch_stays_inside_the_ring(name):
+    """The kernel's ``_touch`` (a block's rows brought into cache over every head) reads
+    only rows of the ring, with bounds checked, for a window's blocks that span more chunks
+    than the ring holds (blocks of up to 512 tokens over a ring of a few hundred)."""
+    from numba import njit
+
+    from kvq.kernels.attention import _flat, _touch
+
+    @njit(boundscheck=True)
+    def touch(view, first, count):
+        return _touch(view, _flat(view), first, count)
+
+    cache, _, _ = build(CONFIGS[name], tokens=600, window=128, steps=[1] * 600)
+    with cache.reading() as view:
+        stream = view.k
+        assert stream.chunks > stream.slots  # wrapped
+        span = 4 * stream.slots * stream.chunk  # a block over the ring four times
+        for first in (0, view.appended - span, view.appended - 1 - span // 2):
+            touch(stream, max(0, first), span)
+            touch(view.v, max(0, first), span)

@@ -579,8 +579,9 @@ def _touch(view, flat, first, count):
     if hi <= lo:
         return 0
     slot = lo % view.slots
-    ahead = min(hi - lo, view.slots - slot)  # rows before the ring wraps, then from row 0
-    behind = hi - lo - ahead
+    rows = min(hi - lo, view.slots)  # a window's block may span more chunks than the ring
+    ahead = min(rows, view.slots - slot)  # rows before the ring wraps, then from row 0
+    behind = rows - ahead
     total = _touch_rows(flat.codes, view.codes.shape[1], slot, ahead, behind)
     total += _touch_rows(flat.p0, view.p0.shape[1], slot, ahead, behind)
     total += _touch_rows(flat.p1, view.p1.shape[1], slot, ahead, behind)
