@@ -429,6 +429,18 @@ MUTANTS = (
         "a task's first head's second-level params decoded from mid super-group",
     ),
     Mutant(
+        "turned-keys-second-channel-sign",
+        "kvq/kernels/_tiles.py",
+        (
+            (
+                "builder.store(builder.fadd(builder.fmul(b, c), builder.fmul(a, s)), b_pointer",
+                "builder.store(builder.fsub(builder.fmul(b, c), builder.fmul(a, s)), b_pointer",
+            ),
+        ),
+        ("tests/test_attention_paths.py", "tests/test_pre_rope.py"),
+        "pre-RoPE keys' second channel of each pair turned the wrong way, 16 tokens at a time",
+    ),
+    Mutant(
         "scores-last-tokens-dropped",
         "kvq/kernels/attention.py",
         (("        tiled_width += 32", "        width = tiled_width"),),

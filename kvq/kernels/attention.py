@@ -71,6 +71,7 @@ from kvq.kernels._tiles import (
     scores_tokens_tile_2,
     scores_tokens_tile_3,
     transpose_16,
+    turn_keys_16,
     values_codes_tile,
     values_codes_tile_1,
     values_codes_tile_2,
@@ -610,8 +611,11 @@ def _turn_keys(keys, cos, sin, start, width):
     """RoPE on the channel-major block keys[:, :width] of positions start ..: channel j and
     j + head_dim / 2 turn by the angle whose cos and sin are cos[j, p], sin[j, p]."""
     half = keys.shape[0] // 2
+    vectors = width - width % 16
     for j in range(half):
-        for i in range(width):
+        for i in range(0, vectors, 16):
+            turn_keys_16(keys, cos, sin, j, start, i)
+        for i in range(vectors, width):
             c = cos[j, start + i]
             s = sin[j, start + i]
             a = keys[j, i]
